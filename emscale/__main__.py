@@ -1,0 +1,5 @@
+import sys
+
+from emscale.cli import main
+
+sys.exit(main())

@@ -1,0 +1,197 @@
+"""The ``emscale`` command line (DESIGN.md section 7). Spellings here are stable once released.
+
+Errors print as one line (``emscale: error: ...``) with a non-zero exit; ``--debug`` shows the
+traceback. Library code logs; only this module prints.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import traceback
+from pathlib import Path
+from typing import Optional
+
+import click
+import typer
+
+from emscale.errors import EmscaleError
+
+app = typer.Typer(
+    name="emscale",
+    help="Unsupervised phase mapping of large electron-microscopy scans (EELS/EDS spectrum images "
+    "and 4D-STEM) on a Dask cluster: ingest raw files into chunked Zarr scan stores, generate "
+    "synthetic scans with ground truth, and inspect stores.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+synth_app = typer.Typer(
+    help="Generate a synthetic scan with ground truth (clean signal, phase labels), chunk by chunk.",
+    no_args_is_help=True,
+)
+bench_app = typer.Typer(help="Benchmarks that print their figures (and write JSON with --json).",
+                        no_args_is_help=True)
+app.add_typer(synth_app, name="synth")
+app.add_typer(bench_app, name="bench")
+
+CHUNK_HELP = ("Target navigation-block size in MiB of float32 (policy: 32-128 MiB for real scans; "
+              "smaller values give more chunks on small scans).")
+
+
+@app.callback()
+def _global(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress messages (INFO)."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks and DEBUG logs on errors."),
+) -> None:
+    level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _policy(chunk_mib: float):
+    from emscale.store import ChunkPolicy
+
+    return ChunkPolicy(target_mib=chunk_mib, max_mib=max(128.0, chunk_mib))
+
+
+def _progress() -> bool:
+    return sys.stderr.isatty()
+
+
+@synth_app.command("eels")
+def synth_eels_cmd(
+    out: Path = typer.Argument(..., help="Output scan store (a new .zarr directory)."),
+    shape: tuple[int, int] = typer.Option((64, 64), "--shape", help="Navigation size NY NX."),
+    channels: int = typer.Option(1024, "--channels", help="Number of energy channels (480-800 eV)."),
+    anomaly: bool = typer.Option(False, "--anomaly", help="Add anomalous regions (F contamination, "
+                                 "beam damage) labelled -1."),
+    seed: int = typer.Option(0, "--seed", help="Random seed: the same seed gives the same scan."),
+    dose: float = typer.Option(50.0, "--dose", help="Mean counts per channel just above the Fe-L3 edge."),
+    read_noise: float = typer.Option(1.0, "--read-noise", help="Gaussian read noise (counts, sd)."),
+    chunk_mib: float = typer.Option(64.0, "--chunk-mib", help=CHUNK_HELP),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
+) -> None:
+    """Synthetic iron-oxide core-loss EELS: O-K and Fe-L2,3 edges, four phases (Fe2O3, FeO, Fe3O4,
+    amorphous surface), thickness and chemical-shift variation, Poisson + read noise."""
+    from emscale.atomic import check_output_free
+    from emscale.store import write_scan
+    from emscale.synth.eels import synth_eels
+
+    check_output_free(out, overwrite)
+    ds = synth_eels(shape, channels=channels, anomaly=anomaly, seed=seed, dose=dose,
+                    read_noise=read_noise, policy=_policy(chunk_mib))
+    write_scan(ds, out, policy=_policy(chunk_mib), overwrite=overwrite, progress=_progress())
+    typer.echo(f"wrote {out}: spectrum image {shape[0]} x {shape[1]} x {channels}")
+
+
+@synth_app.command("4dstem")
+def synth_4dstem_cmd(
+    out: Path = typer.Argument(..., help="Output scan store (a new .zarr directory)."),
+    shape: tuple[int, int] = typer.Option((64, 64), "--shape", help="Navigation size NY NX."),
+    pattern: tuple[int, int] = typer.Option((64, 64), "--pattern", help="Pattern size KY KX (64-256)."),
+    anomaly: bool = typer.Option(False, "--anomaly", help="Add anomalous regions labelled -1."),
+    seed: int = typer.Option(0, "--seed", help="Random seed: the same seed gives the same scan."),
+    dose: Optional[float] = typer.Option(None, "--dose", help="Mean electrons per pattern."),
+    chunk_mib: float = typer.Option(64.0, "--chunk-mib", help=CHUNK_HELP),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
+) -> None:
+    """Synthetic 4D-STEM: a polycrystal of grains (two crystal phases, many orientations) with
+    Bragg-disk patterns, amorphous and vacuum regions, thickness variation, Poisson noise."""
+    from emscale.atomic import check_output_free
+    from emscale.store import write_scan
+    from emscale.synth.diffraction import synth_diffraction
+
+    check_output_free(out, overwrite)
+    kwargs = {} if dose is None else {"dose": dose}
+    ds = synth_diffraction(shape, pattern=pattern, anomaly=anomaly, seed=seed,
+                           policy=_policy(chunk_mib), **kwargs)
+    write_scan(ds, out, policy=_policy(chunk_mib), overwrite=overwrite, progress=_progress())
+    typer.echo(f"wrote {out}: 4D-STEM {shape[0]} x {shape[1]} scan of {pattern[0]} x {pattern[1]} patterns")
+
+
+@app.command("ingest")
+def ingest_cmd(
+    raw: Path = typer.Argument(..., help="Raw file: any rosettasciio format (dm3, dm4, emd, mib, bcf, "
+                               "hspy, zspy, mrc, blo, ...), py4DSTEM/EMD .h5, .npy, or Zarr."),
+    out: Path = typer.Argument(..., help="Output scan store (a new .zarr directory)."),
+    chunk_mib: float = typer.Option(64.0, "--chunk-mib", help=CHUNK_HELP),
+    allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="Keep NaN/inf values "
+                                         "(preprocessing masks them) instead of refusing the file."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
+    as_json: bool = typer.Option(False, "--json", help="Print the ingest report as JSON."),
+) -> None:
+    """Stream a raw file into a scan store chunk by chunk (bounded memory, input read-only),
+    with calibrations as coordinates and the source's path, size and sha256 as provenance."""
+    from emscale.ingest import ingest
+
+    report = ingest(raw, out, policy=_policy(chunk_mib), allow_nonfinite=allow_nonfinite,
+                    overwrite=overwrite, progress=_progress())
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        typer.echo(f"ingested {raw} ({report.format}) -> {out}: {report.kind} "
+                   f"{' x '.join(map(str, report.shape))} {report.dtype}, "
+                   f"{report.bytes_read / 1e6:.1f} MB in {report.seconds:.1f} s "
+                   f"({report.mb_per_s:.0f} MB/s)")
+
+
+@app.command("info")
+def info_cmd(
+    store: Path = typer.Argument(..., help="A scan store (.zarr directory)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+) -> None:
+    """Dims, shape, dtype, chunks, calibrations, size on disk and provenance of a scan store."""
+    from emscale.info import describe_store, format_description
+
+    desc = describe_store(store)
+    typer.echo(json.dumps(desc, indent=2, default=str) if as_json else format_description(desc))
+
+
+@bench_app.command("ingest")
+def bench_ingest_cmd(
+    size_gb: float = typer.Option(2.0, "--size-gb", help="Size of the generated raw .npy file (GB)."),
+    workdir: Optional[Path] = typer.Option(None, "--dir", help="Where to write the raw file and the "
+                                           "store (default: a temporary directory, removed after)."),
+    chunk_mib: float = typer.Option(64.0, "--chunk-mib", help=CHUNK_HELP),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the figures to this file."),
+) -> None:
+    """Peak memory and throughput of a streamed ingest of a generated raw file (uint16 counts)."""
+    from emscale.bench.ingest import run_ingest_bench
+
+    result = run_ingest_bench(size_gb, workdir=workdir, chunk_mib=chunk_mib)
+    typer.echo(result.table())
+    if json_path:
+        json_path.write_text(json.dumps(result.to_dict(), indent=2))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    command = typer.main.get_command(app)
+    try:
+        command.main(args=args, prog_name="emscale", standalone_mode=False)
+        return 0
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:  # usage errors: click's own message, exit 2
+        exc.show()
+        return exc.exit_code
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        typer.echo("emscale: interrupted", err=True)
+        return 130
+    except EmscaleError as exc:
+        if debug:
+            traceback.print_exc()
+        typer.echo(f"emscale: error: {exc}", err=True)
+        return 1
+    except Exception as exc:  # a bug or an unexpected library error: still one line by default
+        if debug:
+            traceback.print_exc()
+        typer.echo(f"emscale: error: {type(exc).__name__}: {exc} (run with --debug for the traceback)",
+                   err=True)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

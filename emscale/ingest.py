@@ -1,0 +1,195 @@
+"""Stream a raw file into a scan store, chunk by chunk, in one pass over the data.
+
+The pass writes the store and, from the same chunks, counts non-finite and negative values; the
+input's sha256 is computed by a thread beside it. Peak memory is a few chunks per thread, whatever
+the file size (``emscale bench ingest`` measures it). Non-finite values are refused (the error names
+the first chunk that holds them) unless ``allow_nonfinite``; negative values are counted and
+recorded, because gain-corrected or background-subtracted data legitimately hold a few, and the
+preprocessing stage decides what to do with them. The input is opened read-only.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import xarray as xr
+import zarr
+
+from emscale.atomic import check_output_free
+from emscale.errors import EmscaleError, InputError
+from emscale.readers import RawScan, open_raw
+from emscale.store import ChunkPolicy, navigation_chunks, write_scan
+
+log = logging.getLogger(__name__)
+
+HASH_BLOCK = 8 << 20
+
+
+@dataclass
+class IngestReport:
+    source: str
+    output: str
+    format: str
+    kind: str
+    shape: tuple[int, ...]
+    dtype: str
+    chunks: tuple[int, ...]
+    bytes_read: int
+    seconds: float
+    nonfinite: int
+    negative: int
+    sha256: str
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes_read / 1e6 / self.seconds if self.seconds > 0 else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "mb_per_s": self.mb_per_s}
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    """sha256 of a file, or of a directory tree (relative paths and contents, sorted)."""
+    path = Path(path)
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for f in files:
+        if path.is_dir():
+            h.update(str(f.relative_to(path)).encode())
+        with open(f, "rb") as fh:
+            while chunk := fh.read(HASH_BLOCK):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def source_size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _block_stats(block: np.ndarray) -> np.ndarray:
+    """[non-finite count, negative count] of one block, shaped (1, 1, 2)."""
+    if np.issubdtype(block.dtype, np.floating):
+        finite = np.isfinite(block)
+        nonfinite = block.size - int(np.count_nonzero(finite))
+        negative = int(np.count_nonzero(block < 0))
+    else:
+        nonfinite = 0
+        negative = int(np.count_nonzero(block < 0)) if np.issubdtype(block.dtype, np.signedinteger) else 0
+    return np.array([nonfinite, negative], dtype=np.int64).reshape(1, 1, 2)
+
+
+def block_stats(data: da.Array) -> da.Array:
+    """Per navigation block ``[non-finite, negative]`` counts: shape (blocks_y, blocks_x, 2)."""
+    ny, nx = data.numblocks[:2]
+    return da.map_blocks(
+        _block_stats, data, dtype=np.int64, drop_axis=list(range(3, data.ndim)),
+        chunks=((1,) * ny, (1,) * nx, (2,)), name="ingest-check",
+    )
+
+
+def _first_bad_block(counts: np.ndarray, chunks: tuple) -> str:
+    i, j = np.argwhere(counts > 0)[0]
+    y0, x0 = sum(chunks[0][:i]), sum(chunks[1][:j])
+    return f"chunk ({i}, {j}): y {y0}:{y0 + chunks[0][i]}, x {x0}:{x0 + chunks[1][j]}"
+
+
+def to_dataset(raw: RawScan, source: dict[str, Any]) -> xr.Dataset:
+    dims = raw.dims
+    coords = {d: (d, v, a) for d, (v, a) in raw.coords.items()}
+    for dim, size in zip(dims, raw.data.shape):  # uncalibrated axes: pixel/channel index
+        coords.setdefault(dim, (dim, np.arange(size, dtype=np.float64),
+                                {"units": "", "long_name": dim, "calibrated": False}))
+    data_vars = {"signal": (dims, raw.data, {"units": "counts"})}
+    data_vars.update({k: v for k, v in raw.extra.items()})
+    attrs = {**raw.attrs, "kind": raw.kind, "source": source}
+    return xr.Dataset(data_vars, coords=coords, attrs=_json_safe(attrs))
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def ingest(
+    raw_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    *,
+    policy: ChunkPolicy | None = None,
+    allow_nonfinite: bool = False,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> IngestReport:
+    """Stream ``raw_path`` into a new scan store at ``out_path`` (see the module docstring)."""
+    raw_path, out_path = Path(raw_path), Path(out_path)
+    check_output_free(out_path, overwrite)
+    if out_path.resolve() == raw_path.resolve():
+        raise InputError(f"{out_path}: output would overwrite the input")
+
+    def chunks_for(shape: tuple[int, ...]) -> tuple:
+        rows, cols = navigation_chunks(tuple(shape[:2]), tuple(shape[2:]), policy)
+        return (rows, cols) + tuple(shape[2:])
+
+    raw = open_raw(raw_path, chunks_for)
+    source = {"path": str(raw_path.resolve()), "size": source_size(raw_path), "format": raw.format}
+    ds = to_dataset(raw, source)
+    stats = block_stats(ds["signal"].data.rechunk(chunks_for(raw.data.shape)))
+    nonfinite = negative = 0
+    sha = ""
+
+    started = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        hashing = pool.submit(sha256_of, raw_path)
+
+        def finalize(tmp: Path, results: tuple) -> None:
+            nonlocal nonfinite, negative, sha
+            counts = results[0]
+            nonfinite, negative = int(counts[..., 0].sum()), int(counts[..., 1].sum())
+            if nonfinite and not allow_nonfinite:
+                where = _first_bad_block(counts[..., 0], stats.chunks)
+                raise InputError(f"{raw_path}: {nonfinite} NaN/inf values, first in {where} "
+                                 "(use --allow-nonfinite to keep them for preprocessing to mask)")
+            if negative:
+                log.warning("%s: %d negative values (recorded; preprocessing decides)", raw_path, negative)
+            sha = hashing.result()
+            group = zarr.open_group(str(tmp), mode="r+")
+            group.attrs["source"] = {**source, "sha256": sha}
+            group.attrs["ingest"] = {"nonfinite": nonfinite, "negative": negative,
+                                     "allow_nonfinite": allow_nonfinite}
+
+        try:
+            write_scan(ds, out_path, policy=policy, overwrite=overwrite, also_compute=(stats,),
+                       finalize=finalize, progress=progress)
+        except EmscaleError:
+            raise
+        except Exception as exc:  # a read failing half-way: corrupt or truncated data
+            raise InputError(f"{raw_path}: reading failed ({type(exc).__name__}: {exc}); "
+                             "no output written") from exc
+    seconds = time.perf_counter() - started
+    report = IngestReport(
+        source=str(raw_path), output=str(out_path), format=raw.format, kind=raw.kind,
+        shape=tuple(raw.data.shape), dtype=str(raw.data.dtype),
+        chunks=tuple(chunks_for(raw.data.shape)),
+        bytes_read=int(np.prod(raw.data.shape)) * raw.data.dtype.itemsize, seconds=seconds,
+        nonfinite=nonfinite, negative=negative, sha256=sha,
+    )
+    log.info("ingested %s -> %s: %.1f MB/s", raw_path, out_path, report.mb_per_s)
+    return report
+

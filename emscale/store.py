@@ -1,0 +1,240 @@
+"""The scan store (DESIGN.md section 2): a Zarr v3 directory holding an xarray Dataset.
+
+One data variable ``signal`` with navigation dims first (``y``, ``x``) and signal dims last
+(``energy`` for spectrum images, ``ky``, ``kx`` for 4D-STEM). Synthetic scans add the ground truth
+``clean`` (same dims as ``signal``) and ``label`` (``y``, ``x``; -1 marks anomalous pixels).
+
+Chunk policy
+------------
+Signal dims are never split. The navigation is split into blocks that hold about
+``ChunkPolicy.target_mib`` (default 64 MiB, kept within 32-128 MiB) *as float32*, the dtype every
+computation uses, so that the memory one task needs is the same whatever the stored dtype. Blocks
+are whole rows of the scan when a row fits under the maximum (a row-major raw file is then read
+contiguously and the flat pixel view is in plain row-major order), otherwise square-ish tiles of
+rows. Block sizes are balanced so that the last block is not a sliver. A scan smaller than one
+target block is a single block; tests and small demos pass a smaller target to get several.
+
+Counts stay in their stored dtype on disk (uint16/uint32/float32), compressed with Blosc-LZ4 and
+bit-shuffle, which decodes about 3x and encodes about 8x faster than Zarr's default zstd on these
+data (measured, DESIGN.md section 6).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import dask
+import dask.array as da
+import numpy as np
+import xarray as xr
+import zarr
+from dask.highlevelgraph import HighLevelGraph
+from zarr.codecs import BloscCodec
+
+from emscale.atomic import atomic_directory
+from emscale.errors import ConfigError, InputError, StoreError
+
+log = logging.getLogger(__name__)
+
+NAV_DIMS = ("y", "x")
+SIGNAL_DIMS = {"spectrum": ("energy",), "diffraction": ("ky", "kx")}
+STORED_DTYPES = (np.uint8, np.uint16, np.uint32, np.int16, np.int32, np.float32, np.float64)
+COMPUTE_DTYPE = np.float32
+MIB = 1 << 20
+
+
+def default_compressor(itemsize: int) -> BloscCodec:
+    return BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle", typesize=itemsize)
+
+
+@dataclass(frozen=True)
+class ChunkPolicy:
+    """How big a navigation block is, in MiB of float32 (see the module docstring)."""
+
+    target_mib: float = 64.0
+    max_mib: float = 128.0
+
+    def __post_init__(self) -> None:
+        if not (self.target_mib > 0 and math.isfinite(self.target_mib)):
+            raise ConfigError(f"chunk_mib: must be a positive number, got {self.target_mib!r}")
+        if self.max_mib < self.target_mib:
+            raise ConfigError(
+                f"chunk_mib: target {self.target_mib} MiB is above the maximum {self.max_mib} MiB"
+            )
+
+
+def _balanced(total: int, block: int) -> int:
+    """The block size that splits ``total`` into as many blocks as ``block`` does, evenly."""
+    block = max(1, min(block, total))
+    n = math.ceil(total / block)
+    return math.ceil(total / n)
+
+
+def navigation_chunks(
+    nav_shape: tuple[int, int],
+    signal_shape: tuple[int, ...],
+    policy: ChunkPolicy | None = None,
+) -> tuple[int, int]:
+    """Navigation block shape ``(rows, cols)`` for a scan, following the chunk policy."""
+    policy = policy or ChunkPolicy()
+    ny, nx = nav_shape
+    pixel_bytes = int(np.prod(signal_shape)) * np.dtype(COMPUTE_DTYPE).itemsize
+    pixels = max(1, int(policy.target_mib * MIB // pixel_bytes))
+    if nx * pixel_bytes <= policy.max_mib * MIB:  # whole rows
+        return _balanced(ny, max(1, pixels // nx)), nx
+    side = max(1, int(math.sqrt(pixels)))
+    return _balanced(ny, side), _balanced(nx, max(1, pixels // side))
+
+
+def signal_dims(kind: str) -> tuple[str, ...]:
+    try:
+        return SIGNAL_DIMS[kind]
+    except KeyError:
+        raise StoreError(f"kind {kind!r} is not one of {sorted(SIGNAL_DIMS)}") from None
+
+
+def validate_scan(ds: xr.Dataset, source: str | os.PathLike = "<dataset>") -> str:
+    """Check a Dataset against the scan-store contract; return its kind or raise StoreError."""
+    where = str(source)
+    if "signal" not in ds.data_vars:
+        raise StoreError(f"{where}: no data variable 'signal' (found {sorted(ds.data_vars)})")
+    sig = ds["signal"]
+    kind = ds.attrs.get("kind")
+    if kind not in SIGNAL_DIMS:
+        raise StoreError(f"{where}: attrs['kind'] must be 'spectrum' or 'diffraction', got {kind!r}")
+    expected = NAV_DIMS + SIGNAL_DIMS[kind]
+    if sig.dims != expected:
+        raise StoreError(f"{where}: signal has dims {sig.dims}, expected {expected} for a {kind} scan")
+    empty = [d for d, n in sig.sizes.items() if n == 0]
+    if empty:
+        raise StoreError(f"{where}: empty scan (dimension {', '.join(empty)} has length 0)")
+    if not any(np.dtype(sig.dtype) == np.dtype(t) for t in STORED_DTYPES):
+        raise StoreError(f"{where}: signal dtype {sig.dtype} is not a supported count dtype")
+    if sig.chunks is not None:
+        for dim, chunks in zip(sig.dims, sig.chunks):
+            if dim not in NAV_DIMS and len(chunks) > 1:
+                raise StoreError(f"{where}: signal dimension {dim!r} is split into chunks {chunks}")
+    if kind == "spectrum" and "energy" not in ds.coords:
+        raise StoreError(f"{where}: spectrum scan without an 'energy' coordinate")
+    for name, dims in (("clean", expected), ("label", NAV_DIMS)):
+        if name in ds.data_vars and ds[name].dims != dims:
+            raise StoreError(f"{where}: {name} has dims {ds[name].dims}, expected {dims}")
+    return kind
+
+
+def open_scan(path: str | os.PathLike, validate: bool = True) -> xr.Dataset:
+    """Open a scan store lazily (dask-backed, chunks as stored) and check its contract."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such scan store")
+    try:
+        meta = zarr.open_group(str(path), mode="r")
+        fmt = meta.metadata.zarr_format
+    except Exception as exc:  # zarr raises several types for "not a group"
+        raise StoreError(f"{path}: not a readable Zarr store ({type(exc).__name__}: {exc})") from None
+    if fmt != 3:
+        raise StoreError(f"{path}: Zarr format {fmt}; scan stores are Zarr v3 (use 'emscale ingest')")
+    try:
+        ds = xr.open_zarr(str(path), consolidated=False, chunks={}, zarr_format=3)
+    except Exception as exc:
+        raise StoreError(f"{path}: cannot open as an xarray dataset ({exc})") from None
+    if validate:
+        validate_scan(ds, path)
+    return ds
+
+
+def _encoding(ds: xr.Dataset, nav_chunks: tuple[int, int]) -> dict[str, dict[str, Any]]:
+    enc = {}
+    for name, var in ds.data_vars.items():
+        chunks = tuple(
+            nav_chunks[NAV_DIMS.index(d)] if d in NAV_DIMS else n for d, n in var.sizes.items()
+        )
+        enc[name] = {
+            "chunks": chunks,
+            "compressors": (default_compressor(np.dtype(var.dtype).itemsize),),
+        }
+    return enc
+
+
+def write_scan(
+    ds: xr.Dataset,
+    path: str | os.PathLike,
+    *,
+    policy: ChunkPolicy | None = None,
+    overwrite: bool = False,
+    also_compute: tuple = (),
+    finalize: Callable[[Path, tuple], None] | None = None,
+    progress: bool = False,
+) -> tuple:
+    """Write a (lazy) scan Dataset as a Zarr v3 scan store, atomically, chunk by chunk.
+
+    ``also_compute`` holds dask collections computed in the same pass over the data (ingest uses
+    it for value checks and statistics, so that the input is read once); their results are
+    returned. ``finalize(tmp_path, results)`` runs before the store is committed: it may add
+    attributes, or raise to reject the data. If anything raises, nothing is left at ``path``.
+    """
+    kind = validate_scan(ds, path)
+    sig = ds["signal"]
+    nav = navigation_chunks(
+        (sig.sizes["y"], sig.sizes["x"]), tuple(sig.sizes[d] for d in SIGNAL_DIMS[kind]), policy
+    )
+    ds = ds.chunk({"y": nav[0], "x": nav[1], **{d: -1 for d in SIGNAL_DIMS[kind]}})
+    with atomic_directory(path, overwrite=overwrite) as tmp:
+        delayed = ds.to_zarr(
+            str(tmp), mode="w-", zarr_format=3, consolidated=False,
+            encoding=_encoding(ds, nav), compute=False,
+        )
+        results = _compute(delayed, *also_compute, progress=progress)
+        if finalize is not None:
+            finalize(tmp, tuple(results[1:]))
+    log.info("wrote %s: %s %s, chunks %s", path, kind, dict(sig.sizes), nav)
+    return tuple(results[1:])
+
+
+def _compute(*collections, progress: bool = False):
+    if progress:
+        from emscale.progress import progress_bar
+
+        with progress_bar("writing"):
+            return dask.compute(*collections)
+    return dask.compute(*collections)
+
+
+def feature_matrix(scan: xr.Dataset | xr.DataArray, variable: str = "signal") -> da.Array:
+    """The flat ``(pixels, features)`` float32 view that the learning stages consume.
+
+    One chunk per navigation block, in block order (row-major within each block); with whole-row
+    blocks (the chunk policy's usual case) this is plain row-major pixel order. Signal dims are
+    flattened into one feature axis. Nothing is computed or copied until the array is used.
+    """
+    arr = scan[variable] if isinstance(scan, xr.Dataset) else scan
+    data = arr.data if isinstance(arr.data, da.Array) else da.from_array(arr.data, chunks=-1)
+    n_nav = 2
+    n_features = int(np.prod(data.shape[n_nav:]))
+    if any(len(c) > 1 for c in data.chunks[n_nav:]):
+        raise StoreError(f"{arr.name}: signal dims are split into several chunks; rechunk first")
+    name = f"features-{data.name}"
+    dsk, sizes = {}, []
+    tail = (0,) * (data.ndim - n_nav)
+    for k, (i, j) in enumerate(np.ndindex(*data.numblocks[:n_nav])):
+        dsk[(name, k, 0)] = (_flatten_block, (data.name, i, j, *tail), n_features)
+        sizes.append(data.chunks[0][i] * data.chunks[1][j])
+    graph = HighLevelGraph.from_collections(name, dsk, dependencies=[data])
+    return da.Array(graph, name, chunks=(tuple(sizes), (n_features,)), dtype=COMPUTE_DTYPE)
+
+
+def _flatten_block(block: np.ndarray, n_features: int) -> np.ndarray:
+    return np.asarray(block, dtype=COMPUTE_DTYPE).reshape(-1, n_features)
+
+
+def store_size_bytes(path: str | os.PathLike) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            total += os.path.getsize(os.path.join(root, f))
+    return total
