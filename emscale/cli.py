@@ -13,7 +13,6 @@ import traceback
 from pathlib import Path
 from typing import Optional
 
-import click
 import typer
 
 from emscale.errors import EmscaleError
@@ -172,12 +171,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         command.main(args=args, prog_name="emscale", standalone_mode=False)
         return 0
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         return exc.exit_code
-    except click.ClickException as exc:  # usage errors: click's own message, exit 2
+    except typer.TyperException as exc:  # usage errors (click's): their own message, exit 2
         exc.show()
-        return exc.exit_code
-    except (click.exceptions.Abort, KeyboardInterrupt):
+        return getattr(exc, "exit_code", 2)
+    except (typer.Abort, KeyboardInterrupt):
         typer.echo("emscale: interrupted", err=True)
         return 130
     except EmscaleError as exc:

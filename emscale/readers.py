@@ -92,14 +92,32 @@ def rosettasciio_plugins(path: Path) -> list[dict]:
     return [p for p in IO_PLUGINS if ext in [e.lower() for e in p["file_extensions"]]]
 
 
+def _infer_navigation(axes: list[dict]) -> None:
+    """Readers that mark no axis as navigation (NCEM EMD, ...): 3-D is a spectrum image, 4-D is
+    4D-STEM, navigation first."""
+    if any(a.get("navigate", False) for a in axes):
+        for a in axes:
+            a.setdefault("navigate", False)
+        return
+    n_nav = {3: 2, 4: 2}.get(len(axes), 0)
+    for i, a in enumerate(sorted(axes, key=lambda a: a.get("index_in_array", 0))):
+        a["navigate"] = i < n_nav
+
+
 def read_rosettasciio(path: Path, plugin: dict, chunks_for: ChunksFor) -> RawScan:
-    api = importlib.import_module(plugin["api"])
+    try:
+        api = importlib.import_module(plugin["api"])
+    except ImportError as exc:  # optional reader dependencies (pyUSID, mrcz, ...)
+        raise InputError(f"{path}: the {plugin['name']} reader needs a package that is not "
+                         f"installed ({exc.name})") from None
     try:
         signals = api.file_reader(str(path), lazy=True)
     except Exception as exc:
         raise InputError(f"{path}: cannot read as {plugin['name']} ({type(exc).__name__}: {exc})") from None
-    candidates = [s for s in signals if sum(not a.get("navigate", False) for a in s["axes"]) in (1, 2)
-                  and np.ndim(s["data"]) >= 2]
+    for s in signals:
+        _infer_navigation(s["axes"])
+    candidates = [s for s in signals if sum(not a["navigate"] for a in s["axes"]) in (1, 2)
+                  and np.ndim(s["data"]) >= 3]
     if not candidates:
         shapes = [tuple(np.shape(s["data"])) for s in signals]
         raise InputError(f"{path}: no spectrum image or 4D-STEM dataset inside (found shapes {shapes})")
@@ -114,8 +132,8 @@ def read_rosettasciio(path: Path, plugin: dict, chunks_for: ChunksFor) -> RawSca
         data = da.from_array(data, chunks="auto")
     if data.ndim != len(axes):  # rosettasciio drops length-1 axes from the axes list
         raise InputError(f"{path}: {data.ndim}-D data but {len(axes)} calibrated axes")
-    nav = [i for i, a in enumerate(axes) if a.get("navigate", False)]
-    sig_axes = [i for i, a in enumerate(axes) if not a.get("navigate", False)]
+    nav = [i for i, a in enumerate(axes) if a["navigate"]]
+    sig_axes = [i for i, a in enumerate(axes) if not a["navigate"]]
     kind = kind_for(len(sig_axes), path)
     if len(nav) == 1:  # a line scan: one row
         data = data[None]

@@ -55,11 +55,12 @@ def lazy_scan(gen: Generator, policy: ChunkPolicy | None = None) -> xr.Dataset:
     cy, cx = navigation_chunks(gen.shape, gen.signal_shape, policy)
     nav_chunks = (da.core.normalize_chunks(cy, (ny,))[0], da.core.normalize_chunks(cx, (nx,))[0])
     sig_chunks = tuple((n,) for n in gen.signal_shape)
+    # ``token`` names the tasks on the dashboard; dask appends a hash of the generator's parameters
     clean = da.map_blocks(_clean, gen, chunks=nav_chunks + sig_chunks, dtype=np.float32,
-                          name=f"synth-clean-{gen.kind}")
-    signal = da.map_blocks(_noisy, clean, gen, dtype=gen.count_dtype, name=f"synth-signal-{gen.kind}")
-    label = da.map_blocks(_truth, gen, 0, chunks=nav_chunks, dtype=np.int16, name="synth-label")
-    anomaly = da.map_blocks(_truth, gen, 1, chunks=nav_chunks, dtype=np.int8, name="synth-anomaly")
+                          token=f"synth-clean-{gen.kind}")
+    signal = da.map_blocks(_noisy, clean, gen, dtype=gen.count_dtype, token=f"synth-signal-{gen.kind}")
+    label = da.map_blocks(_truth, gen, 0, chunks=nav_chunks, dtype=np.int16, token="synth-label")
+    anomaly = da.map_blocks(_truth, gen, 1, chunks=nav_chunks, dtype=np.int8, token="synth-anomaly")
     dims = NAV_DIMS + SIGNAL_DIMS[gen.kind]
     return xr.Dataset(
         {
@@ -78,12 +79,18 @@ def poisson_gaussian_counts(clean: np.ndarray, rng: np.random.Generator, read_no
     """Shot noise plus Gaussian read noise, rounded to integer counts and clipped at 0.
 
     Detectors that store unsigned counts clip the (rare) negative read-noise values at zero.
+    Works through the block in slabs so that the int64/float temporaries stay small.
     """
-    counts = rng.poisson(clean).astype(np.float32)
-    if read_noise > 0:
-        counts += rng.normal(0.0, read_noise, size=counts.shape).astype(np.float32)
-    info = np.iinfo(dtype)
-    return np.clip(np.rint(counts), 0, info.max).astype(dtype)
+    out = np.empty(clean.shape, dtype=dtype)
+    top = float(np.iinfo(dtype).max)
+    flat_in, flat_out = clean.reshape(len(clean), -1), out.reshape(len(out), -1)
+    rows = max(1, (1 << 22) // max(1, flat_in.shape[1]))
+    for i in range(0, len(flat_in), rows):
+        counts = rng.poisson(flat_in[i:i + rows]).astype(np.float32)
+        if read_noise > 0:
+            counts += rng.normal(0.0, read_noise, size=counts.shape).astype(np.float32)
+        flat_out[i:i + rows] = np.clip(np.rint(counts), 0, top)
+    return out
 
 
 def count_dtype_for(max_expected: float):

@@ -58,7 +58,7 @@ THICKNESS_NM = (20.0, 100.0)  # range of the wedge; vacuum pixels have none
 CRYSTALS: dict[int, dict[str, Any]] = {
     2: {  # cubic-like: a CsCl-type [001] projection, strong/weak alternating reflections
         "lattice": ((0.36, 0.0), (0.0, 0.36)),
-        "basis": (((0.0, 0.0), 1.0), ((0.5, 0.5), 0.7)),
+        "basis": (((0.0, 0.0), 1.0), ((0.5, 0.5), 0.5)),
         "debye_waller": 0.07,
         "extinction": 110.0,
         "max_bragg": 0.8,
@@ -139,8 +139,8 @@ def _reflections(phase: int) -> tuple[np.ndarray, np.ndarray]:
     # Far enough for the detector corner of the most elongated allowed pattern (64 x 256).
     g_max = K_HALF_RANGE * math.hypot(1.0, PATTERN_MAX / PATTERN_MIN) + 1.0
     n = int(g_max / np.linalg.norm(b, axis=1).min()) + 1
-    h, l = np.meshgrid(np.arange(-n, n + 1), np.arange(-n, n + 1), indexing="ij")
-    hl = np.column_stack([h.ravel(), l.ravel()])
+    h, k = np.meshgrid(np.arange(-n, n + 1), np.arange(-n, n + 1), indexing="ij")
+    hl = np.column_stack([h.ravel(), k.ravel()])  # Miller indices
     hl = hl[np.any(hl != 0, axis=1)]
     g_xy = hl @ b
     keep = np.hypot(g_xy[:, 0], g_xy[:, 1]) <= g_max
@@ -159,7 +159,8 @@ def _bragg_image(pattern: tuple[int, int], cal: float, radius: float, phase: int
     g2 = (g**2).sum(axis=1)
     # Excitation error: Ewald-sphere curvature plus the grain's small out-of-plane tilt.
     s_g = 0.5 * WAVELENGTH_NM * g2 + g @ np.array([tilt_y, tilt_x])
-    weight = f2 * np.exp(-CRYSTALS[phase]["debye_waller"] * g2) / (1.0 + (s_g / EXCITATION_WIDTH) ** 2)
+    debye_waller = np.exp(-CRYSTALS[phase]["debye_waller"] * g2)
+    weight = f2 * debye_waller / (1.0 + (s_g / EXCITATION_WIDTH) ** 2)
     ny, nx = pattern
     img = np.zeros(pattern)
     centre = np.array([ny // 2, nx // 2]) + g / cal  # disk centres in pixels
@@ -229,13 +230,16 @@ class DiffractionGenerator:
         self.disk_radius = DISK_FRACTION * side
 
         ny, nx = self.shape
-        self.layout = GrainLayout(self.shape, len(PHASE_NAMES), self.seed, grain_size=self.grain_size,
-                                  surface_phase=VACUUM, surface_depth=0.15)
+        self.layout = GrainLayout(self.shape, len(PHASE_NAMES), self.seed,
+                                  grain_size=self.grain_size, surface_phase=VACUUM,
+                                  surface_depth=0.15)
         self.grain_size = float(self.layout.grain_size)
-        self._thickness = SmoothField(self.shape, self.seed + 11, wavelength=max(16.0, 0.6 * max(ny, nx)))
+        self._thickness = SmoothField(self.shape, self.seed + 11,
+                                      wavelength=max(16.0, 0.6 * max(ny, nx)))
         self.blobs = AnomalyBlobs(self.shape, 2, self.seed) if self.anomaly else None
         # The brightest pixel is the vacuum central disk; every other pattern is spread wider.
-        peak = self.dose * float(_fixed_bases(self.pattern, self.calibration, self.disk_radius)[B_DISK].max())
+        disk = _fixed_bases(self.pattern, self.calibration, self.disk_radius)[B_DISK]
+        peak = self.dose * float(disk.max())
         self.count_dtype = count_dtype_for(peak + 5 * self.read_noise)
 
     # -- spatial fields ---------------------------------------------------------------------
@@ -291,9 +295,10 @@ class DiffractionGenerator:
             for cp, spec in CRYSTALS.items():
                 sel = np.flatnonzero(p == cp)
                 # Two-beam-like pendellosung, t < xi so that thicker means more Bragg intensity.
-                scattered[sel] = spec["max_bragg"] * np.sin(0.5 * np.pi * t[sel] / spec["extinction"]) ** 2
+                phase_angle = 0.5 * np.pi * t[sel] / spec["extinction"]
+                scattered[sel] = spec["max_bragg"] * np.sin(phase_angle) ** 2
                 cols = N_FIXED + np.searchsorted(crystal_grains, grain[sel])
-                coef[sel, cols] += share[sel] * scattered[sel]  # g1 != g2: no repeated (row, col)
+                coef[sel, cols] += share[sel] * scattered[sel]  # one entry per row: no repeats
             coef[:, B_DISK] += share * (1.0 - scattered - halo)
             coef[:, B_HALO] += share * halo
 
@@ -303,7 +308,7 @@ class DiffractionGenerator:
             bragg = coef[dmg, N_FIXED:]
             lost = (1.0 - DAMAGE_BRAGG_LEFT) * bragg.sum(axis=1)
             coef[dmg, N_FIXED:] = DAMAGE_BRAGG_LEFT * bragg
-            extra = DAMAGE_HALO * coef[dmg, B_DISK]
+            extra = DAMAGE_HALO * coef[dmg, B_DISK] * (1.0 - vacuum[dmg])  # specimen only
             coef[dmg, B_DISK] -= extra
             coef[dmg, B_DAMAGE] += lost + extra
         con = kind == CONTAMINATION
@@ -313,8 +318,10 @@ class DiffractionGenerator:
 
         bases = [_fixed_bases(self.pattern, self.calibration, self.disk_radius)]
         for g in crystal_grains:
-            bases.append(_bragg_image(self.pattern, self.calibration, self.disk_radius, int(phase[g]),
-                                      float(self.layout.grain_orientation[g]), *self._grain_tilt(int(g)))[None])
+            angle = float(self.layout.grain_orientation[g])
+            image = _bragg_image(self.pattern, self.calibration, self.disk_radius, int(phase[g]),
+                                 angle, *self._grain_tilt(int(g)))
+            bases.append(image[None])
         basis = np.concatenate(bases) if len(bases) > 1 else bases[0]
         coef = (np.clip(coef, 0.0, None) * self.dose).astype(np.float32)
         out = coef @ basis  # float32 GEMM: one pass over the block's memory
@@ -336,6 +343,7 @@ class DiffractionGenerator:
         }
 
     def attrs(self) -> dict[str, Any]:
+        probe_k = self.disk_radius * self.calibration  # disk radius in 1/nm
         attrs: dict[str, Any] = {
             "kind": self.kind,
             "synthetic": True,
@@ -356,7 +364,7 @@ class DiffractionGenerator:
                 "scan_step": float(self.scan_step),
                 "scan_units": "nm",
                 "beam_energy_kev": BEAM_ENERGY_KEV,
-                "probe_semi_angle_mrad": round(DISK_FRACTION * 2 * K_HALF_RANGE * WAVELENGTH_NM * 1e3, 3),
+                "probe_semi_angle_mrad": round(probe_k * WAVELENGTH_NM * 1e3, 3),
             },
             "phase_names": list(PHASE_NAMES),
             "source": {"path": None, "generator": "emscale synth 4dstem"},

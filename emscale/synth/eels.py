@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import xarray as xr
+from scipy.signal import fftconvolve
 
 from emscale.errors import ConfigError
 from emscale.store import ChunkPolicy
@@ -29,6 +30,7 @@ from emscale.synth import count_dtype_for, lazy_scan, poisson_gaussian_counts
 from emscale.synth.layout import AnomalyBlobs, GrainLayout, SmoothField, block_coords, block_rng
 
 PLASMON_EV = 22.0
+PLASMON_FWHM = 8.0
 
 # Per phase: Fe and O content (relative edge strengths), Fe-L3 main line (eV), shoulder offset and
 # weight (Fe3+ crystal-field splitting), L3/L2 ratio, line width (eV), O-K pre-peak weight.
@@ -93,6 +95,10 @@ class EELSGenerator:
         rng = np.random.default_rng([self.seed, 303])
         self.grain_shift = rng.normal(0.0, 0.12, self.layout.n_grains)
         self.blobs = AnomalyBlobs(self.shape, len(ANOMALIES) - 1, self.seed) if self.anomaly else None
+        step = self.energy[1] - self.energy[0]
+        offsets = np.arange(0.0, PLASMON_EV + 4 * PLASMON_FWHM, step)
+        plasmon = _gauss(offsets, PLASMON_EV, PLASMON_FWHM / 2.355)
+        self._plasmon = (plasmon / plasmon.sum()).astype(np.float32)
         self._phase_table = np.array([[p[k] for k in PHASE_KEYS] for p in PHASES.values()])
         self._scale = self.dose / self._reference_edge_counts()
         self.count_dtype = count_dtype_for(4.0 * self.dose * self._peak_to_edge())
@@ -120,10 +126,9 @@ class EELSGenerator:
         if extra is not None:
             edges = edges + extra.get("edges", 0.0)
         # plural scattering: a plasmon replica of the edges with weight ~ t (non-linear in t)
-        k = int(round(PLASMON_EV / (self.energy[1] - self.energy[0])))
-        shifted = np.zeros_like(edges)
-        shifted[:, k:] = edges[:, : edges.shape[1] - k]
-        edges = edges + 0.45 * t * shifted
+        # Plural scattering: the edges convolved with the (broad) plasmon loss, weight ~ t.
+        replica = fftconvolve(edges, self._plasmon[None, :], mode="full", axes=1)[:, : edges.shape[1]]
+        edges = edges + 0.45 * t * replica.astype(np.float32)
         slope = 3.4 - 0.8 * t  # thicker regions: flatter background
         background = 1.6 * (e / 530.0) ** (-slope)
         if extra is not None and "background" in extra:

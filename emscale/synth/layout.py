@@ -70,7 +70,7 @@ class GrainLayout:
         ny, nx = self.shape
         rng = np.random.default_rng([self.seed, 101])
         if self.grain_size is None:
-            self.grain_size = max(6.0, min(ny, nx) / 4.0)
+            self.grain_size = float(np.clip(min(ny, nx) / 4.0, 6.0, 64.0))
         n = int(np.clip(ny * nx / self.grain_size**2, 4, MAX_GRAINS))
         self._centres = np.column_stack([rng.uniform(0, ny, n), rng.uniform(0, nx, n)])
         self._tree = cKDTree(self._centres)

@@ -1,0 +1,1 @@
+"""Benchmarks behind ``emscale bench``: each prints its figures and can write them as JSON."""

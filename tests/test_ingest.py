@@ -1,0 +1,217 @@
+import hashlib
+import os
+
+import numpy as np
+import pytest
+import zarr
+
+from emscale.errors import InputError, OutputExistsError
+from emscale.ingest import ingest, sha256_of
+from emscale.store import ChunkPolicy, open_scan, write_scan
+
+from formats import (
+    diffraction_data, hyperspy_diffraction, hyperspy_spectrum, py4dstem_file, spectrum_data,
+)
+
+SMALL = ChunkPolicy(target_mib=0.01)  # a few pixels per chunk: every test crosses chunk borders
+
+
+def fingerprint(path):
+    return sha256_of(path), os.stat(path).st_mtime_ns
+
+
+def ingest_checked(raw, out, **kwargs):
+    """Ingest, and check the input was not modified and the store follows the contract."""
+    before = fingerprint(raw)
+    report = ingest(raw, out, policy=SMALL, **kwargs)
+    assert fingerprint(raw) == before, "input modified"
+    ds = open_scan(out)
+    assert len(ds.signal.chunks[0]) > 1
+    src = ds.attrs["source"]
+    assert src["sha256"] == before[0] == report.sha256
+    assert src["size"] > 0 and src["path"].endswith(raw.name)
+    return ds, report
+
+
+def coord_step(ds, dim):
+    v = ds[dim].values
+    return v[0], v[1] - v[0], ds[dim].attrs["units"]
+
+
+def test_npy_spectrum_round_trip(tmp_path):
+    data = spectrum_data()
+    np.save(tmp_path / "raw.npy", data)
+    ds, report = ingest_checked(tmp_path / "raw.npy", tmp_path / "s.zarr")
+    assert ds.attrs["kind"] == "spectrum" and ds.signal.dtype == np.uint16
+    np.testing.assert_array_equal(ds.signal.values, data)
+    assert report.format == "npy" and report.shape == data.shape
+    assert ds.energy.attrs["calibrated"] is False
+
+
+def test_npy_4d_round_trip(tmp_path):
+    data = diffraction_data(dtype=np.float32)
+    np.save(tmp_path / "raw.npy", data)
+    ds, _ = ingest_checked(tmp_path / "raw.npy", tmp_path / "d.zarr")
+    assert ds.signal.dims == ("y", "x", "ky", "kx") and ds.signal.dtype == np.float32
+    np.testing.assert_array_equal(ds.signal.values, data)
+
+
+def test_hspy_spectrum_keeps_calibration_with_negative_energy_start(tmp_path):
+    data = spectrum_data()
+    hyperspy_spectrum(data, energy_offset=-0.2, energy_scale=0.01, nav_scale=2.5).save(tmp_path / "si.hspy")
+    ds, report = ingest_checked(tmp_path / "si.hspy", tmp_path / "s.zarr")
+    np.testing.assert_array_equal(ds.signal.values, data)
+    start, step, units = coord_step(ds, "energy")
+    assert (start, units) == (pytest.approx(-0.2), "keV") and step == pytest.approx(0.01)
+    assert coord_step(ds, "x") == (0.0, pytest.approx(2.5), "nm")
+    assert report.format == "HSPY"
+
+
+@pytest.mark.parametrize("ext", ["hspy", "emd", "blo"])
+def test_rosettasciio_4dstem_round_trip(tmp_path, ext):
+    data = diffraction_data(shape=(6, 5, 16, 16), dtype=np.uint8)
+    hyperspy_diffraction(data, q_scale=0.05, nav_scale=1.5).save(tmp_path / f"d.{ext}")
+    ds, _ = ingest_checked(tmp_path / f"d.{ext}", tmp_path / "d.zarr")
+    assert ds.attrs["kind"] == "diffraction"
+    np.testing.assert_array_equal(ds.signal.values, data)
+    assert coord_step(ds, "y")[1] == pytest.approx(1.5)
+    if ext != "blo":  # the blockfile format stores its own detector calibration
+        assert coord_step(ds, "kx")[:2] == (pytest.approx(-0.4), pytest.approx(0.05))
+
+
+def test_emd_spectrum_image(tmp_path):
+    data = spectrum_data()
+    hyperspy_spectrum(data).save(tmp_path / "si.emd")
+    ds, _ = ingest_checked(tmp_path / "si.emd", tmp_path / "s.zarr")
+    np.testing.assert_array_equal(ds.signal.values, data)
+    assert coord_step(ds, "energy")[0] == pytest.approx(-0.2)
+
+
+def test_py4dstem_file_read_lazily_with_calibration(tmp_path):
+    data = diffraction_data()
+    py4dstem_file(tmp_path / "dc.h5", data, r_pixel=2.5, q_pixel=0.1)
+    ds, report = ingest_checked(tmp_path / "dc.h5", tmp_path / "d.zarr")
+    np.testing.assert_array_equal(ds.signal.values, data)
+    assert coord_step(ds, "x") == (0.0, pytest.approx(2.5), "nm")
+    assert coord_step(ds, "kx") == (0.0, pytest.approx(0.1), "A^-1")
+    assert ds.attrs["calibration"]["R_pixel_size"] == 2.5
+    assert "EMD 1.0" in report.format
+
+
+def test_reingest_of_a_scan_store_keeps_ground_truth(tmp_path):
+    from emscale.synth.eels import synth_eels
+
+    write_scan(synth_eels((10, 12), channels=96, seed=2), tmp_path / "a.zarr")
+    ds, _ = ingest_checked(tmp_path / "a.zarr", tmp_path / "b.zarr")
+    a = open_scan(tmp_path / "a.zarr")
+    np.testing.assert_array_equal(ds.signal.values, a.signal.values)
+    np.testing.assert_array_equal(ds.label.values, a.label.values)
+    assert ds.attrs["phase_names"] == a.attrs["phase_names"]
+    np.testing.assert_allclose(ds.energy.values, a.energy.values)
+
+
+def test_bare_zarr_array(tmp_path):
+    data = spectrum_data()
+    zarr.create_array(str(tmp_path / "raw.zarr"), data=data, chunks=(3, 7, 64))
+    ds, report = ingest_checked(tmp_path / "raw.zarr", tmp_path / "s.zarr")
+    np.testing.assert_array_equal(ds.signal.values, data)
+
+
+# --- bad input ----------------------------------------------------------------------------------
+
+def assert_nothing_written(tmp_path, out="out.zarr"):
+    assert not (tmp_path / out).exists()
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("scan.xyz", b"hello", "unknown format"),
+    ("scan.npy", b"", "empty file"),
+    ("scan.npy", b"\x93NUMPY garbage", "not a readable .npy"),
+    ("scan.h5", os.urandom(4096), "scan.h5"),
+    ("scan.dm4", os.urandom(4096), "scan.dm4"),
+])
+def test_unreadable_files_named(tmp_path, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(InputError, match=message):
+        ingest(tmp_path / name, tmp_path / "out.zarr")
+    assert_nothing_written(tmp_path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(InputError, match="no such file"):
+        ingest(tmp_path / "nope.npy", tmp_path / "out.zarr")
+
+
+def test_truncated_npy(tmp_path):
+    np.save(tmp_path / "raw.npy", spectrum_data())
+    raw = (tmp_path / "raw.npy").read_bytes()
+    (tmp_path / "raw.npy").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(InputError, match="truncated"):
+        ingest(tmp_path / "raw.npy", tmp_path / "out.zarr")
+    assert_nothing_written(tmp_path)
+
+
+def test_truncated_hspy(tmp_path):
+    hyperspy_spectrum(spectrum_data(shape=(30, 30, 256))).save(tmp_path / "si.hspy")
+    raw = (tmp_path / "si.hspy").read_bytes()
+    (tmp_path / "si.hspy").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(InputError, match="si.hspy"):
+        ingest(tmp_path / "si.hspy", tmp_path / "out.zarr", policy=SMALL)
+    assert_nothing_written(tmp_path)
+
+
+@pytest.mark.parametrize("shape, message", [
+    ((20, 30), "2-D array"),
+    ((2, 3, 4, 5, 6), "5-D array"),
+    ((0, 5, 8), "empty scan"),
+])
+def test_wrong_dims(tmp_path, shape, message):
+    np.save(tmp_path / "raw.npy", np.zeros(shape, np.uint16))
+    with pytest.raises(InputError, match=message):
+        ingest(tmp_path / "raw.npy", tmp_path / "out.zarr")
+    assert_nothing_written(tmp_path)
+
+
+def test_single_spectrum_is_not_a_scan(tmp_path):
+    import hyperspy.api as hs
+
+    hs.signals.Signal1D(np.arange(64.0)).save(tmp_path / "one.hspy")
+    with pytest.raises(InputError, match="one.hspy"):
+        ingest(tmp_path / "one.hspy", tmp_path / "out.zarr")
+
+
+def test_nonfinite_values_refused_with_the_chunk(tmp_path):
+    data = spectrum_data(dtype=np.float32)
+    data[7, 3, 10] = np.nan
+    data[8, 0, 0] = np.inf
+    np.save(tmp_path / "raw.npy", data)
+    with pytest.raises(InputError, match=r"2 NaN/inf values, first in chunk \(\d+, 0\): y \d+:\d+") as err:
+        ingest(tmp_path / "raw.npy", tmp_path / "out.zarr", policy=SMALL)
+    assert "raw.npy" in str(err.value)
+    assert_nothing_written(tmp_path)
+    report = ingest(tmp_path / "raw.npy", tmp_path / "out.zarr", policy=SMALL, allow_nonfinite=True)
+    assert report.nonfinite == 2
+    assert open_scan(tmp_path / "out.zarr").attrs["ingest"]["nonfinite"] == 2
+
+
+def test_negative_counts_recorded(tmp_path):
+    data = spectrum_data(dtype=np.float32) - 29.0
+    np.save(tmp_path / "raw.npy", data)
+    report = ingest(tmp_path / "raw.npy", tmp_path / "out.zarr", policy=SMALL)
+    assert report.negative == int((data < 0).sum()) > 0
+    assert open_scan(tmp_path / "out.zarr").attrs["ingest"]["negative"] == report.negative
+
+
+def test_existing_output_untouched(tmp_path):
+    np.save(tmp_path / "raw.npy", spectrum_data())
+    (tmp_path / "out.zarr").mkdir()
+    (tmp_path / "out.zarr" / "keep.txt").write_text("precious")
+    with pytest.raises(OutputExistsError, match="out.zarr"):
+        ingest(tmp_path / "raw.npy", tmp_path / "out.zarr")
+    assert (tmp_path / "out.zarr" / "keep.txt").read_text() == "precious"
+
+
+def test_sha256_matches_hashlib(tmp_path):
+    (tmp_path / "f.bin").write_bytes(os.urandom(20000))
+    assert sha256_of(tmp_path / "f.bin") == hashlib.sha256((tmp_path / "f.bin").read_bytes()).hexdigest()

@@ -1,0 +1,118 @@
+import numpy as np
+import pytest
+import xarray as xr
+import zarr
+
+from emscale.errors import ConfigError, OutputExistsError, StoreError
+from emscale.store import (
+    ChunkPolicy, MIB, feature_matrix, navigation_chunks, open_scan, validate_scan, write_scan,
+)
+
+
+def spectrum_ds(ny=12, nx=10, ne=32, dtype=np.uint16, seed=0):
+    data = np.random.default_rng(seed).poisson(20, (ny, nx, ne)).astype(dtype)
+    return xr.Dataset(
+        {"signal": (("y", "x", "energy"), data)},
+        coords={"energy": ("energy", np.linspace(-0.2, 10, ne), {"units": "keV"})},
+        attrs={"kind": "spectrum"},
+    )
+
+
+def test_chunk_policy_row_blocks_for_spectrum_images():
+    # 1024 channels float32 = 4 KiB per pixel; 64 MiB = 16 rows of 1024 pixels
+    assert navigation_chunks((1024, 1024), (1024,)) == (16, 1024)
+    rows, cols = navigation_chunks((1000, 1000), (1024,))
+    assert cols == 1000 and 32 * MIB <= rows * cols * 4096 <= 128 * MIB
+    # balanced: 100 rows at a target of 16 -> 7 blocks of at most 15 rows, none a sliver
+    rows, _ = navigation_chunks((100, 1024), (1024,))
+    n = -(-100 // rows)
+    assert 100 - (n - 1) * rows >= rows // 2
+
+
+def test_chunk_policy_tiles_when_a_row_exceeds_the_maximum():
+    # 256x256 float32 patterns: 256 KiB per pixel, a 1024-wide row is 256 MiB > 128 MiB
+    rows, cols = navigation_chunks((1024, 1024), (256, 256))
+    assert cols < 1024 and rows > 1
+    assert 32 * MIB <= rows * cols * 256 * 1024 <= 128 * MIB
+    # a 512-wide row is exactly 128 MiB: whole rows
+    assert navigation_chunks((512, 512), (256, 256)) == (1, 512)
+
+
+def test_chunk_policy_rejects_bad_values():
+    with pytest.raises(ConfigError, match="chunk_mib"):
+        ChunkPolicy(target_mib=0)
+    with pytest.raises(ConfigError, match="chunk_mib"):
+        ChunkPolicy(target_mib=float("nan"))
+
+
+def test_write_open_round_trip(tmp_path):
+    ds = spectrum_ds()
+    write_scan(ds, tmp_path / "s.zarr", policy=ChunkPolicy(target_mib=4 * 10 * 32 * 4 / MIB))
+    back = open_scan(tmp_path / "s.zarr")
+    assert back.signal.dtype == np.uint16
+    assert back.signal.chunks[0] == (4, 4, 4) and back.signal.chunks[2] == (32,)
+    np.testing.assert_array_equal(back.signal.values, ds.signal.values)
+    np.testing.assert_allclose(back.energy.values, ds.energy.values)
+    assert back.energy.attrs["units"] == "keV"
+    assert zarr.open_group(str(tmp_path / "s.zarr"), mode="r").metadata.zarr_format == 3
+
+
+def test_write_refuses_existing_output_and_leaves_it(tmp_path):
+    write_scan(spectrum_ds(), tmp_path / "s.zarr")
+    with pytest.raises(OutputExistsError):
+        write_scan(spectrum_ds(seed=1), tmp_path / "s.zarr")
+    np.testing.assert_array_equal(open_scan(tmp_path / "s.zarr").signal.values, spectrum_ds().signal.values)
+
+
+def test_failed_write_leaves_nothing(tmp_path):
+    ds = spectrum_ds()
+
+    def fail(tmp, results):
+        assert tmp.exists()
+        raise RuntimeError("rejected")
+
+    with pytest.raises(RuntimeError, match="rejected"):
+        write_scan(ds, tmp_path / "s.zarr", finalize=fail)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda ds: ds.rename({"signal": "data"}), "no data variable 'signal'"),
+    (lambda ds: ds.assign_attrs(kind="image"), "kind"),
+    (lambda ds: ds.transpose("energy", "y", "x"), "expected"),
+    (lambda ds: ds.isel(y=slice(0, 0)), "empty scan"),
+    (lambda ds: ds.drop_vars("energy"), "energy"),
+    (lambda ds: ds.assign(signal=ds.signal.astype(complex)), "dtype"),
+    (lambda ds: ds.chunk({"energy": 8}), "split"),
+])
+def test_validate_names_the_problem(mutate, message):
+    with pytest.raises(StoreError, match=message):
+        validate_scan(mutate(spectrum_ds()), "scan.zarr")
+
+
+def test_open_rejects_non_stores(tmp_path):
+    with pytest.raises(StoreError, match="not a readable Zarr"):
+        (tmp_path / "junk.zarr").mkdir()
+        open_scan(tmp_path / "junk.zarr")
+    spectrum_ds().to_zarr(tmp_path / "v2.zarr", zarr_format=2, consolidated=False)
+    with pytest.raises(StoreError, match="Zarr format 2"):
+        open_scan(tmp_path / "v2.zarr")
+
+
+def test_feature_matrix_rows_and_tiles(sync_scheduler):
+    ds = spectrum_ds(ny=7, nx=6, ne=5)
+    flat_rows = feature_matrix(ds.chunk({"y": 3, "x": -1}))
+    assert flat_rows.dtype == np.float32 and flat_rows.chunks[0] == (18, 18, 6)
+    np.testing.assert_array_equal(flat_rows.compute(), ds.signal.values.reshape(42, 5))
+    # tiles: block order, each block row-major inside
+    tiled = ds.chunk({"y": 4, "x": 4})
+    flat = feature_matrix(tiled).compute()
+    blocks = [ds.signal.values[y:y + 4, x:x + 4].reshape(-1, 5) for y in (0, 4) for x in (0, 4)]
+    np.testing.assert_array_equal(flat, np.concatenate(blocks))
+
+
+def test_feature_matrix_on_local_cluster(local_client):
+    ds = spectrum_ds(ny=20, nx=9, ne=16).chunk({"y": 6, "x": -1})
+    flat = feature_matrix(ds)
+    total = flat.sum(axis=0).compute()
+    np.testing.assert_allclose(total, ds.signal.values.reshape(-1, 16).sum(0))
