@@ -153,12 +153,14 @@ def bench_ingest_cmd(
     workdir: Optional[Path] = typer.Option(None, "--dir", help="Where to write the raw file and the "
                                            "store (default: a temporary directory, removed after)."),
     chunk_mib: float = typer.Option(64.0, "--chunk-mib", help=CHUNK_HELP),
+    cold: bool = typer.Option(True, "--cold/--warm", help="Evict the raw file from the page cache "
+                              "before ingesting (read from disk) or keep it cached."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the figures to this file."),
 ) -> None:
     """Peak memory and throughput of a streamed ingest of a generated raw file (uint16 counts)."""
     from emscale.bench.ingest import run_ingest_bench
 
-    result = run_ingest_bench(size_gb, workdir=workdir, chunk_mib=chunk_mib)
+    result = run_ingest_bench(size_gb, workdir=workdir, chunk_mib=chunk_mib, cold=cold)
     typer.echo(result.table())
     if json_path:
         json_path.write_text(json.dumps(result.to_dict(), indent=2))

@@ -40,7 +40,18 @@ def write_raw_npy(path: Path, shape: tuple[int, int, int], seed: int = 0) -> int
             phase = (np.arange(y0, y0 + n)[:, None] * 3 // ny + np.zeros((1, nx), int)) % 3
             block = rng.poisson(templates[phase]).astype(np.uint16)
             f.write(block.tobytes())
+        f.flush()
+        os.fsync(f.fileno())
     return path.stat().st_size
+
+
+def evict_from_page_cache(path: Path) -> None:
+    """Drop a (synced) file's pages from the OS page cache so that the next read comes from disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
 
 
 def shape_for_bytes(n_bytes: float, channels: int = CHANNELS) -> tuple[int, int, int]:
@@ -58,6 +69,7 @@ class IngestBench:
     mb_per_s: float
     peak_rss_mb: float
     baseline_rss_mb: float
+    cold_cache: bool
     environment: dict
 
     @property
@@ -71,6 +83,7 @@ class IngestBench:
         return "\n".join([
             f"raw file        {self.raw_bytes / 1e9:.2f} GB uint16 .npy, shape {self.shape}",
             f"chunk target    {self.chunk_mib:g} MiB float32",
+            f"page cache      {'raw file evicted before the run (read from disk)' if self.cold_cache else 'warm'}",
             f"time            {self.seconds:.1f} s",
             f"throughput      {self.mb_per_s:.0f} MB/s (raw bytes read, hashed, checked, written)",
             f"peak RSS        {self.peak_rss_mb:.0f} MB (process after imports: "
@@ -113,12 +126,16 @@ def environment() -> dict:
             "scheduler": "threads", "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE", "")}
 
 
-def run_ingest_bench(size_gb: float, workdir: Path | None = None, chunk_mib: float = 64.0) -> IngestBench:
+def run_ingest_bench(size_gb: float, workdir: Path | None = None, chunk_mib: float = 64.0,
+                     cold: bool = True) -> IngestBench:
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         raw = Path(tmp) / "raw.npy"
         shape = shape_for_bytes(size_gb * 1e9)
         size = write_raw_npy(raw, shape)
+        if cold:
+            evict_from_page_cache(raw)
         r = measure_ingest(raw, Path(tmp) / "scan.zarr", chunk_mib)
     return IngestBench(raw_bytes=size, shape=shape, chunk_mib=chunk_mib, seconds=r["seconds"],
                        mb_per_s=r["mb_per_s"], peak_rss_mb=r["peak_rss"] / 1e6,
-                       baseline_rss_mb=r["baseline_rss"] / 1e6, environment=environment())
+                       baseline_rss_mb=r["baseline_rss"] / 1e6, cold_cache=cold,
+                       environment=environment())
