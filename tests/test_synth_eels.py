@@ -103,3 +103,17 @@ def test_written_store_round_trip(tmp_path, sync_scheduler):
 def test_bad_settings_name_the_field(kwargs, field):
     with pytest.raises(ConfigError, match=field):
         EELSGenerator(**kwargs)
+
+
+def test_generation_memory_does_not_grow_with_scan_size(tmp_path):
+    from emscale.bench.memory import run_measured
+
+    over = {}
+    for rows in (16, 160):  # ten times the scan, 0.25 MiB blocks
+        out = tmp_path / f"s{rows}.zarr"
+        m = run_measured(
+            "from emscale.store import ChunkPolicy, write_scan\nfrom emscale.synth.eels import synth_eels",
+            f"p = ChunkPolicy(0.25)\nwrite_scan(synth_eels(({rows}, 64), channels=256, policy=p), {str(out)!r}, policy=p)",
+        )
+        over[rows] = m["peak_rss"] - m["baseline_rss"]
+    assert over[160] - over[16] < 25e6, over

@@ -2,24 +2,22 @@
 
 The raw file is a ``.npy`` of uint16 Poisson counts (a spectrum image of 1024 channels), written
 block by block so that generating it needs no memory either. The ingest runs in a fresh child
-process which reports its own peak resident memory (the kernel's high-water mark ``VmHWM``: every
-page it touched, memory-mapped file pages included) and its resident memory after imports, so the
-figure is the whole process, not an estimate. (``ru_maxrss`` would not do: on Linux a child's value
-starts from its parent's size at fork.)
+process which reports its own peak resident memory (``emscale.bench.memory``: the kernel's
+high-water mark, memory-mapped file pages included) and its resident memory after imports, so the
+figure is the whole process, not an estimate.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import platform
-import subprocess
-import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+
+from emscale.bench.memory import run_measured
 
 CHANNELS = 1024
 GEN_ROWS_BYTES = 64 << 20
@@ -94,29 +92,12 @@ class IngestBench:
 
 def measure_ingest(raw: Path, out: Path, chunk_mib: float) -> dict:
     """Run ``emscale.ingest`` in a fresh process; return its report plus peak/baseline RSS."""
-    code = (
-        "import json\n"
-        "from emscale.bench.ingest import vm_kib\n"
-        "from emscale.ingest import ingest\n"
-        "from emscale.store import ChunkPolicy\n"
-        "base = vm_kib('VmRSS') * 1024\n"
-        f"r = ingest({str(raw)!r}, {str(out)!r}, policy=ChunkPolicy({chunk_mib!r}, max(128.0, {chunk_mib!r})))\n"
-        "peak = vm_kib('VmHWM') * 1024\n"
-        "print(json.dumps({**r.to_dict(), 'peak_rss': peak, 'baseline_rss': base}))\n"
+    m = run_measured(
+        "from emscale.ingest import ingest\nfrom emscale.store import ChunkPolicy",
+        f"result = ingest({str(raw)!r}, {str(out)!r}, "
+        f"policy=ChunkPolicy({chunk_mib!r}, max(128.0, {chunk_mib!r}))).to_dict()",
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"ingest child failed: {proc.stderr.strip()[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def vm_kib(field: str) -> int:
-    """A memory figure of this process from /proc/self/status (Linux), in KiB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
+    return {**m["result"], "peak_rss": m["peak_rss"], "baseline_rss": m["baseline_rss"]}
 
 
 def environment() -> dict:

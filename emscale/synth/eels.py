@@ -31,6 +31,7 @@ from emscale.synth.layout import AnomalyBlobs, GrainLayout, SmoothField, block_c
 
 PLASMON_EV = 22.0
 PLASMON_FWHM = 8.0
+SLAB_PIXELS = 1024
 
 # Per phase: Fe and O content (relative edge strengths), Fe-L3 main line (eV), shoulder offset and
 # weight (Fe3+ crystal-field splitting), L3/L2 ratio, line width (eV), O-K pre-peak weight.
@@ -156,6 +157,14 @@ class EELSGenerator:
 
     def clean_block(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         weights, t, shift, kind = self._pixels(y0, y1, x0, x1)
+        out = np.empty((len(t), self.channels), dtype=np.float32)
+        # in slabs of pixels: the model's temporaries stay a few MB whatever the block size
+        for i in range(0, len(t), SLAB_PIXELS):
+            s = slice(i, i + SLAB_PIXELS)
+            out[s] = self._mixed_spectra(weights[s], t[s], shift[s], kind[s])
+        return out.reshape(y1 - y0, x1 - x0, self.channels)
+
+    def _mixed_spectra(self, weights, t, shift, kind) -> np.ndarray:
         # Mixed pixels are linear mixtures of spectra (the beam sees both grains), not of parameters.
         out = np.zeros((len(t), self.channels), dtype=np.float32)
         for p in range(len(PHASES)):
@@ -165,7 +174,8 @@ class EELSGenerator:
                 out[sel] += weights[sel, p, None] * self._spectra(table, t[sel], shift[sel])
         if kind.any():
             out[kind > 0] = self._anomalous(kind[kind > 0], weights[kind > 0], t[kind > 0], shift[kind > 0])
-        return (self._scale * out).astype(np.float32).reshape(y1 - y0, x1 - x0, self.channels)
+        out *= self._scale
+        return out
 
     def _anomalous(self, kind, weights, t, shift) -> np.ndarray:
         e = self.energy.astype(np.float32)[None, :]
