@@ -5,7 +5,8 @@ input's sha256 is computed by a thread beside it. Peak memory is a few chunks pe
 the file size (``emscale bench ingest`` measures it). Non-finite values are refused (the error names
 the first chunk that holds them) unless ``allow_nonfinite``; negative values are counted and
 recorded, because gain-corrected or background-subtracted data legitimately hold a few, and the
-preprocessing stage decides what to do with them. The input is opened read-only.
+preprocessing stage decides what to do with them. The input is opened read-only. The pass runs on local threads of the process that calls it (the
+raw file is local to it), even when a distributed client is active.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import dask
 import dask.array as da
 import numpy as np
 import xarray as xr
@@ -150,7 +152,8 @@ def ingest(
     raw = open_raw(raw_path, chunks_for)
     source = {"path": str(raw_path.resolve()), "size": source_size(raw_path), "format": raw.format}
     ds = to_dataset(raw, source)
-    stats = block_stats(ds["signal"].data.rechunk(chunks_for(raw.data.shape)))
+    signal = ds["signal"].data.rechunk(chunks_for(raw.data.shape))
+    stats = block_stats(signal)
     nonfinite = negative = 0
     sha = ""
 
@@ -163,7 +166,7 @@ def ingest(
             counts = results[0]
             nonfinite, negative = int(counts[..., 0].sum()), int(counts[..., 1].sum())
             if nonfinite and not allow_nonfinite:
-                where = _first_bad_block(counts[..., 0], stats.chunks)
+                where = _first_bad_block(counts[..., 0], signal.chunks)
                 raise InputError(f"{raw_path}: {nonfinite} NaN/inf values, first in {where} "
                                  "(use --allow-nonfinite to keep them for preprocessing to mask)")
             if negative:
@@ -175,8 +178,11 @@ def ingest(
                                      "allow_nonfinite": allow_nonfinite}
 
         try:
-            write_scan(ds, out_path, policy=policy, overwrite=overwrite, also_compute=(stats,),
-                       finalize=finalize, progress=progress)
+            # Local threads even when a distributed client is active: the raw file lives where this
+            # runs, and some readers' lazy arrays hold open file handles that cannot be pickled.
+            with dask.config.set(scheduler="threads"):
+                write_scan(ds, out_path, policy=policy, overwrite=overwrite, also_compute=(stats,),
+                           finalize=finalize, progress=progress)
         except EmscaleError:
             raise
         except Exception as exc:  # a read failing half-way: corrupt or truncated data

@@ -8,7 +8,7 @@ def sync_scheduler():
         yield
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def local_client():
     """A real distributed cluster: two worker processes, one thread each."""
     from distributed import Client, LocalCluster
