@@ -1,29 +1,49 @@
-"""PCA of (pixels x features) dask arrays, in scikit-learn estimator style.
+"""PCA of (pixels x features) dask arrays, in scikit-learn estimator style, and the PCA stage.
 
-Solver ``"gram"`` (exact, one pass): every navigation block contributes its pixel count, mean and
-*centred* scatter matrix (float32 products, accumulated in float64); blocks are merged pairwise by
-the parallel-variance formula (Chan et al.) in a dask tree reduction on the cluster, and the final
-covariance is eigendecomposed on the client (features x features, small). Centring per block keeps
-float32 products accurate where a raw ``X^T X`` would lose the variance under a large mean.
+Solvers:
+
+- ``"gram"`` (exact, one pass, the default): every navigation block contributes its pixel count,
+  mean and *centred* scatter matrix (float32 products, accumulated in float64); blocks are merged
+  pairwise by the parallel-variance formula (Chan et al.) in a tree reduction on the cluster, and
+  the covariance (features x features, small) is eigendecomposed on the client. Centring per block
+  keeps float32 products accurate where a raw ``X^T X`` would lose the variance under a large mean.
+  ``partial_fit`` merges one more batch into the running statistics: streaming and still exact.
+- ``"randomized"``: dask's ``svd_compressed`` (Halko et al.) of the centred data, with power
+  iterations; the input is re-read at each pass rather than held in memory. Several passes.
+- ``"incremental"``: scikit-learn's ``IncrementalPCA.partial_fit`` over the blocks, one after the
+  other, as a chain of tasks on the cluster (the model moves from task to task; the data stay put).
+  Inherently serial: one core works.
+
+All solvers skip pixels marked invalid (``valid=False``, from the preprocessing value policy).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import dask
 import dask.array as da
 import numpy as np
+import xarray as xr
 
 from emscale.errors import ConfigError
+from emscale.reduction import tree_reduce
+from emscale.store import NAV_DIMS, feature_matrix
 
 log = logging.getLogger(__name__)
 
-SOLVERS = ("gram",)
+SOLVERS = ("gram", "randomized", "incremental")
 
 
-def _scatter_block(x: np.ndarray) -> dict:
+# ---------------------------------------------------------------------------------------------
+# exact one-pass statistics
+
+
+def _scatter_block(x: np.ndarray, valid: np.ndarray | None = None) -> dict:
     x = np.asarray(x, dtype=np.float32)
+    if valid is not None:
+        x = x[np.asarray(valid).ravel()]
     n, f = x.shape
     if n == 0:
         return {"n": 0, "mean": np.zeros(f), "m2": np.zeros((f, f))}
@@ -32,7 +52,7 @@ def _scatter_block(x: np.ndarray) -> dict:
     return {"n": n, "mean": mean, "m2": (centred.T @ centred).astype(np.float64)}
 
 
-def _merge(parts: list[dict]) -> dict:
+def merge_scatter(parts: list[dict]) -> dict:
     """Merge block statistics (Chan's parallel update of mean and centred scatter)."""
     out = parts[0]
     for p in parts[1:]:
@@ -51,25 +71,80 @@ def _merge(parts: list[dict]) -> dict:
     return out
 
 
-def scatter_statistics(x: da.Array, split_every: int = 8) -> dict:
-    """Pixel count, mean and centred scatter matrix of ``x`` (pixels x features).
-
-    One task per block, then a tree of merges ``split_every`` wide, all on the cluster; the loop
-    below only builds the graph.
-    """
+def scatter_statistics(x: da.Array, valid: da.Array | None = None, split_every: int = 8):
+    """Delayed pixel count, mean and centred scatter matrix of ``x`` (pixels x features)."""
     if x.ndim != 2:
         raise ValueError(f"expected a (pixels, features) array, got shape {x.shape}")
     if len(x.chunks[1]) > 1:
         x = x.rechunk({1: -1})
-    parts = [dask.delayed(_scatter_block, pure=True)(b, dask_key_name=("pca-scatter", x.name, i))
-             for i, b in enumerate(x.to_delayed().ravel())]
-    level = 0
-    while len(parts) > 1:
-        level += 1
-        parts = [dask.delayed(_merge, pure=True)(parts[i:i + split_every],
-                                                 dask_key_name=("pca-merge", x.name, level, i))
-                 for i in range(0, len(parts), split_every)]
-    return parts[0].compute()
+    arrays = (x,) if valid is None else (x, valid.rechunk((x.chunks[0],) + valid.chunks[1:]))
+    return tree_reduce(_scatter_block, merge_scatter, *arrays, name="pca-scatter",
+                       split_every=split_every)
+
+
+# ---------------------------------------------------------------------------------------------
+# other solvers' passes
+
+
+def _moments_block(x, valid=None):
+    x = np.asarray(x, np.float32)
+    if valid is not None:
+        x = x[np.asarray(valid).ravel()]
+    mean = x.mean(axis=0, dtype=np.float64) if len(x) else np.zeros(x.shape[1])
+    c = x - mean.astype(np.float32)
+    return {"n": len(x), "mean": mean, "var_sum": np.einsum("ij,ij->j", c, c, dtype=np.float64)}
+
+
+def _merge_moments(parts):
+    out = parts[0]
+    for p in parts[1:]:
+        if p["n"] == 0:
+            continue
+        if out["n"] == 0:
+            out = p
+            continue
+        n = out["n"] + p["n"]
+        delta = p["mean"] - out["mean"]
+        out = {"n": n, "mean": out["mean"] + delta * (p["n"] / n),
+               "var_sum": out["var_sum"] + p["var_sum"] + delta**2 * (out["n"] * p["n"] / n)}
+    return out
+
+
+def _centre_rows(x, valid, mean):
+    c = np.asarray(x, np.float32) - mean
+    if valid is not None:
+        c[~np.asarray(valid).ravel()] = 0  # an invalid pixel adds nothing to the centred data
+    return c
+
+
+def _incremental_step(state, x, valid=None, *, n_components, batch_rows):
+    """One link of the incremental chain: partial_fit on whole batches, carry the remainder."""
+    from sklearn.decomposition import IncrementalPCA
+
+    model, carry = state if state is not None else (IncrementalPCA(n_components=n_components), None)
+    x = np.asarray(x, np.float32)
+    if valid is not None:
+        x = x[np.asarray(valid).ravel()]
+    if carry is not None:
+        x = np.concatenate([carry, x])
+    while len(x) >= 2 * batch_rows:  # keep at least one batch back so the remainder can join it
+        model.partial_fit(x[:batch_rows])
+        x = x[batch_rows:]
+    return model, x
+
+
+def _incremental_finish(state, *, n_components):
+    model, carry = state
+    if carry is not None and len(carry):
+        if len(carry) < n_components and not hasattr(model, "components_"):
+            raise ConfigError(f"pca.n_components: {n_components} is more than the "
+                              f"{len(carry)} valid pixels")
+        model.partial_fit(carry)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# the estimator
 
 
 class PCA:
@@ -77,12 +152,18 @@ class PCA:
 
     Parameters follow scikit-learn's ``PCA``; learned state ends in an underscore:
     ``components_`` (k x features), ``explained_variance_``, ``explained_variance_ratio_``,
-    ``singular_values_``, ``mean_``, ``n_samples_``, ``noise_variance_``.
+    ``singular_values_``, ``mean_``, ``n_samples_``, ``noise_variance_``, and
+    ``scree_`` (the explained-variance ratios of every component the solver knows: all of them
+    for ``gram``, ``n_components`` otherwise) with ``suggested_k_`` (the scree's elbow).
     """
 
-    def __init__(self, n_components: int = 8, solver: str = "gram"):
+    def __init__(self, n_components: int = 8, solver: str = "gram", n_power_iter: int = 4,
+                 batch_rows: int | None = None, seed: int = 0):
         self.n_components = n_components
         self.solver = solver
+        self.n_power_iter = n_power_iter
+        self.batch_rows = batch_rows
+        self.seed = seed
 
     def _check(self, x) -> None:
         if self.solver not in SOLVERS:
@@ -92,35 +173,123 @@ class PCA:
         if self.n_components > x.shape[1]:
             raise ConfigError(f"pca.n_components: {self.n_components} is more than the "
                               f"{x.shape[1]} features")
+        if not (isinstance(self.n_power_iter, (int, np.integer)) and self.n_power_iter >= 0):
+            raise ConfigError(f"pca.n_power_iter: must be a non-negative integer, got {self.n_power_iter!r}")
+        if self.batch_rows is not None and not (isinstance(self.batch_rows, (int, np.integer))
+                                                and self.batch_rows >= self.n_components):
+            raise ConfigError(f"pca.batch_rows: must be an integer >= n_components, got {self.batch_rows!r}")
 
-    def fit(self, x) -> "PCA":
-        x = x if isinstance(x, da.Array) else da.from_array(np.asarray(x), chunks=(4096, -1))
+    def fit(self, x, valid=None) -> "PCA":
+        """Fit on ``x`` (pixels x features, dask or numpy); ``valid`` (pixels,) bool skips pixels."""
+        x = _as_dask(x)
+        valid = None if valid is None else _as_dask(valid, x.chunks[0])
         self._check(x)
-        stats = scatter_statistics(x)
+        fit = {"gram": self._fit_gram, "randomized": self._fit_randomized,
+               "incremental": self._fit_incremental}[self.solver]
+        fit(x, valid)
+        self.n_features_in_ = int(x.shape[1])
+        self.suggested_k_ = scree_elbow(self.scree_)
+        return self
+
+    def partial_fit(self, x, valid=None) -> "PCA":
+        """Merge one more batch (gram: exact running statistics; incremental: scikit-learn's)."""
+        x = np.asarray(x, np.float32)
+        self._check(x)
+        if self.solver == "gram":
+            stats = _scatter_block(x, valid)
+            self._stats = merge_scatter([self._stats, stats]) if hasattr(self, "_stats") else stats
+            self._from_scatter(self._stats)
+        elif self.solver == "incremental":
+            from sklearn.decomposition import IncrementalPCA
+
+            model = getattr(self, "_ipca", None) or IncrementalPCA(n_components=self.n_components)
+            self._ipca = model.partial_fit(x if valid is None else x[np.asarray(valid).ravel()])
+            self._from_sklearn(model)
+        else:
+            raise ConfigError("pca.solver: 'randomized' has no partial_fit; use 'gram' or 'incremental'")
+        self.n_features_in_ = int(x.shape[1])
+        self.suggested_k_ = scree_elbow(self.scree_)
+        return self
+
+    # -- solvers --
+
+    def _fit_gram(self, x, valid) -> None:
+        self._stats = scatter_statistics(x, valid).compute()
+        self._from_scatter(self._stats)
+
+    def _from_scatter(self, stats) -> None:
         n = stats["n"]
         if n < 2:
-            raise ConfigError(f"pca: need at least 2 pixels, got {n}")
+            raise ConfigError(f"pca: need at least 2 valid pixels, got {n}")
         cov = stats["m2"] / (n - 1)
         eigval, eigvec = np.linalg.eigh(cov)
         order = np.argsort(eigval)[::-1]
         eigval, eigvec = np.clip(eigval[order], 0.0, None), eigvec[:, order]
         k = self.n_components
-        components = eigvec[:, :k].T
-        # sign convention of scikit-learn's svd_flip (u-based is data dependent; use the largest
-        # absolute loading of each component positive, which is deterministic)
+        total = float(np.trace(cov))
+        self._set(mean=stats["mean"], components=eigvec[:, :k].T, variance=eigval[:k],
+                  total=total, n=n, noise=float(eigval[k:].mean()) if k < len(eigval) else 0.0,
+                  scree=eigval / total if total > 0 else eigval * 0)
+
+    def _fit_randomized(self, x, valid) -> None:
+        args = (x,) if valid is None else (x, valid)
+        moments = tree_reduce(_moments_block, _merge_moments, *args, name="pca-moments").compute()
+        n, mean = moments["n"], moments["mean"].astype(np.float32)
+        if n < 2:
+            raise ConfigError(f"pca: need at least 2 valid pixels, got {n}")
+        vchunks = None if valid is None else valid
+        centred = (x.map_blocks(_centre_rows, None, mean, dtype=np.float32, name="pca-centre")
+                   if valid is None else
+                   da.map_blocks(_centre_rows, x, vchunks[:, None] if vchunks.ndim == 1 else vchunks,
+                                 mean, dtype=np.float32, name="pca-centre"))
+        k = self.n_components
+        _, s, vt = da.linalg.svd_compressed(centred, k, n_power_iter=self.n_power_iter,
+                                            seed=self.seed, compute=True)
+        s, vt = dask.compute(s, vt)
+        total = float(moments["var_sum"].sum() / (n - 1))
+        var = s**2 / (n - 1)
+        self._set(mean=moments["mean"], components=vt, variance=var, total=total, n=n,
+                  noise=(total - var.sum()) / max(x.shape[1] - k, 1) if k < x.shape[1] else 0.0,
+                  scree=var / total if total > 0 else var * 0)
+
+    def _fit_incremental(self, x, valid) -> None:
+        batch = self.batch_rows or max(self.n_components, int(np.median(x.chunks[0])))
+        xs = x.to_delayed().ravel()
+        vs = [None] * len(xs) if valid is None else valid.to_delayed().ravel()
+        step = functools.partial(_incremental_step, n_components=self.n_components, batch_rows=batch)
+        state = None
+        for i, (xb, vb) in enumerate(zip(xs, vs)):  # builds a chain of tasks; nothing runs here
+            state = dask.delayed(step, pure=True)(state, xb, vb,
+                                                  dask_key_name=("pca-incremental", x.name, i))
+        model = dask.delayed(functools.partial(_incremental_finish, n_components=self.n_components),
+                             pure=True)(state).compute()
+        self._ipca = model
+        self._from_sklearn(model)
+
+    def _from_sklearn(self, model) -> None:
+        total = float(model.var_.sum() * model.n_samples_seen_ / max(model.n_samples_seen_ - 1, 1))
+        var = model.explained_variance_
+        self._set(mean=model.mean_, components=model.components_, variance=var, total=total,
+                  n=int(model.n_samples_seen_), noise=float(model.noise_variance_),
+                  scree=var / total if total > 0 else var * 0)
+
+    def _set(self, *, mean, components, variance, total, n, noise, scree) -> None:
+        components = np.array(components, dtype=np.float64)
+        k = components.shape[0]
+        # deterministic signs: the largest absolute loading of each component is positive
         signs = np.sign(components[np.arange(k), np.abs(components).argmax(axis=1)])
         components *= signs[:, None]
-        total = float(np.trace(cov))
-        self.mean_ = stats["mean"].astype(np.float32)
+        self.mean_ = np.asarray(mean, np.float32)
         self.components_ = components.astype(np.float32)
-        self.explained_variance_ = eigval[:k]
-        self.explained_variance_ratio_ = eigval[:k] / total if total > 0 else np.zeros(k)
-        self.singular_values_ = np.sqrt(eigval[:k] * (n - 1))
-        self.noise_variance_ = float(eigval[k:].mean()) if k < len(eigval) else 0.0
+        self.explained_variance_ = np.asarray(variance, np.float64)
+        self.explained_variance_ratio_ = self.explained_variance_ / total if total > 0 else 0 * variance
+        self.singular_values_ = np.sqrt(self.explained_variance_ * (n - 1))
+        self.noise_variance_ = float(noise)
         self.n_samples_ = int(n)
-        self.n_features_in_ = int(x.shape[1])
-        self.full_explained_variance_ratio_ = eigval / total if total > 0 else eigval * 0
-        return self
+        self.total_variance_ = total
+        self.scree_ = np.asarray(scree, np.float64)
+
+    # -- use --
 
     def transform(self, x):
         """Scores: ``(x - mean_) @ components_.T``, blockwise for dask input."""
@@ -129,8 +298,26 @@ class PCA:
     def inverse_transform(self, scores):
         return scores @ self.components_ + self.mean_
 
-    def fit_transform(self, x):
-        return self.fit(x).transform(x)
+    def fit_transform(self, x, valid=None):
+        return self.fit(x, valid).transform(x)
+
+    def score_and_error(self, x, k: int | None = None):
+        """Scores (pixels x n_components) and the reconstruction error per pixel at ``k``
+        components (mean squared residual over features), blockwise, in one pass."""
+        k = self.n_components if k is None else k
+        if not 1 <= k <= self.n_components:
+            raise ConfigError(f"pca.error_k: must be within 1..{self.n_components}, got {k}")
+        x = _as_dask(x)
+        both = x.map_blocks(_score_block, self.mean_, self.components_, k, dtype=np.float32,
+                            chunks=(x.chunks[0], (self.n_components + 1,)), name="pca-score")
+        return both[:, :-1], both[:, -1]
+
+
+def _as_dask(x, row_chunks=None):
+    if isinstance(x, da.Array):
+        return x
+    x = np.asarray(x)
+    return da.from_array(x, chunks=(row_chunks or (4096,),) + tuple((n,) for n in x.shape[1:]))
 
 
 def _project(x, mean, components):
@@ -138,3 +325,80 @@ def _project(x, mean, components):
         return x.map_blocks(_project, mean, components, dtype=np.float32,
                             chunks=(x.chunks[0], (components.shape[0],)), name="pca-transform")
     return ((np.asarray(x, np.float32) - mean) @ components.T).astype(np.float32)
+
+
+def _score_block(x, mean, components, k):
+    c = np.asarray(x, np.float32) - mean
+    scores = c @ components.T
+    resid = c - scores[:, :k] @ components[:k]
+    err = np.einsum("ij,ij->i", resid, resid) / c.shape[1]
+    return np.column_stack([scores, err]).astype(np.float32)
+
+
+def scree_elbow(ratios: np.ndarray) -> int:
+    """The number of components before the scree's elbow.
+
+    The elbow is the point of the log-scree that lies furthest below the chord from the first to
+    the last component (the "kneedle" rule on a log scale, where noise components form a flat
+    floor); the components before it are the signal.
+    """
+    r = np.asarray(ratios, np.float64)
+    r = r[r > 0]
+    if len(r) < 3:
+        return max(1, len(r))
+    y = np.log10(r)
+    t = np.arange(len(y))
+    chord = y[0] + (y[-1] - y[0]) * t / (len(y) - 1)
+    elbow = int(np.argmax(chord - y))
+    return max(1, elbow)
+
+
+# ---------------------------------------------------------------------------------------------
+# the stage
+
+
+def pca_stage(features: xr.Dataset, pca: PCA, error_k: int | None = None) -> xr.Dataset:
+    """Fit ``pca`` (unless fitted) on a preprocess stage's ``features``, skipping invalid pixels,
+    and return the PCA stage Dataset with DESIGN.md's names: components, explained variance
+    (ratio), the scree, and lazy per-pixel scores and reconstruction error at ``error_k``
+    components (default: the scree's elbow)."""
+    feats = features["features"]
+    sig_dims = feats.dims[2:]
+    if not hasattr(pca, "components_"):
+        valid = feature_matrix(features["valid"])[:, 0].astype(bool) if "valid" in features else None
+        pca.fit(feature_matrix(feats), valid)
+    k = min(pca.suggested_k_ if error_k is None else error_k, pca.n_components)
+    scores, err = _score_scan(feats.data, pca, k)
+    sig_shape = tuple(feats.sizes[d] for d in sig_dims)
+    coords = {d: features[d] for d in (*NAV_DIMS, *sig_dims) if d in features.coords}
+    ncomp = pca.n_components
+    return xr.Dataset(
+        {
+            "pca_components": (("component", *sig_dims), pca.components_.reshape(ncomp, *sig_shape)),
+            "pca_mean": (sig_dims, pca.mean_.reshape(sig_shape)),
+            "pca_explained_variance": (("component",), pca.explained_variance_),
+            "pca_explained_variance_ratio": (("component",), pca.explained_variance_ratio_),
+            "pca_scree": (("rank",), pca.scree_),
+            "pca_scores": ((*NAV_DIMS, "component"), scores),
+            "pca_recon_error": (NAV_DIMS, err),
+        },
+        coords={**coords, "component": np.arange(ncomp)},
+        attrs={"pca": {"solver": pca.solver, "n_components": int(ncomp),
+                       "suggested_k": int(pca.suggested_k_), "error_k": int(k),
+                       "n_samples": int(pca.n_samples_), "noise_variance": pca.noise_variance_,
+                       "total_variance": pca.total_variance_}},
+    )
+
+
+def _score_scan(data: da.Array, pca: PCA, k: int) -> tuple[da.Array, da.Array]:
+    """Scores (y, x, component) and error (y, x) of a (y, x, *signal) array, one task per block."""
+    n_sig = data.ndim - 2
+    both = data.map_blocks(_score_nav_block, pca.mean_, pca.components_, k, dtype=np.float32,
+                           drop_axis=list(range(3, data.ndim)) if n_sig > 1 else [],
+                           chunks=(*data.chunks[:2], (pca.n_components + 1,)), name="pca-score")
+    return both[..., :-1], both[..., -1]
+
+
+def _score_nav_block(block, mean, components, k):
+    flat = np.asarray(block, np.float32).reshape(block.shape[0] * block.shape[1], -1)
+    return _score_block(flat, mean, components, k).reshape(block.shape[0], block.shape[1], -1)

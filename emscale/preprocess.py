@@ -1,0 +1,737 @@
+"""The preprocessing stage: a chain of steps run blockwise over navigation chunks.
+
+A chain is configured as a list of steps (``[{"step": "crop", "start": 500, "stop": 800}, ...]``)
+and turns a scan's ``signal`` into float32 ``features`` with the navigation kept. Steps run on
+numpy blocks of ``(pixels, *signal)`` inside one dask task per navigation block, so the whole chain
+is one pass over the data. A few steps need a statistic of the whole scan (the mean spectrum for
+Poisson weighting, automatic dead/hot channel detection, the fitted origin of 4D-STEM patterns):
+``Preprocessor.fit`` computes each by a tree reduction over the output of the steps before it, in
+chain order, before the transform pass.
+
+Steps (``kind`` is the scan kind they apply to):
+
+==================  ==========  ==============================================================
+step                kind        parameters
+==================  ==========  ==============================================================
+``crop``            spectrum    ``start``, ``stop``: energy range kept (coordinate units, eV)
+``crop``            diffraction ``ky``, ``kx``: ``[first, stop)`` pixel index ranges kept
+``bin``             both        ``factor``: sum groups of channels (or factor x factor pixels);
+                                a remainder at the end is dropped
+``mask_channels``   spectrum    ``ranges``: ``[[lo, hi], ...]`` energy ranges to drop;
+                                ``auto``: also drop dead channels (zero mean) and hot channels
+                                (mean above both neighbours by ``hot_sigma`` robust sd of the
+                                channel-to-channel steps of the mean spectrum, and by a factor
+                                ``hot_ratio``, default 2)
+``background``      spectrum    ``window``: ``[lo, hi]`` pre-edge window; a power law
+                                ``A * E**-r`` fitted per pixel (least squares in log-log, counts
+                                clipped at 1) and subtracted from every channel
+``centre``          diffraction ``method``: ``"com"`` (shift each pattern's centre of mass to the
+                                pattern centre) or ``"fit"`` (fit a plane to the centres of mass
+                                over the scan, the descan, and shift by it); ``radius``: compute
+                                the centre of mass within this radius of the pattern centre only
+``circular_crop``   diffraction ``radius``: zero everything further than this from the centre
+``beam_mask``       diffraction ``radius``: zero the central beam (everything within the radius)
+``scale``           both        ``method``: ``"log"`` (log1p) or ``"sqrt"``; negatives become 0
+``anscombe``        both        Poisson variance stabilisation ``2 * sqrt(x + 3/8)``
+``poisson_weight``  both        Keenan-Kotula weighting ``x / sqrt(g_pixel * h_channel)`` with
+                                ``h`` the mean signal over the scan and ``g`` each pixel's total
+                                over the mean total: unit noise variance for Poisson counts
+``normalize``       both        ``method``: ``"sum"`` (unit sum), ``"max"`` (unit maximum) or
+                                ``"none"``; a pixel whose sum or maximum is not positive is left
+==================  ==========  ==============================================================
+
+Value policy (applied to the raw counts before any step, and counted in the stage's provenance):
+
+- ``nonfinite="mask"`` (default): a pixel holding any NaN/inf is zeroed and marked invalid in the
+  ``valid`` map (downstream fits skip it); ``"zero"``: only those values become 0; ``"error"``:
+  refuse, naming the chunk's pixel ranges.
+- ``negative="clip"`` (default): negative counts become 0; ``"keep"``; ``"error"``.
+- Values that become non-finite inside the chain (none should) are zeroed, their pixels marked
+  invalid and counted as ``nonfinite_after_steps``, never propagated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import dask.array as da
+import numpy as np
+import xarray as xr
+
+from emscale.errors import ConfigError, InputError
+from emscale.reduction import tree_reduce
+from emscale.store import COMPUTE_DTYPE, NAV_DIMS, SIGNAL_DIMS, validate_scan
+
+log = logging.getLogger(__name__)
+
+NONFINITE_POLICIES = ("mask", "zero", "error")
+NEGATIVE_POLICIES = ("clip", "keep", "error")
+Coords = dict[str, np.ndarray]
+
+
+# ---------------------------------------------------------------------------------------------
+# steps
+
+
+@dataclass
+class Step:
+    """One preprocessing step. ``prepare`` sees the input coordinates once, when the chain is
+    built; ``apply`` maps a ``(pixels, *signal)`` float32 block; stateful steps also define
+    ``statistics`` (per block), ``merge`` (partial results) and ``fit`` (the merged result)."""
+
+    name: ClassVar[str] = ""
+    kinds: ClassVar[tuple[str, ...]] = ("spectrum", "diffraction")
+    where: str = field(default="preprocess.steps", repr=False, compare=False)
+
+    @property
+    def stateful(self) -> bool:
+        return False
+
+    def error(self, param: str, message: str) -> ConfigError:
+        return ConfigError(f"{self.where}.{param}: {message}")
+
+    def prepare(self, coords: Coords) -> None:
+        self.coords_in = coords
+
+    def output_coords(self) -> Coords:
+        return self.coords_in
+
+    def apply(self, x: np.ndarray, pos: np.ndarray) -> np.ndarray:  # pos: (pixels, 2) y, x indices
+        raise NotImplementedError
+
+    def state(self) -> dict[str, Any]:
+        """What the fit learned, for provenance (JSON-able)."""
+        return {}
+
+
+def _axis(coords: Coords, step: Step, param: str) -> tuple[str, np.ndarray]:
+    (dim, values), = coords.items()
+    if values.size < 2:
+        raise step.error(param, f"needs an energy axis of at least 2 channels, got {values.size}")
+    return dim, values
+
+
+@dataclass
+class Crop(Step):
+    name: ClassVar[str] = "crop"
+    start: float | None = None
+    stop: float | None = None
+    ky: list[int] | None = None
+    kx: list[int] | None = None
+
+    def prepare(self, coords: Coords) -> None:
+        super().prepare(coords)
+        if "energy" in coords:
+            if self.ky is not None or self.kx is not None:
+                raise self.error("ky", "a spectrum scan is cropped by energy: use start/stop (eV)")
+            e = coords["energy"]
+            lo = -np.inf if self.start is None else float(self.start)
+            hi = np.inf if self.stop is None else float(self.stop)
+            keep = np.flatnonzero((e >= lo) & (e <= hi))
+            if keep.size == 0:
+                raise self.error("start", f"range [{lo}, {hi}] keeps no channel of the energy "
+                                 f"axis {e[0]:.4g}..{e[-1]:.4g}")
+            self.index = (slice(keep[0], keep[-1] + 1),)
+        else:
+            if self.start is not None or self.stop is not None:
+                raise self.error("start", "a diffraction scan is cropped by pixel ranges ky/kx")
+            self.index = tuple(self._range(d, coords[d].size, getattr(self, d)) for d in ("ky", "kx"))
+
+    def _range(self, dim: str, n: int, r) -> slice:
+        if r is None:
+            return slice(0, n)
+        if len(r) != 2 or not (0 <= int(r[0]) < int(r[1]) <= n):
+            raise self.error(dim, f"must be [first, stop) within 0..{n}, got {r}")
+        return slice(int(r[0]), int(r[1]))
+
+    def output_coords(self) -> Coords:
+        return {d: v[s] for (d, v), s in zip(self.coords_in.items(), self.index)}
+
+    def apply(self, x, pos):
+        return x[(slice(None), *self.index)]
+
+
+@dataclass
+class Bin(Step):
+    name: ClassVar[str] = "bin"
+    factor: int = 2
+
+    def prepare(self, coords: Coords) -> None:
+        super().prepare(coords)
+        if not (isinstance(self.factor, (int, np.integer)) and self.factor >= 1):
+            raise self.error("factor", f"must be a positive integer, got {self.factor!r}")
+        small = [d for d, v in coords.items() if v.size < self.factor]
+        if small:
+            raise self.error("factor", f"{self.factor} is larger than the {small[0]} axis")
+
+    def output_coords(self) -> Coords:
+        f = self.factor
+        return {d: v[: v.size // f * f].reshape(-1, f).mean(axis=1) for d, v in self.coords_in.items()}
+
+    def apply(self, x, pos):
+        f = self.factor
+        if f == 1:
+            return x
+        n = x.shape[0]
+        if x.ndim == 2:
+            m = x.shape[1] // f
+            return x[:, : m * f].reshape(n, m, f).sum(axis=2)
+        a, b = x.shape[1] // f, x.shape[2] // f
+        return x[:, : a * f, : b * f].reshape(n, a, f, b, f).sum(axis=(2, 4))
+
+
+@dataclass
+class MaskChannels(Step):
+    name: ClassVar[str] = "mask_channels"
+    kinds: ClassVar[tuple[str, ...]] = ("spectrum",)
+    ranges: list = field(default_factory=list)
+    auto: bool = False
+    hot_sigma: float = 10.0
+    hot_ratio: float = 2.0
+
+    @property
+    def stateful(self) -> bool:
+        return bool(self.auto)
+
+    def prepare(self, coords: Coords) -> None:
+        super().prepare(coords)
+        _, e = _axis(coords, self, "ranges")
+        drop = np.zeros(e.size, bool)
+        for i, r in enumerate(self.ranges):
+            r = [r, r] if np.isscalar(r) else list(r)
+            if len(r) != 2:
+                raise self.error(f"ranges[{i}]", f"must be [lo, hi] or a single energy, got {r}")
+            hit = (e >= min(r)) & (e <= max(r))
+            if r[0] == r[1]:  # a single energy: the nearest channel
+                hit[np.abs(e - r[0]).argmin()] = True
+            drop |= hit
+        if not self.hot_sigma > 0:
+            raise self.error("hot_sigma", f"must be positive, got {self.hot_sigma!r}")
+        self.drop = drop
+        self._finish()
+
+    def _finish(self) -> None:
+        self.keep = np.flatnonzero(~self.drop)
+        if self.keep.size == 0:
+            raise self.error("ranges", "every channel is masked")
+
+    def statistics(self, x, valid, pos):
+        x = x[valid]
+        return {"n": x.shape[0], "sum": x.sum(axis=0, dtype=np.float64)}
+
+    @staticmethod
+    def merge(parts):
+        return {"n": sum(p["n"] for p in parts), "sum": sum(p["sum"] for p in parts)}
+
+    def fit(self, stats) -> None:
+        mean = stats["sum"] / max(stats["n"], 1)
+        dead = mean <= 0
+        # a hot channel stands above *both* neighbours by far more than the channel-to-channel
+        # steps of the mean spectrum (robust scale); real peaks and edges span several channels
+        padded = np.pad(mean, 1, mode="edge")
+        spike = mean - np.maximum(padded[:-2], padded[2:])
+        steps = np.diff(mean)
+        scale = 1.4826 * np.median(np.abs(steps - np.median(steps)))
+        hot = ((spike > self.hot_sigma * max(scale, 1e-9 * max(np.abs(mean).max(), 1e-30)))
+               & (mean > self.hot_ratio * np.maximum(padded[:-2], padded[2:])))
+        self.dead_channels = np.flatnonzero(dead).tolist()
+        self.hot_channels = np.flatnonzero(hot & ~dead).tolist()
+        self.drop = self.drop | dead | hot
+        self._finish()
+
+    def output_coords(self) -> Coords:
+        (dim, e), = self.coords_in.items()
+        return {dim: e[self.keep]}
+
+    def apply(self, x, pos):
+        return x[:, self.keep]
+
+    def state(self):
+        out = {"dropped_channels": int(self.drop.sum())}
+        if self.auto:
+            out.update(dead_channels=self.dead_channels, hot_channels=self.hot_channels)
+        return out
+
+
+@dataclass
+class Background(Step):
+    name: ClassVar[str] = "background"
+    kinds: ClassVar[tuple[str, ...]] = ("spectrum",)
+    window: list[float] | None = None
+    model: str = "power_law"
+
+    def prepare(self, coords: Coords) -> None:
+        super().prepare(coords)
+        _, e = _axis(coords, self, "window")
+        if self.model != "power_law":
+            raise self.error("model", f"{self.model!r} is not one of ('power_law',)")
+        if self.window is None or len(self.window) != 2 or not self.window[0] < self.window[1]:
+            raise self.error("window", f"must be [lo, hi] with lo < hi (eV), got {self.window!r}")
+        sel = np.flatnonzero((e >= self.window[0]) & (e <= self.window[1]))
+        if sel.size < 2:
+            raise self.error("window", f"{self.window} holds {sel.size} channel(s) of the energy axis "
+                             f"{e[0]:.4g}..{e[-1]:.4g}; need at least 2")
+        if e[sel].min() <= 0:
+            raise self.error("window", "a power law needs positive energies")
+        self.sel = sel
+        self.log_e = np.log(e[sel]).astype(np.float64)
+        self.log_e_all = np.log(np.clip(e, 1e-6, None)).astype(np.float64)
+
+    def apply(self, x, pos):
+        # least squares of log(counts) = a - r log(E) in the window, per pixel, in closed form
+        y = np.log(np.clip(x[:, self.sel], 1.0, None), dtype=np.float64)
+        le = self.log_e
+        le_c = le - le.mean()
+        slope = (y - y.mean(axis=1, keepdims=True)) @ le_c / (le_c @ le_c)
+        intercept = y.mean(axis=1) - slope * le.mean()
+        background = np.exp(intercept[:, None] + slope[:, None] * self.log_e_all[None, :])
+        return (x - background).astype(COMPUTE_DTYPE)
+
+
+def _centre(shape) -> tuple[float, float]:
+    return (shape[0] - 1) / 2.0, (shape[1] - 1) / 2.0
+
+
+def _radius_grid(shape) -> np.ndarray:
+    cy, cx = _centre(shape)
+    ky, kx = np.ogrid[: shape[0], : shape[1]]
+    return np.hypot(ky - cy, kx - cx)
+
+
+def _centre_of_mass(x: np.ndarray, radius: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """Centre of mass (ky, kx) of each pattern of ``x`` (pixels, ky, kx), NaN where empty."""
+    w = np.clip(x, 0, None)
+    if radius is not None:
+        w = w * (_radius_grid(x.shape[1:]) <= radius)
+    total = w.sum(axis=(1, 2), dtype=np.float64)
+    ky = np.arange(x.shape[1], dtype=np.float64)
+    kx = np.arange(x.shape[2], dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cy = (w.sum(axis=2, dtype=np.float64) @ ky) / total
+        cx = (w.sum(axis=1, dtype=np.float64) @ kx) / total
+    return cy, cx
+
+
+def shift_patterns(x: np.ndarray, dy: np.ndarray, dx: np.ndarray) -> np.ndarray:
+    """Move each pattern by (-dy, -dx) pixels, bilinear, zero outside: out[k] = x[k + d]."""
+    n, a, b = x.shape
+    sy = np.arange(a)[None, :, None] + dy[:, None, None]
+    sx = np.arange(b)[None, None, :] + dx[:, None, None]
+    y0, x0 = np.floor(sy).astype(np.int64), np.floor(sx).astype(np.int64)
+    wy, wx = (sy - y0).astype(np.float32), (sx - x0).astype(np.float32)
+    idx = np.arange(n)[:, None, None]
+    out = np.zeros(x.shape, np.float32)
+    for oy, fy in ((0, 1 - wy), (1, wy)):
+        for ox, fx in ((0, 1 - wx), (1, wx)):
+            yy, xx = y0 + oy, x0 + ox
+            inside = (yy >= 0) & (yy < a) & (xx >= 0) & (xx < b)
+            out += np.where(inside, x[idx, np.clip(yy, 0, a - 1), np.clip(xx, 0, b - 1)], 0) * fy * fx
+    return out
+
+
+@dataclass
+class Centre(Step):
+    name: ClassVar[str] = "centre"
+    kinds: ClassVar[tuple[str, ...]] = ("diffraction",)
+    method: str = "com"
+    radius: float | None = None
+
+    @property
+    def stateful(self) -> bool:
+        return self.method == "fit"
+
+    def prepare(self, coords: Coords) -> None:
+        super().prepare(coords)
+        if self.method not in ("com", "fit"):
+            raise self.error("method", f"{self.method!r} is not one of ('com', 'fit')")
+        if self.radius is not None and not self.radius > 0:
+            raise self.error("radius", f"must be positive, got {self.radius!r}")
+
+    def statistics(self, x, valid, pos):
+        cy, cx = _centre_of_mass(x, self.radius)
+        ok = valid & np.isfinite(cy) & np.isfinite(cx)
+        a = np.column_stack([np.ones(ok.sum()), pos[ok].astype(np.float64)])
+        return {"ata": a.T @ a, "atb": a.T @ np.column_stack([cy[ok], cx[ok]])}
+
+    @staticmethod
+    def merge(parts):
+        return {k: sum(p[k] for p in parts) for k in ("ata", "atb")}
+
+    def fit(self, stats) -> None:
+        if np.linalg.matrix_rank(stats["ata"]) < 3:
+            raise self.error("method", "'fit' needs a scan of at least 2 x 2 pixels with signal")
+        self.plane = np.linalg.solve(stats["ata"], stats["atb"])  # rows: 1, y, x; cols: cy, cx
+
+    def apply(self, x, pos):
+        cy0, cx0 = _centre(x.shape[1:])
+        if self.method == "com":
+            cy, cx = _centre_of_mass(x, self.radius)
+            cy, cx = np.nan_to_num(cy, nan=cy0), np.nan_to_num(cx, nan=cx0)
+        else:
+            c = np.column_stack([np.ones(len(pos)), pos.astype(np.float64)]) @ self.plane
+            cy, cx = c[:, 0], c[:, 1]
+        return shift_patterns(x, cy - cy0, cx - cx0)
+
+    def state(self):
+        return {"origin_plane": self.plane.tolist()} if self.method == "fit" else {}
+
+
+@dataclass
+class CircularCrop(Step):
+    name: ClassVar[str] = "circular_crop"
+    kinds: ClassVar[tuple[str, ...]] = ("diffraction",)
+    radius: float = 0.0
+    inside: ClassVar[bool] = False  # zero what lies outside the radius
+
+    def prepare(self, coords: Coords) -> None:
+        super().prepare(coords)
+        if not self.radius > 0:
+            raise self.error("radius", f"must be positive (pixels), got {self.radius!r}")
+        r = _radius_grid(tuple(v.size for v in coords.values()))
+        self.zero = (r <= self.radius) if self.inside else (r > self.radius)
+
+    def apply(self, x, pos):
+        return np.where(self.zero, 0, x).astype(COMPUTE_DTYPE)
+
+
+@dataclass
+class BeamMask(CircularCrop):
+    name: ClassVar[str] = "beam_mask"
+    inside: ClassVar[bool] = True
+
+
+@dataclass
+class Scale(Step):
+    name: ClassVar[str] = "scale"
+    method: str = "log"
+
+    def prepare(self, coords: Coords) -> None:
+        super().prepare(coords)
+        if self.method not in ("log", "sqrt"):
+            raise self.error("method", f"{self.method!r} is not one of ('log', 'sqrt')")
+
+    def apply(self, x, pos):
+        x = np.clip(x, 0, None)
+        return np.log1p(x) if self.method == "log" else np.sqrt(x)
+
+
+@dataclass
+class Anscombe(Step):
+    name: ClassVar[str] = "anscombe"
+
+    def apply(self, x, pos):
+        return 2.0 * np.sqrt(np.clip(x, 0, None) + np.float32(3 / 8))
+
+
+@dataclass
+class PoissonWeight(Step):
+    name: ClassVar[str] = "poisson_weight"
+
+    @property
+    def stateful(self) -> bool:
+        return True
+
+    def statistics(self, x, valid, pos):
+        x = x[valid].reshape(int(valid.sum()), -1)
+        return {"n": x.shape[0], "sum": x.sum(axis=0, dtype=np.float64)}
+
+    merge = staticmethod(MaskChannels.merge)
+
+    def fit(self, stats) -> None:
+        if stats["n"] == 0:
+            raise self.error("poisson_weight", "no valid pixel to estimate the mean signal from")
+        self.mean_signal = stats["sum"] / stats["n"]
+        self.mean_total = float(self.mean_signal.sum())
+        h = np.clip(self.mean_signal, 0, None)
+        with np.errstate(divide="ignore"):
+            self.h_inv_sqrt = np.where(h > 0, 1 / np.sqrt(h), 0).astype(np.float32)
+        if self.mean_total <= 0:
+            raise self.error("poisson_weight", "the mean signal is not positive: weight raw counts, "
+                             "before background subtraction or normalisation")
+
+    def apply(self, x, pos):
+        flat = x.reshape(x.shape[0], -1)
+        g = np.clip(flat.sum(axis=1, dtype=np.float64) / self.mean_total, 0, None)
+        with np.errstate(divide="ignore"):
+            g_inv_sqrt = np.where(g > 0, 1 / np.sqrt(g), 0).astype(np.float32)
+        return (flat * g_inv_sqrt[:, None] * self.h_inv_sqrt[None, :]).reshape(x.shape)
+
+    def state(self):
+        return {"mean_total": self.mean_total}
+
+
+@dataclass
+class Normalize(Step):
+    name: ClassVar[str] = "normalize"
+    method: str = "sum"
+
+    def prepare(self, coords: Coords) -> None:
+        super().prepare(coords)
+        if self.method not in ("sum", "max", "none"):
+            raise self.error("method", f"{self.method!r} is not one of ('sum', 'max', 'none')")
+
+    def apply(self, x, pos):
+        if self.method == "none":
+            return x
+        flat = x.reshape(x.shape[0], -1)
+        norm = flat.sum(axis=1) if self.method == "sum" else flat.max(axis=1)
+        scale = np.where(norm > 0, 1 / np.where(norm > 0, norm, 1), 1).astype(COMPUTE_DTYPE)
+        return (flat * scale[:, None]).reshape(x.shape)
+
+
+STEPS: dict[str, type[Step]] = {s.name: s for s in (
+    Crop, Bin, MaskChannels, Background, Centre, CircularCrop, BeamMask, Scale, Anscombe,
+    PoissonWeight, Normalize)}
+
+
+def make_step(spec: dict | Step, index: int, kind: str) -> Step:
+    """A step from its config mapping ``{"step": NAME, **parameters}``."""
+    where = f"preprocess.steps[{index}]"
+    if isinstance(spec, Step):
+        spec.where = where
+        step = spec
+    else:
+        if not isinstance(spec, dict) or "step" not in spec:
+            raise ConfigError(f"{where}: must be a mapping with a 'step' key, got {spec!r}")
+        params = dict(spec)
+        name = params.pop("step")
+        if name not in STEPS:
+            raise ConfigError(f"{where}.step: {name!r} is not one of {sorted(STEPS)}")
+        cls = STEPS[name]
+        known = {f.name for f in dataclasses.fields(cls) if f.name != "where"}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise ConfigError(f"{where}.{unknown[0]}: unknown parameter of step {name!r} "
+                              f"(known: {sorted(known)})")
+        step = cls(**params, where=where)
+    if kind not in step.kinds:
+        raise ConfigError(f"{where}.step: {step.name!r} does not apply to a {kind} scan")
+    return step
+
+
+# ---------------------------------------------------------------------------------------------
+# the chain
+
+
+def _clean_values(x: np.ndarray, pos: np.ndarray, nonfinite: str, negative: str):
+    """Apply the value policy to a (pixels, *signal) float32 block; return x, valid, counts."""
+    axes = tuple(range(1, x.ndim))
+    bad = ~np.isfinite(x)
+    n_bad = bad.sum(axis=axes, dtype=np.int64)
+    valid = np.ones(x.shape[0], bool)
+    if n_bad.any():
+        if nonfinite == "error":
+            raise InputError(f"chunk {_where(pos)}: {int(n_bad.sum())} NaN/inf value(s) "
+                             "(preprocess.nonfinite is 'error'; 'mask' skips such pixels)")
+        x = np.where(bad, 0, x)
+        if nonfinite == "mask":
+            valid = n_bad == 0
+            x[~valid] = 0
+    neg = x < 0
+    n_neg = neg.sum(axis=axes, dtype=np.int64)
+    if n_neg.any():
+        if negative == "error":
+            raise InputError(f"chunk {_where(pos)}: {int(n_neg.sum())} negative count(s) "
+                             "(preprocess.negative is 'error'; 'clip' sets them to 0)")
+        if negative == "clip":
+            x = np.where(neg, 0, x)
+    return x, valid, n_bad, n_neg
+
+
+def _where(pos: np.ndarray) -> str:
+    return (f"y {pos[:, 0].min()}:{pos[:, 0].max() + 1}, "
+            f"x {pos[:, 1].min()}:{pos[:, 1].max() + 1}")
+
+
+def _run_chain(block, yy, xx, *, steps, nonfinite, negative):
+    """One navigation block through the value policy and the steps.
+
+    Returns features ``(by, bx, *signal_out)``, ``valid``, and per-pixel counts of non-finite
+    input values, negative input values and values that became non-finite in the chain.
+    """
+    nav = block.shape[:2]
+    pos = np.column_stack([yy.ravel(), xx.ravel()])
+    x = np.asarray(block, dtype=COMPUTE_DTYPE).reshape(-1, *block.shape[2:])
+    x, valid, n_bad, n_neg = _clean_values(x, pos, nonfinite, negative)
+    for step in steps:
+        x = np.asarray(step.apply(x, pos), dtype=COMPUTE_DTYPE)
+    axes = tuple(range(1, x.ndim))
+    after = ~np.isfinite(x)
+    n_after = after.sum(axis=axes, dtype=np.int64)
+    if n_after.any():
+        x = np.where(after, 0, x)
+        valid &= n_after == 0
+    x[~valid] = 0
+    shape = lambda a: a.reshape(nav)  # noqa: E731
+    return (x.reshape(*nav, *x.shape[1:]), shape(valid), shape(n_bad), shape(n_neg), shape(n_after))
+
+
+def _statistics_block(features, valid, yy, xx, *, step):
+    pos = np.column_stack([yy.ravel(), xx.ravel()])
+    x = features.reshape(-1, *features.shape[2:])
+    return step.statistics(x, valid.ravel(), pos)
+
+
+class Preprocessor:
+    """A chain of preprocessing steps for one scan kind, in scikit-learn estimator style.
+
+    ``fit(scan)`` prepares every step on the scan's coordinates and computes the statistics of the
+    stateful ones (tree reductions on the cluster); ``transform(scan)`` returns a lazy Dataset with
+    ``features`` (float32, navigation kept), ``valid`` and the value counts; ``stage_dataset`` also
+    computes the counts into provenance attrs.
+    """
+
+    def __init__(self, steps: list | tuple = (), nonfinite: str = "mask", negative: str = "clip"):
+        self.steps = steps
+        self.nonfinite = nonfinite
+        self.negative = negative
+
+    def _check(self, kind: str) -> list[Step]:
+        if self.nonfinite not in NONFINITE_POLICIES:
+            raise ConfigError(f"preprocess.nonfinite: {self.nonfinite!r} is not one of "
+                              f"{NONFINITE_POLICIES}")
+        if self.negative not in NEGATIVE_POLICIES:
+            raise ConfigError(f"preprocess.negative: {self.negative!r} is not one of "
+                              f"{NEGATIVE_POLICIES}")
+        if not isinstance(self.steps, (list, tuple)):
+            raise ConfigError(f"preprocess.steps: must be a list of steps, got {self.steps!r}")
+        steps = [make_step(s, i, kind) for i, s in enumerate(self.steps)]
+        names = [s.name for s in steps]
+        if "anscombe" in names and "poisson_weight" in names:
+            raise ConfigError("preprocess.steps: 'anscombe' and 'poisson_weight' both correct for "
+                              "Poisson noise; choose one")
+        return steps
+
+    def fit(self, scan: xr.Dataset) -> "Preprocessor":
+        kind = validate_scan(scan)
+        steps = self._check(kind)
+        sig = scan["signal"]
+        coords = {d: np.asarray(sig[d].values) if d in sig.coords else np.arange(sig.sizes[d],
+                  dtype=np.float64) for d in SIGNAL_DIMS[kind]}
+        fitted: list[Step] = []
+        for step in steps:
+            step.prepare(coords)
+            if step.stateful:
+                features, valid, *_ = self._lazy(scan, fitted, coords)
+                stats = tree_reduce(_partial(_statistics_block, step=step), step.merge, features,
+                                    valid, *_positions(scan), name=f"preprocess-fit-{step.name}")
+                step.fit(stats.compute())
+                log.info("fitted %s: %s", step.where, step.state())
+            coords = step.output_coords()
+            fitted.append(step)
+        self.kind_ = kind
+        self.steps_ = fitted
+        self.signal_coords_ = coords
+        self.signal_coords_in_ = {d: np.asarray(sig[d].values) if d in sig.coords else None
+                                  for d in SIGNAL_DIMS[kind]}
+        return self
+
+    def _lazy(self, scan: xr.Dataset, steps: list[Step], out_coords: Coords):
+        sig = scan["signal"]
+        data = sig.data if isinstance(sig.data, da.Array) else da.from_array(sig.data, chunks=-1)
+        yy, xx = _positions(scan)
+        n_sig = data.ndim - 2
+        core_in = ",".join(f"i{k}" for k in range(n_sig))
+        core_out = ",".join(f"o{k}" for k in range(n_sig))
+        sizes = {f"o{k}": v.size for k, v in enumerate(out_coords.values())}
+        return da.apply_gufunc(
+            _partial(_run_chain, steps=tuple(steps), nonfinite=self.nonfinite, negative=self.negative),
+            f"({core_in}),(),()->({core_out}),(),(),(),()", data, yy, xx,
+            output_dtypes=(COMPUTE_DTYPE, bool, np.int64, np.int64, np.int64),
+            output_sizes=sizes, vectorize=False, allow_rechunk=False,
+        )
+
+    def transform(self, scan: xr.Dataset) -> xr.Dataset:
+        """The lazy stage output: ``features``, ``valid`` and per-pixel value counts."""
+        if not hasattr(self, "steps_"):
+            raise ConfigError("preprocess: call fit before transform")
+        if validate_scan(scan) != self.kind_:
+            raise ConfigError(f"preprocess: fitted on a {self.kind_} scan, got a {scan.attrs['kind']}")
+        features, valid, n_bad, n_neg, n_after = self._lazy(scan, self.steps_, self.signal_coords_)
+        nav = {d: scan[d] for d in NAV_DIMS if d in scan.coords}
+        sig_dims = tuple(self.signal_coords_)
+        coords = {**nav, **{d: (d, v, scan[d].attrs if d in scan.coords else {})
+                            for d, v in self.signal_coords_.items()}}
+        ds = xr.Dataset(
+            {
+                "features": (NAV_DIMS + sig_dims, features),
+                "valid": (NAV_DIMS, valid),
+                "nonfinite_count": (NAV_DIMS, n_bad),
+                "negative_count": (NAV_DIMS, n_neg),
+                "nonfinite_after_steps": (NAV_DIMS, n_after),
+            },
+            coords=coords,
+            attrs={"kind": self.kind_, "preprocess": self.provenance()},
+        )
+        return ds
+
+    def fit_transform(self, scan: xr.Dataset) -> xr.Dataset:
+        return self.fit(scan).transform(scan)
+
+    def provenance(self) -> dict[str, Any]:
+        return {
+            "steps": [_step_config(s) for s in self.steps_],
+            "fitted": [{"step": s.name, **s.state()} for s in self.steps_ if s.state()],
+            "nonfinite": self.nonfinite,
+            "negative": self.negative,
+        }
+
+
+def _partial(fn, **kwargs):
+    return functools.partial(fn, **kwargs)
+
+
+def _positions(scan: xr.Dataset) -> tuple[da.Array, da.Array]:
+    """Integer (y, x) index grids chunked like the signal's navigation."""
+    sig = scan["signal"]
+    chunks = sig.chunks[:2] if sig.chunks else tuple((n,) for n in sig.shape[:2])
+    ny, nx = sig.shape[:2]
+    yy = da.broadcast_to(da.arange(ny, chunks=chunks[0])[:, None], (ny, nx), chunks=chunks)
+    xx = da.broadcast_to(da.arange(nx, chunks=chunks[1])[None, :], (ny, nx), chunks=chunks)
+    return yy, xx
+
+
+def _step_config(step: Step) -> dict[str, Any]:
+    out = {"step": step.name}
+    for f in dataclasses.fields(step):
+        if f.name != "where":
+            v = getattr(step, f.name)
+            out[f.name] = v.tolist() if isinstance(v, np.ndarray) else v
+    return out
+
+
+def summarize_counts(ds: xr.Dataset) -> dict[str, int]:
+    """The value-policy counts of a transformed Dataset (computed: one small reduction each)."""
+    import dask
+
+    totals = dask.compute(ds["nonfinite_count"].sum().data, ds["negative_count"].sum().data,
+                          ds["nonfinite_after_steps"].sum().data, (~ds["valid"]).sum().data)
+    return dict(zip(("nonfinite_values", "negative_values", "nonfinite_after_steps",
+                     "invalid_pixels"), (int(t) for t in totals)))
+
+
+def write_preprocess_stage(results, scan: xr.Dataset, preprocessor: Preprocessor, *,
+                           overwrite: bool = False, progress: bool = False) -> xr.Dataset:
+    """Fit (if needed) and run the chain over ``scan``, writing the ``preprocess`` stage group of
+    ``results`` (a ``ResultsStore``) in one pass; the value-policy totals go into its attrs."""
+    if not hasattr(preprocessor, "steps_"):
+        preprocessor.fit(scan)
+    ds = preprocessor.transform(scan)
+    ds.attrs["source"] = scan.attrs.get("source", {})
+    for name in ("nonfinite_count", "negative_count", "nonfinite_after_steps"):
+        ds[name] = ds[name].astype(np.int32)
+    return results.write_stage("preprocess", _json_safe_attrs(ds), overwrite=overwrite,
+                               finalize=lambda written: {"value_counts": summarize_counts(written)},
+                               progress=progress)
+
+
+def _json_safe_attrs(ds: xr.Dataset) -> xr.Dataset:
+    import json
+
+    ds.attrs = json.loads(json.dumps(ds.attrs, default=lambda o: o.item() if hasattr(o, "item")
+                                     else o.tolist() if hasattr(o, "tolist") else str(o)))
+    return ds
