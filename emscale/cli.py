@@ -46,6 +46,10 @@ def _global(
 ) -> None:
     level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # distributed configures its own logger (INFO: every worker start and stop) when imported
+    import dask
+
+    dask.config.set({"logging.distributed": "debug" if debug else "info" if verbose else "warning"})
 
 
 def _policy(chunk_mib: float):
@@ -164,6 +168,45 @@ def bench_ingest_cmd(
     typer.echo(result.table())
     if json_path:
         json_path.write_text(json.dumps(result.to_dict(), indent=2))
+
+
+@bench_app.command("pca")
+def bench_pca_cmd(
+    store: Path = typer.Argument(..., help="A scan store (.zarr directory) to decompose."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the figures to this file."),
+    methods: str = typer.Option(",".join(("gram", "randomized", "incremental", "hyperspy-svd",
+                                          "hyperspy-pca", "sklearn-ipca-loop")), "--methods",
+                                help="Comma-separated methods to run (emscale's solvers gram, "
+                                "randomized, incremental; hyperspy-svd, hyperspy-pca and "
+                                "sklearn-ipca-loop run in the client process)."),
+    k: int = typer.Option(8, "--k", help="Number of components."),
+    workers: int = typer.Option(2, "--workers", help="LocalCluster worker processes."),
+    threads: int = typer.Option(1, "--threads", help="Threads per worker."),
+    memory_limit: str = typer.Option("4GiB", "--memory-limit", help="Memory limit per worker."),
+    tuned: bool = typer.Option(True, "--tuned/--untuned", help="emscale's worker environment "
+                               "(malloc trim threshold, BLAS kernels) or distributed's defaults."),
+    preprocess: Optional[str] = typer.Option(None, "--preprocess", help="A preprocessing chain as "
+                                             "JSON (e.g. '[{\"step\": \"bin\", \"factor\": 2}]') fused "
+                                             "into emscale's solvers and the reference; GB/s stay "
+                                             "relative to the raw store."),
+) -> None:
+    """Time every PCA method on the same store and workers against the store's read+decompress
+    floor (a dask sum), with peak worker memory and principal angles to exact PCA."""
+    from emscale.bench.pca import run_pca_bench, write_json
+    from emscale.errors import ConfigError
+
+    steps = None
+    if preprocess:
+        try:
+            steps = json.loads(preprocess)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"--preprocess: not valid JSON ({exc})") from None
+    result = run_pca_bench(store, methods=[m.strip() for m in methods.split(",") if m.strip()],
+                           n_components=k, n_workers=workers, threads=threads,
+                           memory_limit=memory_limit, tuned=tuned, preprocess=steps)
+    typer.echo(result.table())
+    if json_path:
+        write_json(result, json_path)
 
 
 def main(argv: list[str] | None = None) -> int:

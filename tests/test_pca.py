@@ -127,3 +127,30 @@ def test_pca_stage_on_patterns(sync_scheduler):
     scores = out.pca_scores.values.reshape(-1, 5)
     ref_scores = ref.transform(x.reshape(-1, 64).astype(np.float64))
     np.testing.assert_allclose(np.abs(scores), np.abs(ref_scores), rtol=1e-3, atol=1e-3)
+
+
+def test_preprocess_then_pca_stages_on_local_cluster(local_client, tmp_path):
+    """The two stages end to end on a real cluster: written, read back, and equal to scikit-learn
+    on the same preprocessed features in memory."""
+    from emscale.pca import write_pca_stage
+    from emscale.preprocess import Preprocessor, write_preprocess_stage
+    from emscale.results import ResultsStore
+    from emscale.store import ChunkPolicy
+    from emscale.synth.eels import synth_eels
+
+    scan = synth_eels((20, 18), channels=128, anomaly=True, seed=4, policy=ChunkPolicy(target_mib=0.03))
+    results = ResultsStore(tmp_path / "results.zarr")
+    chain = Preprocessor([{"step": "crop", "start": 500, "stop": 780}, {"step": "anscombe"}])
+    features = write_preprocess_stage(results, scan, chain)
+    out = write_pca_stage(results, features, PCA(n_components=6))
+    assert results.stages() == ["pca", "preprocess"]
+    assert out.pca_scores.shape == (20, 18, 6) and out.pca_components.dims == ("component", "energy")
+    x = features.features.values.reshape(20 * 18, -1).astype(np.float64)
+    ref = SkPCA(n_components=6, svd_solver="full").fit(x)
+    np.testing.assert_allclose(out.pca_explained_variance_ratio.values, ref.explained_variance_ratio_,
+                               rtol=1e-4)
+    k = out.attrs["pca"]["error_k"]
+    c = x - ref.mean_
+    recon = c @ ref.components_[:k].T @ ref.components_[:k]
+    np.testing.assert_allclose(out.pca_recon_error.values.ravel(), ((c - recon) ** 2).mean(1),
+                               rtol=1e-3, atol=1e-6)
