@@ -27,6 +27,6 @@ def test_bench_pca_writes_the_table_and_json(tmp_path, capsys):
 
 def test_bench_pca_rejects_unknown_method(tmp_path, capsys):
     store = tmp_path / "scan.zarr"
-    write_scan(synth_eels((8, 8), channels=32, seed=2), store)
+    write_scan(synth_eels((8, 8), channels=64, seed=2), store)
     assert main(["bench", "pca", str(store), "--methods", "magic"]) == 1
     assert "unknown method" in capsys.readouterr().err
