@@ -27,6 +27,8 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
+from dask.base import tokenize
+
 from emscale.errors import ConfigError
 from emscale.reduction import tree_reduce
 from emscale.store import NAV_DIMS, feature_matrix
@@ -135,6 +137,9 @@ def _incremental_step(state, x, valid=None, *, n_components, batch_rows):
 
 def _incremental_finish(state, *, n_components):
     model, carry = state
+    seen = getattr(model, "n_samples_seen_", 0) + (0 if carry is None else len(carry))
+    if seen < 2:
+        raise ConfigError(f"pca: need at least 2 valid pixels, got {seen}")
     if carry is not None and len(carry):
         if len(carry) < n_components and not hasattr(model, "components_"):
             raise ConfigError(f"pca.n_components: {n_components} is more than the "
@@ -231,8 +236,9 @@ class PCA:
         eigval, eigvec = np.clip(eigval[order], 0.0, None), eigvec[:, order]
         k = self.n_components
         total = float(np.trace(cov))
+        rank = min(n, len(eigval))  # scikit-learn's noise variance averages the rest of the rank
         self._set(mean=stats["mean"], components=eigvec[:, :k].T, variance=eigval[:k],
-                  total=total, n=n, noise=float(eigval[k:].mean()) if k < len(eigval) else 0.0,
+                  total=total, n=n, noise=float(eigval[k:rank].mean()) if k < rank else 0.0,
                   scree=eigval / total if total > 0 else eigval * 0)
 
     def _fit_randomized(self, x, valid) -> None:
@@ -253,8 +259,9 @@ class PCA:
         s, vt = dask.compute(s, vt)
         total = float(moments["var_sum"].sum() / (n - 1))
         var = s**2 / (n - 1)
+        rank = min(n, x.shape[1])
         self._set(mean=moments["mean"], components=vt, variance=var, total=total, n=n,
-                  noise=(total - var.sum()) / max(x.shape[1] - k, 1) if k < x.shape[1] else 0.0,
+                  noise=(total - var.sum()) / (rank - k) if k < rank else 0.0,
                   scree=var / total if total > 0 else var * 0)
 
     def _fit_incremental(self, x, valid) -> None:
@@ -262,13 +269,14 @@ class PCA:
         step = functools.partial(_incremental_step, n_components=self.n_components, batch_rows=batch)
         xs = x.to_delayed().ravel()
         vs = [None] * len(xs) if valid is None else valid.to_delayed().ravel()
+        token = tokenize(x, valid, self.n_components, batch)
         state = None
         # (a weakness: reads do not wait for the serial chain, so blocks are read ahead of it and
         # held: 3.2 GB per worker on a 4.3 GB scan. Binding each read to the previous link with
         # dask.graph_manipulation.bind lost dependencies of xarray-backed graphs on the cluster.)
         for i, (xb, vb) in enumerate(zip(xs, vs)):  # builds a chain of tasks; nothing runs here
             state = dask.delayed(step, pure=True)(state, xb, vb,
-                                                  dask_key_name=("pca-incremental", x.name, i))
+                                                  dask_key_name=("pca-incremental", token, i))
         model = dask.delayed(functools.partial(_incremental_finish, n_components=self.n_components),
                              pure=True)(state).compute()
         self._ipca = model
@@ -277,8 +285,11 @@ class PCA:
     def _from_sklearn(self, model) -> None:
         total = float(model.var_.sum() * model.n_samples_seen_ / max(model.n_samples_seen_ - 1, 1))
         var = model.explained_variance_
+        n, k = int(model.n_samples_seen_), len(var)
+        rank = min(n, model.components_.shape[1])
+        # computed like the other solvers (scikit-learn's incremental value is biased low)
         self._set(mean=model.mean_, components=model.components_, variance=var, total=total,
-                  n=int(model.n_samples_seen_), noise=float(model.noise_variance_),
+                  n=n, noise=(total - var.sum()) / (rank - k) if k < rank else 0.0,
                   scree=var / total if total > 0 else var * 0)
 
     def _set(self, *, mean, components, variance, total, n, noise, scree) -> None:
@@ -316,6 +327,7 @@ class PCA:
         if not 1 <= k <= self.n_components:
             raise ConfigError(f"pca.error_k: must be within 1..{self.n_components}, got {k}")
         x = _as_dask(x)
+        x = x.rechunk({1: -1}) if len(x.chunks[1]) > 1 else x
         both = x.map_blocks(_score_block, self.mean_, self.components_, k, dtype=np.float32,
                             chunks=(x.chunks[0], (self.n_components + 1,)), name="pca-score")
         return both[:, :-1], both[:, -1]
@@ -325,11 +337,12 @@ def _as_dask(x, row_chunks=None):
     if isinstance(x, da.Array):
         return x
     x = np.asarray(x)
-    return da.from_array(x, chunks=(row_chunks or (4096,),) + tuple((n,) for n in x.shape[1:]))
+    return da.from_array(x, chunks=(row_chunks or 4096,) + tuple((n,) for n in x.shape[1:]))
 
 
 def _project(x, mean, components):
     if isinstance(x, da.Array):
+        x = x.rechunk({1: -1}) if len(x.chunks[1]) > 1 else x
         return x.map_blocks(_project, mean, components, dtype=np.float32,
                             chunks=(x.chunks[0], (components.shape[0],)), name="pca-transform")
     return ((np.asarray(x, np.float32) - mean) @ components.T).astype(np.float32)
@@ -375,14 +388,20 @@ def pca_stage(features: xr.Dataset, pca: PCA, error_k: int | None = None) -> xr.
     """Fit ``pca`` (unless fitted) on a preprocess stage's ``features``, skipping invalid pixels,
     and return the PCA stage Dataset with DESIGN.md's names: components, explained variance
     (ratio), the scree, and lazy per-pixel scores and reconstruction error at ``error_k``
-    components (default: the scree's elbow)."""
+    components (default: the scree's elbow). Pixels marked invalid get NaN scores and errors."""
     feats = features["features"]
     sig_dims = feats.dims[2:]
     if not hasattr(pca, "components_"):
         valid = feature_matrix(features["valid"])[:, 0].astype(bool) if "valid" in features else None
         pca.fit(feature_matrix(feats), valid)
-    k = min(pca.suggested_k_ if error_k is None else error_k, pca.n_components)
+    k = min(pca.suggested_k_, pca.n_components) if error_k is None else error_k
+    if not (isinstance(k, (int, np.integer)) and 1 <= k <= pca.n_components):
+        raise ConfigError(f"pca.error_k: must be an integer within 1..{pca.n_components}, got {k!r}")
     scores, err = _score_scan(feats.data, pca, k)
+    if "valid" in features:  # an invalid pixel has no scores: NaN, not numbers from zeroed data
+        valid = features["valid"].data
+        scores = da.where(valid[..., None], scores, np.float32(np.nan))
+        err = da.where(valid, err, np.float32(np.nan))
     sig_shape = tuple(feats.sizes[d] for d in sig_dims)
     coords = {d: features[d] for d in (*NAV_DIMS, *sig_dims) if d in features.coords}
     ncomp = pca.n_components

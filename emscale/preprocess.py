@@ -94,6 +94,10 @@ class Step:
     def stateful(self) -> bool:
         return False
 
+    def __dask_tokenize__(self):
+        # the fitted state (prepare/fit results) is part of what a step computes
+        return (type(self).__name__, tokenize(vars(self)))
+
     def error(self, param: str, message: str) -> ConfigError:
         return ConfigError(f"{self.where}.{param}: {message}")
 
@@ -214,6 +218,8 @@ class MaskChannels(Step):
             drop |= hit
         if not self.hot_sigma > 0:
             raise self.error("hot_sigma", f"must be positive, got {self.hot_sigma!r}")
+        if not self.hot_ratio >= 1:
+            raise self.error("hot_ratio", f"must be at least 1, got {self.hot_ratio!r}")
         self.drop = drop
         self._finish()
 
@@ -231,11 +237,13 @@ class MaskChannels(Step):
         return {"n": sum(p["n"] for p in parts), "sum": sum(p["sum"] for p in parts)}
 
     def fit(self, stats) -> None:
-        mean = stats["sum"] / max(stats["n"], 1)
+        if stats["n"] == 0:
+            raise self.error("auto", "no valid pixel to find dead or hot channels from")
+        mean = stats["sum"] / stats["n"]
         dead = mean <= 0
         # a hot channel stands above *both* neighbours by far more than the channel-to-channel
         # steps of the mean spectrum (robust scale); real peaks and edges span several channels
-        padded = np.pad(mean, 1, mode="edge")
+        padded = np.pad(mean, 1, mode="reflect")  # an end channel is compared with its neighbour
         spike = mean - np.maximum(padded[:-2], padded[2:])
         steps = np.diff(mean)
         scale = 1.4826 * np.median(np.abs(steps - np.median(steps)))
@@ -282,7 +290,9 @@ class Background(Step):
             raise self.error("window", "a power law needs positive energies")
         self.sel = sel
         self.log_e = np.log(e[sel]).astype(np.float64)
-        self.log_e_all = np.log(np.clip(e, 1e-6, None)).astype(np.float64)
+        # a power law means nothing at E <= 0 (an EDS axis may start below zero): no background
+        self.positive = e > 0
+        self.log_e_all = np.log(np.where(self.positive, e, 1.0)).astype(np.float64)
 
     def apply(self, x, pos):
         # least squares of log(counts) = a - r log(E) in the window, per pixel, in closed form
@@ -292,6 +302,7 @@ class Background(Step):
         slope = (y - y.mean(axis=1, keepdims=True)) @ le_c / (le_c @ le_c)
         intercept = y.mean(axis=1) - slope * le.mean()
         background = np.exp(intercept[:, None] + slope[:, None] * self.log_e_all[None, :])
+        background[:, ~self.positive] = 0
         return (x - background).astype(COMPUTE_DTYPE)
 
 
@@ -439,7 +450,8 @@ class PoissonWeight(Step):
         return True
 
     def statistics(self, x, valid, pos):
-        x = x[valid].reshape(int(valid.sum()), -1)
+        x = x[valid]
+        x = x.reshape(x.shape[0], int(np.prod(x.shape[1:])))
         return {"n": x.shape[0], "sum": x.sum(axis=0, dtype=np.float64)}
 
     merge = staticmethod(MaskChannels.merge)
@@ -494,9 +506,8 @@ STEPS: dict[str, type[Step]] = {s.name: s for s in (
 def make_step(spec: dict | Step, index: int, kind: str) -> Step:
     """A step from its config mapping ``{"step": NAME, **parameters}``."""
     where = f"preprocess.steps[{index}]"
-    if isinstance(spec, Step):
-        spec.where = where
-        step = spec
+    if isinstance(spec, Step):  # a copy: fitting must not change a chain built before
+        step = dataclasses.replace(spec, where=where)
     else:
         if not isinstance(spec, dict) or "step" not in spec:
             raise ConfigError(f"{where}: must be a mapping with a 'step' key, got {spec!r}")

@@ -30,6 +30,8 @@ def tree_reduce(
     """
     if not arrays:
         raise ValueError("tree_reduce needs at least one array")
+    if split_every < 2:
+        raise ValueError(f"split_every must be at least 2, got {split_every}")
     blocks = [a.to_delayed().ravel() for a in arrays]
     if len({len(b) for b in blocks}) != 1:
         raise ValueError(f"arrays have different block counts: {[a.numblocks for a in arrays]}")

@@ -154,3 +154,23 @@ def test_preprocess_then_pca_stages_on_local_cluster(local_client, tmp_path):
     recon = c @ ref.components_[:k].T @ ref.components_[:k]
     np.testing.assert_allclose(out.pca_recon_error.values.ravel(), ((c - recon) ** 2).mean(1),
                                rtol=1e-3, atol=1e-6)
+
+
+def test_review_edge_cases(sync_scheduler):
+    x = low_rank_data(n=1000, f=16, rank=3, seed=7)
+    PCA(n_components=3).fit(x)  # numpy input of any length
+    small = x[:5, :10]
+    ours = PCA(n_components=2).fit(small)
+    ref = SkPCA(n_components=2, svd_solver="full").fit(small.astype(np.float64))
+    assert ours.noise_variance_ == pytest.approx(ref.noise_variance_, rel=1e-3)
+    feats = xr.Dataset({"features": (("y", "x", "energy"), da.from_array(x.reshape(40, 25, 16), chunks=(9, 25, 16))),
+                        "valid": (("y", "x"), da.from_array(np.arange(1000).reshape(40, 25) % 9 > 0, chunks=(9, 25)))})
+    for bad in (0, -1, 7):
+        with pytest.raises(ConfigError, match="error_k"):
+            pca_stage(feats, PCA(n_components=6), error_k=bad)
+    out = pca_stage(feats, PCA(n_components=6), error_k=3)
+    invalid = ~feats.valid.values
+    assert np.isnan(out.pca_recon_error.values[invalid]).all()
+    assert np.isfinite(out.pca_scores.values[~invalid]).all()
+    with pytest.raises(ConfigError, match="at least 2 valid pixels"):
+        PCA(n_components=2, solver="incremental").fit(x, np.zeros(1000, bool))

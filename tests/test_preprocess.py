@@ -261,3 +261,27 @@ def test_refused_stage_leaves_nothing(tmp_path, sync_scheduler):
     with pytest.raises(InputError, match="chunk y 6:7"):
         write_preprocess_stage(results, spectrum_scan(data), Preprocessor([], nonfinite="error"))
     assert results.stages() == [] and sorted(p.name for p in results.path.iterdir()) == ["zarr.json"]
+
+
+def test_review_edge_cases(sync_scheduler):
+    """Blocks without a valid pixel, refitting, energies below zero, end-channel spikes."""
+    data = poisson_spectra(12, shape=(4, 4, 64)).astype(np.float32)
+    data[:2, :2, 0] = np.nan  # one whole block invalid
+    scan = spectrum_scan(data, chunks=(2, 2, -1))
+    _, out = run(scan, [{"step": "poisson_weight"}])
+    assert (~out.valid.values).sum() == 4 and np.isfinite(out.features.values).all()
+
+    # two chains fitted on different scans do not share dask keys (fitted state is tokenised)
+    a, b = spectrum_scan(poisson_spectra(13)), spectrum_scan(2 * poisson_spectra(14))
+    fa = Preprocessor([{"step": "poisson_weight"}]).fit(b).transform(a).features
+    fb = Preprocessor([{"step": "poisson_weight"}]).fit(a).transform(a).features
+    assert fa.data.name != fb.data.name
+
+    e = np.linspace(-10.0, 300.0, 64)
+    _, out = run(spectrum_scan(poisson_spectra(15), e), [{"step": "background", "window": [100, 200]}])
+    assert np.abs(out.features.values).max() < 1e4  # no power law extrapolated to E <= 0
+
+    spiky = poisson_spectra(16).astype(np.float32)
+    spiky[..., 0] += 5000
+    pre, _ = run(spectrum_scan(spiky), [{"step": "mask_channels", "auto": True}])
+    assert pre.provenance()["fitted"][0]["hot_channels"] == [0]
