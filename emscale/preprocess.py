@@ -764,10 +764,18 @@ def summarize_counts(ds: xr.Dataset) -> dict[str, int]:
 def write_preprocess_stage(results, scan: xr.Dataset, preprocessor: Preprocessor, *,
                            overwrite: bool = False, progress: bool = False) -> xr.Dataset:
     """Fit (if needed) and run the chain over ``scan``, writing the ``preprocess`` stage group of
-    ``results`` (a ``ResultsStore``) in one pass; the value-policy totals go into its attrs."""
+    ``results`` (a ``ResultsStore``) in one pass; the value-policy totals go into its attrs.
+    A synthetic scan's ``clean`` signal goes through the same fitted chain into
+    ``clean_features`` (the denoising target) and its ``label`` map is copied."""
     if not hasattr(preprocessor, "steps_"):
         preprocessor.fit(scan)
     ds = preprocessor.transform(scan)
+    if "clean" in scan:  # synthetic ground truth, through the same fitted chain: denoising targets
+        clean = preprocessor.transform(scan.assign(signal=scan["clean"]))
+        ds["clean_features"] = clean["features"]
+    if "label" in scan:
+        ds["label"] = scan["label"]
+        ds["label"].attrs = dict(scan["label"].attrs)
     ds.attrs["source"] = scan.attrs.get("source", {})
     for name in ("nonfinite_count", "negative_count", "nonfinite_after_steps"):
         ds[name] = ds[name].astype(np.int32)

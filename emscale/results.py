@@ -76,8 +76,8 @@ class ResultsStore:
         """Compute ``ds`` chunk by chunk into the stage group ``name``, atomically.
 
         ``finalize(written)`` may return attributes to add once the data are on disk (totals read
-        back from small written maps, for instance) or raise to reject the stage. Returns the
-        stage as read back from disk (lazy).
+        back from small written maps, for instance) or raise to reject the stage. Returns the stage as read
+        back from disk (lazy).
         """
         if not (self.path / "zarr.json").exists():
             self.create()

@@ -1,0 +1,124 @@
+"""Autoencoders for spectra and diffraction patterns (PyTorch).
+
+- ``mlp``: fully connected encoder ``features -> widths... -> latent`` and the mirror decoder, GELU
+  between layers, no activation at the bottleneck or at the output.
+- ``conv``: for patterns (ky, kx): strided 3x3 convolutions (GELU) down to a small map, a linear
+  bottleneck, and the mirror with transposed convolutions. Patterns are padded to a multiple of
+  2**len(channels) and cropped back.
+- ``linear``: one linear map each way, no bias, on centred data: the sanity check, whose optimum
+  spans PCA's subspace (Baldi & Hornik 1989).
+
+``build_model(kind, input_shape, latent_dim, widths)`` makes one; every model has ``encode``,
+``decode`` and ``forward`` returning ``(reconstruction, latent)`` on ``(batch, features)`` input
+(patterns are flattened too, so that the data path is the same for both kinds).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from emscale.errors import ConfigError
+
+KINDS = ("mlp", "conv", "linear")
+
+
+class Autoencoder(nn.Module):
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(self._in(x))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self._out(self.decoder(z))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.encode(x)
+        return self.decode(z), z
+
+    def _in(self, x):
+        return x
+
+    def _out(self, y):
+        return y
+
+
+class MLPAutoencoder(Autoencoder):
+    def __init__(self, n_features: int, latent_dim: int, widths=(256, 64)):
+        super().__init__()
+        sizes = [n_features, *widths, latent_dim]
+        enc: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+            enc.append(nn.Linear(a, b))
+            if i < len(sizes) - 2:
+                enc.append(nn.GELU())
+        dec: list[nn.Module] = []
+        rev = sizes[::-1]
+        for i, (a, b) in enumerate(zip(rev[:-1], rev[1:])):
+            dec.append(nn.Linear(a, b))
+            if i < len(rev) - 2:
+                dec.append(nn.GELU())
+        self.encoder = nn.Sequential(*enc)
+        self.decoder = nn.Sequential(*dec)
+
+
+class LinearAutoencoder(Autoencoder):
+    """Linear maps without bias; the data must be centred (the trainer centres them)."""
+
+    def __init__(self, n_features: int, latent_dim: int):
+        super().__init__()
+        self.encoder = nn.Linear(n_features, latent_dim, bias=False)
+        self.decoder = nn.Linear(latent_dim, n_features, bias=False)
+
+
+class ConvAutoencoder(Autoencoder):
+    def __init__(self, pattern: tuple[int, int], latent_dim: int, channels=(16, 32, 64)):
+        super().__init__()
+        self.pattern = tuple(pattern)
+        step = 2 ** len(channels)
+        self.padded = tuple(int(math.ceil(n / step) * step) for n in self.pattern)
+        self.small = tuple(n // step for n in self.padded)
+        enc: list[nn.Module] = []
+        c_in = 1
+        for c in channels:
+            enc += [nn.Conv2d(c_in, c, 3, stride=2, padding=1), nn.GELU()]
+            c_in = c
+        flat = channels[-1] * self.small[0] * self.small[1]
+        self.encoder = nn.Sequential(*enc, nn.Flatten(), nn.Linear(flat, latent_dim))
+        dec: list[nn.Module] = [nn.Linear(latent_dim, flat), nn.GELU(),
+                                nn.Unflatten(1, (channels[-1], *self.small))]
+        rev = list(channels[::-1]) + [1]
+        for i, (a, b) in enumerate(zip(rev[:-1], rev[1:])):
+            dec.append(nn.ConvTranspose2d(a, b, 3, stride=2, padding=1, output_padding=1))
+            if i < len(rev) - 2:
+                dec.append(nn.GELU())
+        self.decoder = nn.Sequential(*dec)
+
+    def _in(self, x):
+        img = x.reshape(x.shape[0], 1, *self.pattern)
+        pad_y, pad_x = self.padded[0] - self.pattern[0], self.padded[1] - self.pattern[1]
+        return nn.functional.pad(img, (0, pad_x, 0, pad_y))
+
+    def _out(self, y):
+        return y[:, 0, : self.pattern[0], : self.pattern[1]].reshape(y.shape[0], -1)
+
+
+def build_model(kind: str, input_shape: tuple[int, ...], latent_dim: int,
+                widths: tuple[int, ...] = (256, 64)) -> Autoencoder:
+    """An autoencoder for inputs of ``input_shape`` (signal dims), checked against the config."""
+    n_features = int(math.prod(input_shape))
+    if kind not in KINDS:
+        raise ConfigError(f"train.model: {kind!r} is not one of {KINDS}")
+    if not (isinstance(latent_dim, int) and 1 <= latent_dim < n_features):
+        raise ConfigError(f"train.latent_dim: must be an integer from 1 to {n_features - 1} "
+                          f"(fewer than the {n_features} features), got {latent_dim!r}")
+    if kind == "linear":
+        return LinearAutoencoder(n_features, latent_dim)
+    if not widths or not all(isinstance(w, int) and w > 0 for w in widths):
+        raise ConfigError(f"train.widths: must be positive integers, got {widths!r}")
+    if kind == "conv":
+        if len(input_shape) != 2:
+            raise ConfigError("train.model: 'conv' is for diffraction patterns (ky, kx); use 'mlp' "
+                              "for spectra")
+        return ConvAutoencoder(tuple(input_shape), latent_dim, tuple(widths))
+    return MLPAutoencoder(n_features, latent_dim, tuple(widths))

@@ -1,0 +1,477 @@
+"""The training stage: a minibatch autoencoder streamed from the ``preprocess`` stage's Zarr chunks.
+
+- **Data.** ``ChunkStream`` reads the features chunk by chunk with zarr (no dask: training runs in
+  one process), holding at most ``buffer_chunks`` navigation chunks: the chunks' order is shuffled
+  every epoch and the pixels of each group of chunks are shuffled together (a shuffle buffer), so
+  memory depends on chunk size, never on scan size. Invalid pixels are skipped.
+- **Split.** Train and validation pixels are separated by spatial tiles (``tile`` x ``tile``
+  pixels, a seeded ``val_fraction`` of the tiles), never pixel by pixel: neighbouring pixels are
+  nearly the same spectrum and would leak. ``max_train_pixels`` keeps a regular grid of training
+  pixels (spatially uniform) on huge scans.
+- **Objective.** Plain, or denoising: the target is the clean signal when the stage has
+  ``clean_features`` (synthetic scans), otherwise the input is corrupted (``poisson``: binomial
+  thinning of counts to ``noise_level`` of the dose, rescaled; ``gaussian``: noise of
+  ``noise_level`` times the data's spread). Losses: ``mse`` on standardised features, or ``poisson``
+  (negative log-likelihood of counts; the decoder then outputs a log-rate).
+- **Optimiser.** Adam, cosine learning-rate schedule over ``epochs``, early stopping on the
+  validation loss (``patience`` epochs; the best weights are kept).
+- **Determinism and resume.** Every random choice of an epoch (chunk order, shuffles, noise) is
+  drawn from generators seeded by ``(seed, epoch)``, so a run killed after epoch *e* and resumed
+  from its checkpoint makes exactly the same draws as one that never stopped: on a CPU the
+  weights end identical. Checkpoints (weights, optimiser, scheduler, epoch, history, best weights,
+  config hash) are written atomically every epoch with ``torch.save`` and read back with
+  ``torch.load(weights_only=True)``, which cannot run code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import zarr
+
+from emscale.errors import ConfigError, StoreError
+
+log = logging.getLogger(__name__)
+
+LOSSES = ("mse", "poisson")
+OBJECTIVES = ("plain", "denoise")
+NOISES = ("auto", "clean", "poisson", "gaussian")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class TrainConfig:
+    model: str = "mlp"
+    latent_dim: int = 8
+    widths: tuple[int, ...] = (256, 64)
+    epochs: int = 50
+    batch_size: int = 256
+    lr: float = 1e-3
+    loss: str = "mse"
+    objective: str = "denoise"
+    noise: str = "auto"
+    noise_level: float = 0.5
+    val_fraction: float = 0.1
+    tile: int = 16
+    buffer_chunks: int = 4
+    max_train_pixels: int | None = None
+    patience: int = 10
+    seed: int = 0
+    device: str = "auto"
+    threads: int | None = None
+
+    def check(self) -> None:
+        def bad(name, why):
+            return ConfigError(f"train.{name}: {why}, got {getattr(self, name)!r}")
+
+        def positive_int(name):
+            v = getattr(self, name)
+            if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+                raise bad(name, "must be a positive integer")
+
+        for name in ("epochs", "batch_size", "tile", "buffer_chunks", "patience"):
+            positive_int(name)
+        for name, options in (("loss", LOSSES), ("objective", OBJECTIVES), ("noise", NOISES),
+                              ("device", DEVICES)):
+            if getattr(self, name) not in options:
+                raise bad(name, f"must be one of {options}")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
+            raise bad("lr", "must be a positive number")
+        if not 0 < self.val_fraction < 1:
+            raise bad("val_fraction", "must be between 0 and 1")
+        if not self.noise_level > 0 or (self.noise == "poisson" and not self.noise_level < 1):
+            raise bad("noise_level", "must be positive (below 1 for poisson thinning)")
+        if self.max_train_pixels is not None:
+            positive_int("max_train_pixels")
+        if self.threads is not None:
+            positive_int("threads")
+        if self.loss == "poisson" and self.model == "linear":
+            raise ConfigError("train.loss: the linear autoencoder (the PCA check) trains with 'mse'")
+
+    def hash(self) -> str:
+        blob = json.dumps(dataclasses.asdict(self), sort_keys=True, default=list)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+class ChunkStream:
+    """Training and validation pixels of a ``preprocess`` stage, streamed chunk by chunk."""
+
+    def __init__(self, stage_path: str | os.PathLike, config: TrainConfig):
+        path = Path(stage_path)
+        if not (path / "zarr.json").exists() or not (path / "features" / "zarr.json").exists():
+            raise StoreError(f"{path}: no preprocess stage with features (run preprocessing first)")
+        group = zarr.open_group(str(path), mode="r", zarr_format=3)
+        self.features = group["features"]
+        self.valid = group["valid"] if "valid" in group else None
+        self.clean = group["clean_features"] if "clean_features" in group else None
+        self.config = config
+        ny, nx = self.features.shape[:2]
+        self.signal_shape = tuple(self.features.shape[2:])
+        self.n_features = int(np.prod(self.signal_shape))
+        cy, cx = self.features.chunks[:2]
+        self.chunks = [(y0, min(y0 + cy, ny), x0, min(x0 + cx, nx))
+                       for y0 in range(0, ny, cy) for x0 in range(0, nx, cx)]
+        self.nav_shape = (ny, nx)
+        self.stride = 1
+        if config.max_train_pixels:
+            n_train = ny * nx * (1 - config.val_fraction)
+            self.stride = max(1, math.ceil(math.sqrt(n_train / config.max_train_pixels)))
+
+    def split(self, y0, y1, x0, x1) -> np.ndarray:
+        """0 = train, 1 = validation, by seeded spatial tiles; 2 = left out by the sample grid."""
+        t = self.config.tile
+        yy, xx = np.mgrid[y0:y1, x0:x1]
+        tile_id = (yy // t) * (self.nav_shape[1] // t + 1) + xx // t
+        # a fixed hash of (seed, tile): the same tiles are validation in every epoch and run
+        h = (tile_id.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+             + np.uint64(self.config.seed * 7919 + 1)) % np.uint64(1 << 31)
+        out = (h.astype(np.float64) / (1 << 31) < self.config.val_fraction).astype(np.int8)
+        if self.stride > 1:
+            grid = (yy % self.stride == 0) & (xx % self.stride == 0)
+            out[(out == 0) & ~grid] = 2
+        return out.ravel()
+
+    def read(self, chunk, part: int) -> tuple[np.ndarray, np.ndarray | None]:
+        y0, y1, x0, x1 = chunk
+        sel = self.split(y0, y1, x0, x1) == part
+        if self.valid is not None:
+            sel &= np.asarray(self.valid[y0:y1, x0:x1]).ravel().astype(bool)
+        x = np.asarray(self.features[y0:y1, x0:x1], np.float32).reshape(-1, self.n_features)[sel]
+        clean = None
+        if self.clean is not None:
+            clean = np.asarray(self.clean[y0:y1, x0:x1], np.float32).reshape(-1, self.n_features)[sel]
+        return x, clean
+
+    def batches(self, part: int, epoch: int | None, batch_size: int
+                ) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+        """Minibatches of ``part`` (0 train, 1 validation). With ``epoch`` the chunk order and the
+        pixels within each group of ``buffer_chunks`` chunks are shuffled by (seed, epoch)."""
+        order = np.arange(len(self.chunks))
+        rng = None
+        if epoch is not None:
+            rng = np.random.default_rng([self.config.seed, epoch])
+            rng.shuffle(order)
+        group = self.config.buffer_chunks if rng is not None else 1
+        carry_x = carry_c = None
+        for g in range(0, len(order), group):
+            parts = [self.read(self.chunks[i], part) for i in order[g:g + group]]
+            xs = [p[0] for p in parts] + ([carry_x] if carry_x is not None else [])
+            x = np.concatenate(xs) if xs else np.zeros((0, self.n_features), np.float32)
+            c = None
+            if self.clean is not None:
+                cs = [p[1] for p in parts] + ([carry_c] if carry_c is not None else [])
+                c = np.concatenate(cs)
+            if rng is not None:
+                perm = rng.permutation(len(x))
+                x = x[perm]
+                c = None if c is None else c[perm]
+            last = g + group >= len(order)
+            stop = len(x) if last else len(x) // batch_size * batch_size
+            for s in range(0, stop, batch_size):
+                yield x[s:s + batch_size], None if c is None else c[s:s + batch_size]
+            carry_x = x[stop:] if stop < len(x) else None
+            carry_c = None if (c is None or carry_x is None) else c[stop:]
+
+    def moments(self) -> tuple[np.ndarray, float]:
+        """Per-feature mean and one overall standard deviation of the training pixels (a pass)."""
+        n, s, ss = 0, np.zeros(self.n_features), 0.0
+        for x, _ in self.batches(0, None, 1 << 16):
+            n += len(x)
+            s += x.sum(axis=0, dtype=np.float64)
+        if n < 2:
+            raise ConfigError(f"train: only {n} valid training pixel(s); lower "
+                              "train.val_fraction or give a larger scan")
+        mean = s / n
+        for x, _ in self.batches(0, None, 1 << 16):
+            ss += float(((x - mean) ** 2).sum(dtype=np.float64))
+        return mean.astype(np.float32), max(math.sqrt(ss / (n * self.n_features)), 1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# training
+
+
+@dataclass
+class TrainResult:
+    model: Any
+    history: dict[str, list[float]]
+    best_epoch: int
+    mean: np.ndarray
+    scale: float
+    config: TrainConfig
+    device: str
+    samples_per_s: float
+    resumed_from: int | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def pick_device(config: TrainConfig):
+    import torch
+
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device: 'cuda' asked for but no CUDA device is available")
+    use_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+    if not use_cuda and config.threads:
+        torch.set_num_threads(config.threads)
+    return torch.device("cuda" if use_cuda else "cpu")
+
+
+class _Objective:
+    """Inputs and targets of a batch (standardised), the loss, and the reconstruction."""
+
+    def __init__(self, config: TrainConfig, has_clean: bool, mean, scale, device):
+        import torch
+
+        self.config = config
+        self.noise = config.noise
+        if config.objective == "denoise" and self.noise == "auto":
+            self.noise = "clean" if has_clean else "gaussian"
+        if config.objective == "denoise" and self.noise == "clean" and not has_clean:
+            raise ConfigError("train.noise: 'clean' needs a stage with clean_features "
+                              "(a synthetic scan); use 'poisson' or 'gaussian'")
+        self.denoise = config.objective == "denoise"
+        self.mean = torch.as_tensor(mean, device=device)
+        self.scale = float(scale)
+        self.device = device
+
+    def batch(self, x, clean, gen):
+        import torch
+
+        x = torch.as_tensor(x, device=self.device)
+        target = torch.as_tensor(clean, device=self.device) if (self.denoise and self.noise == "clean") else x
+        inp = x
+        if self.denoise and self.noise == "poisson":
+            counts = torch.clamp(torch.round(x), min=0).cpu()
+            thinned = torch.binomial(counts, torch.full_like(counts, self.config.noise_level),
+                                     generator=gen)
+            inp = (thinned / self.config.noise_level).to(self.device)
+        elif self.denoise and self.noise == "gaussian":
+            noise = torch.randn(x.shape, generator=gen).to(self.device)
+            inp = x + noise * (self.config.noise_level * self.scale)
+        return (inp - self.mean) / self.scale, target
+
+    def loss(self, out, target):
+        import torch
+
+        if self.config.loss == "poisson":
+            return torch.nn.functional.poisson_nll_loss(out, torch.clamp(target, min=0),
+                                                        log_input=True, full=False)
+        return torch.mean((out - (target - self.mean) / self.scale) ** 2)
+
+    def reconstruct(self, out):
+        import torch
+
+        return torch.exp(out) if self.config.loss == "poisson" else out * self.scale + self.mean
+
+
+def _save_atomic(obj, path: Path) -> None:
+    import torch
+
+    tmp = path.with_name(path.name + ".partial")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def train_autoencoder(stage_path: str | os.PathLike, config: TrainConfig | None = None, *,
+                      checkpoint_dir: str | os.PathLike | None = None,
+                      stop_after_epoch: int | None = None) -> TrainResult:
+    """Train on a ``preprocess`` stage directory; resume from ``checkpoint_dir`` if it holds a
+    checkpoint of the same config. ``stop_after_epoch`` ends the run early as a kill would
+    (tests)."""
+    import torch
+
+    from emscale.models import build_model
+
+    config = config or TrainConfig()
+    config.check()
+    stream = ChunkStream(stage_path, config)
+    if stream.clean is None and config.objective == "denoise" and config.noise == "clean":
+        raise ConfigError("train.noise: 'clean' needs a stage with clean_features")
+    shape = stream.signal_shape if config.model == "conv" else (stream.n_features,)
+    device = pick_device(config)
+    torch.manual_seed(config.seed)
+    model = build_model(config.model, tuple(shape), config.latent_dim, tuple(config.widths)).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.epochs)
+    history: dict[str, list[float]] = {"train_loss": [], "val_loss": [], "lr": [], "seconds": []}
+    best = {"val": math.inf, "epoch": -1, "state": None}
+    bad_epochs, start = 0, 0
+    mean, scale = None, None
+    ckpt = Path(checkpoint_dir) / "checkpoint.pt" if checkpoint_dir else None
+    resumed_from = None
+    if ckpt is not None and ckpt.exists():
+        state = torch.load(ckpt, map_location=device, weights_only=True)
+        if state["config_hash"] != config.hash():
+            raise ConfigError(f"{ckpt}: checkpoint of another training config "
+                              f"({state['config_hash']} != {config.hash()}); remove it to restart")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        history = {k: list(v) for k, v in state["history"].items()}
+        best = {"val": float(state["best_val"]), "epoch": int(state["best_epoch"]),
+                "state": state["best_state"]}
+        bad_epochs, start = int(state["bad_epochs"]), int(state["epoch"]) + 1
+        mean, scale = state["mean"].cpu().numpy(), float(state["scale"])
+        resumed_from = start - 1
+        log.info("resuming %s from epoch %d", ckpt, resumed_from)
+    if mean is None:
+        mean, scale = stream.moments()
+    if config.model == "linear":
+        scale = 1.0  # the PCA check: centred, not scaled
+    objective = _Objective(config, stream.clean is not None, mean, scale, device)
+    seen, train_time = 0, 0.0
+    for epoch in range(start, config.epochs):
+        if ckpt is not None and best["epoch"] >= 0 and bad_epochs >= config.patience:
+            break
+        t0 = time.perf_counter()
+        gen = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
+        model.train()
+        total, count = 0.0, 0
+        for x, clean in stream.batches(0, epoch, config.batch_size):
+            inp, target = objective.batch(x, clean, gen)
+            out, _ = model(inp)
+            loss = objective.loss(out, target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(x)
+            count += len(x)
+        seen += count
+        history["lr"].append(float(opt.param_groups[0]["lr"]))
+        sched.step()
+        val = evaluate_loss(model, stream, objective, config.batch_size, gen_seed=config.seed)
+        dt = time.perf_counter() - t0
+        train_time += dt
+        history["train_loss"].append(total / max(count, 1))
+        history["val_loss"].append(val)
+        history["seconds"].append(dt)
+        if val < best["val"]:
+            best = {"val": val, "epoch": epoch,
+                    "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+            bad_epochs = 0
+        else:
+            bad_epochs += 1
+        log.info("epoch %d: train %.5g, val %.5g (%.1f s)", epoch, history["train_loss"][-1], val, dt)
+        if ckpt is not None:
+            ckpt.parent.mkdir(parents=True, exist_ok=True)
+            _save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                          "scheduler": sched.state_dict(), "epoch": epoch,
+                          "config_hash": config.hash(), "history": history,
+                          "best_val": best["val"], "best_epoch": best["epoch"],
+                          "best_state": best["state"], "bad_epochs": bad_epochs,
+                          "mean": torch.as_tensor(mean), "scale": scale}, ckpt)
+        if stop_after_epoch is not None and epoch >= stop_after_epoch:
+            break
+        if bad_epochs >= config.patience:
+            log.info("early stop at epoch %d (best %d)", epoch, best["epoch"])
+            break
+    if best["state"] is not None:
+        model.load_state_dict(best["state"])
+    model.eval()
+    return TrainResult(model=model, history=history, best_epoch=best["epoch"], mean=mean,
+                       scale=scale, config=config, device=str(device),
+                       samples_per_s=seen / train_time if train_time else float("nan"),
+                       resumed_from=resumed_from)
+
+
+def evaluate_loss(model, stream: ChunkStream, objective: _Objective, batch_size: int,
+                  gen_seed: int = 0) -> float:
+    """Mean loss over the validation tiles (noise drawn the same way every epoch)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(gen_seed + 1)
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for x, clean in stream.batches(1, None, max(batch_size, 4096)):
+            inp, target = objective.batch(x, clean, gen)
+            out, _ = model(inp)
+            total += float(objective.loss(out, target)) * len(x)
+            count += len(x)
+    model.train()
+    return total / count if count else float("nan")
+
+
+# ---------------------------------------------------------------------------------------------
+# the stage
+
+
+def write_train_stage(results, result: TrainResult, *, overwrite: bool = False):
+    """The ``train`` stage group: loss curves per epoch; the config, its hash and the best epoch
+    in attrs; and the best weights as plain arrays (``weights``, one float32 vector with the layout
+    in its attrs, and ``feature_mean``/``scale``, the standardisation), so that loading a model
+    never unpickles anything. ``load_model(stage)`` rebuilds it."""
+    import xarray as xr
+
+    h = result.history
+    state = result.model.state_dict()
+    layout, flat, offset = [], [], 0
+    for name, tensor in state.items():
+        values = tensor.detach().cpu().numpy().astype(np.float32).ravel()
+        layout.append({"name": name, "shape": list(tensor.shape), "offset": offset})
+        flat.append(values)
+        offset += values.size
+    ds = xr.Dataset(
+        {"train_loss": (("epoch",), np.asarray(h["train_loss"], np.float64)),
+         "val_loss": (("epoch",), np.asarray(h["val_loss"], np.float64)),
+         "learning_rate": (("epoch",), np.asarray(h["lr"], np.float64)),
+         "epoch_seconds": (("epoch",), np.asarray(h["seconds"], np.float64)),
+         "weights": (("parameter",), np.concatenate(flat), {"layout": layout}),
+         "feature_mean": (("feature",), np.asarray(result.mean, np.float32), {"scale": result.scale})},
+        coords={"epoch": np.arange(len(h["train_loss"]))},
+        attrs={"train": {"config": dataclasses.asdict(result.config),
+                         "config_hash": result.config.hash(), "best_epoch": result.best_epoch,
+                         "device": result.device, "samples_per_s": result.samples_per_s,
+                         "resumed_from": result.resumed_from}},
+    )
+    ds.attrs = json.loads(json.dumps(ds.attrs, default=list))
+    ds["weights"].attrs = json.loads(json.dumps(ds["weights"].attrs, default=int))
+    return results.write_stage("train", ds, overwrite=overwrite)
+
+
+def load_model(train_stage, signal_shape: tuple[int, ...]):
+    """The trained model of a ``train`` stage Dataset, with its mean and scale."""
+    import torch
+
+    from emscale.models import build_model
+
+    cfg = TrainConfig(**{k: tuple(v) if k == "widths" else v
+                         for k, v in train_stage.attrs["train"]["config"].items()})
+    shape = signal_shape if cfg.model == "conv" else (int(np.prod(signal_shape)),)
+    model = build_model(cfg.model, tuple(shape), cfg.latent_dim, tuple(cfg.widths))
+    flat = np.asarray(train_stage["weights"].values, np.float32)
+    state = {}
+    for item in train_stage["weights"].attrs["layout"]:
+        n = int(np.prod(item["shape"])) if item["shape"] else 1
+        chunk = flat[item["offset"]: item["offset"] + n].reshape(item["shape"])
+        state[item["name"]] = torch.from_numpy(chunk.copy())
+    model.load_state_dict(state)
+    model.eval()
+    mean = np.asarray(train_stage["feature_mean"].values, np.float32)
+    return model, mean, float(train_stage["feature_mean"].attrs["scale"])
+
+
+def train_on_cluster(client, stage_path, config: TrainConfig, **kwargs) -> TrainResult:
+    """Run the training in one worker process, the one with a ``GPU`` resource if any worker
+    declares one; it reads the Zarr chunks itself (shared storage), so no data pass through the
+    client or the scheduler."""
+    info = client.scheduler_info()["workers"]
+    gpu = any(w.get("resources", {}).get("GPU") for w in info.values())
+    future = client.submit(train_autoencoder, str(stage_path), config, pure=False,
+                           resources={"GPU": 1} if gpu else None, key=f"train-{config.hash()}",
+                           **kwargs)
+    return future.result()

@@ -1,0 +1,107 @@
+import dask.array as da
+import numpy as np
+import pytest
+import xarray as xr
+from scipy.linalg import subspace_angles
+
+from emscale.errors import ConfigError, StoreError
+from emscale.preprocess import Preprocessor, write_preprocess_stage
+from emscale.results import ResultsStore
+from emscale.store import ChunkPolicy
+from emscale.synth.eels import synth_eels
+from emscale.train import ChunkStream, TrainConfig, load_model, train_autoencoder, write_train_stage
+
+SMALL = dict(latent_dim=4, widths=(64, 32), threads=2)
+
+
+@pytest.fixture(scope="module")
+def eels_stage(tmp_path_factory):
+    import dask
+
+    path = tmp_path_factory.mktemp("train") / "results.zarr"
+    scan = synth_eels((48, 40), channels=128, seed=3, policy=ChunkPolicy(target_mib=0.1))
+    with dask.config.set(scheduler="synchronous"):
+        write_preprocess_stage(ResultsStore(path), scan,
+                               Preprocessor([{"step": "crop", "start": 500, "stop": 780}]))
+    return path / "preprocess"
+
+
+def test_denoising_loss_decreases_and_stage_round_trips(eels_stage, tmp_path):
+    result = train_autoencoder(eels_stage, TrainConfig(epochs=8, **SMALL))
+    train, val = result.history["train_loss"], result.history["val_loss"]
+    assert train[-1] < 0.5 * train[0] and val[-1] < 0.7 * val[0], (train, val)
+    stage = write_train_stage(ResultsStore(tmp_path / "r.zarr"), result)
+    model, mean, scale = load_model(stage, (stage.feature.size,))
+    for k, v in model.state_dict().items():
+        assert (v == result.model.state_dict()[k]).all()
+    assert stage.val_loss.dims == ("epoch",) and stage.attrs["train"]["config_hash"] == result.config.hash()
+
+
+def test_split_is_by_spatial_tiles(eels_stage):
+    stream = ChunkStream(eels_stage, TrainConfig(tile=8, val_fraction=0.25))
+    split = np.concatenate([stream.split(*c) for c in stream.chunks])
+    ny, nx = stream.nav_shape
+    grid = np.zeros((ny, nx), np.int8)
+    for (y0, y1, x0, x1), part in zip(stream.chunks, np.split(split, np.cumsum(
+            [(c[1] - c[0]) * (c[3] - c[2]) for c in stream.chunks])[:-1])):
+        grid[y0:y1, x0:x1] = part.reshape(y1 - y0, x1 - x0)
+    tiles = grid.reshape(ny // 8, 8, nx // 8, 8)
+    assert (tiles.min(axis=(1, 3)) == tiles.max(axis=(1, 3))).all()  # whole tiles
+    assert 0 < grid.mean() < 1
+
+
+def test_resume_after_a_kill_ends_identical(eels_stage, tmp_path):
+    config = TrainConfig(epochs=4, **SMALL)
+    straight = train_autoencoder(eels_stage, config, checkpoint_dir=tmp_path / "a")
+    train_autoencoder(eels_stage, config, checkpoint_dir=tmp_path / "b", stop_after_epoch=1)
+    resumed = train_autoencoder(eels_stage, config, checkpoint_dir=tmp_path / "b")
+    assert resumed.resumed_from == 1
+    for k, v in straight.model.state_dict().items():
+        assert (v == resumed.model.state_dict()[k]).all(), k
+    assert straight.history["val_loss"] == resumed.history["val_loss"]
+    with pytest.raises(ConfigError, match="another training config"):
+        train_autoencoder(eels_stage, TrainConfig(epochs=5, **SMALL), checkpoint_dir=tmp_path / "b")
+
+
+def test_linear_autoencoder_recovers_the_pca_subspace(tmp_path):
+    rng = np.random.default_rng(0)
+    n, f, k = 48 * 48, 16, 3
+    basis = np.linalg.qr(rng.normal(size=(f, k)))[0].T
+    x = (5 + (rng.normal(size=(n, k)) * [4, 3, 2]) @ basis + 0.05 * rng.normal(size=(n, f)))
+    x = x.astype(np.float32).reshape(48, 48, f)
+    ds = xr.Dataset({"features": (("y", "x", "energy"), da.from_array(x, chunks=(12, 48, f))),
+                     "valid": (("y", "x"), da.ones((48, 48), bool, chunks=(12, 48)))})
+    results = ResultsStore(tmp_path / "r.zarr")
+    results.write_stage("preprocess", ds)
+    config = TrainConfig(model="linear", latent_dim=k, objective="plain", epochs=60, lr=1e-2,
+                         batch_size=128, threads=2, patience=60)
+    result = train_autoencoder(tmp_path / "r.zarr" / "preprocess", config)
+    decoder = result.model.decoder.weight.detach().numpy().astype(np.float64)  # (f, k)
+    stream = ChunkStream(tmp_path / "r.zarr" / "preprocess", config)
+    train_x = np.concatenate([stream.read(c, 0)[0] for c in stream.chunks]).astype(np.float64)
+    _, _, vt = np.linalg.svd(train_x - train_x.mean(0), full_matrices=False)
+    angle = subspace_angles(decoder, vt[:k].T).max()
+    assert angle < 0.02, angle
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (dict(latent_dim=112), "latent_dim"), (dict(epochs=0), "epochs"), (dict(loss="l1"), "loss"),
+    (dict(batch_size=-1), "batch_size"), (dict(val_fraction=1.0), "val_fraction"),
+    (dict(model="transformer"), "model"), (dict(device="tpu"), "device"),
+])
+def test_bad_settings_name_the_field(eels_stage, overrides, field):
+    with pytest.raises(ConfigError, match=f"train.{field}"):
+        train_autoencoder(eels_stage, TrainConfig(**{**SMALL, **overrides}))
+
+
+def test_store_without_preprocess_stage_is_refused(tmp_path):
+    ResultsStore(tmp_path / "r.zarr").create()
+    with pytest.raises(StoreError, match="no preprocess stage"):
+        train_autoencoder(tmp_path / "r.zarr" / "preprocess", TrainConfig(**SMALL))
+
+
+def test_training_runs_in_one_worker_of_the_cluster(eels_stage, local_client):
+    from emscale.train import train_on_cluster
+
+    result = train_on_cluster(local_client, eels_stage, TrainConfig(epochs=2, **SMALL))
+    assert len(result.history["train_loss"]) == 2 and result.device == "cpu"
