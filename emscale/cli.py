@@ -209,6 +209,25 @@ def bench_pca_cmd(
         write_json(result, json_path)
 
 
+@bench_app.command("train")
+def bench_train_cmd(
+    shape: tuple[int, int] = typer.Option((256, 512), "--shape", help="Navigation size of the "
+                                          "generated scan (NY NX)."),
+    channels: int = typer.Option(1024, "--channels", help="Energy channels (the MLP's input)."),
+    epochs: int = typer.Option(3, "--epochs", help="Epochs per measurement (the first is warm-up)."),
+    threads: int = typer.Option(2, "--threads", help="PyTorch CPU threads."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the figures to this file."),
+) -> None:
+    """Autoencoder training samples/s at batch 256 and 1024: a plain in-memory PyTorch loop
+    against emscale's trainer streaming the same pixels from Zarr."""
+    from emscale.bench.train import run_train_bench
+
+    result = run_train_bench(shape=shape, channels=channels, epochs=epochs, threads=threads)
+    typer.echo(result.table())
+    if json_path:
+        json_path.write_text(json.dumps(result.to_dict(), indent=2))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args

@@ -63,8 +63,9 @@ class TrainConfig:
     noise_level: float = 0.5
     val_fraction: float = 0.1
     tile: int = 16
-    buffer_chunks: int = 4
+    buffer_chunks: int = 2
     max_train_pixels: int | None = None
+    max_val_pixels: int = 16384
     patience: int = 10
     seed: int = 0
     device: str = "auto"
@@ -79,7 +80,7 @@ class TrainConfig:
             if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
                 raise bad(name, "must be a positive integer")
 
-        for name in ("epochs", "batch_size", "tile", "buffer_chunks", "patience"):
+        for name in ("epochs", "batch_size", "tile", "buffer_chunks", "patience", "max_val_pixels"):
             positive_int(name)
         for name, options in (("loss", LOSSES), ("objective", OBJECTIVES), ("noise", NOISES),
                               ("device", DEVICES)):
@@ -126,6 +127,8 @@ class ChunkStream:
         self.chunks = [(y0, min(y0 + cy, ny), x0, min(x0 + cx, nx))
                        for y0 in range(0, ny, cy) for x0 in range(0, nx, cx)]
         self.nav_shape = (ny, nx)
+        self._selections: dict = {}
+        self._validation = None
         self.stride = 1
         if config.max_train_pixels:
             n_train = ny * nx * (1 - config.val_fraction)
@@ -145,60 +148,98 @@ class ChunkStream:
             out[(out == 0) & ~grid] = 2
         return out.ravel()
 
+    def selection(self, chunk, part: int) -> np.ndarray:
+        """Pixels of ``chunk`` in ``part`` that are valid (cached: a bool per pixel)."""
+        key = (chunk, part)
+        if key not in self._selections:
+            y0, y1, x0, x1 = chunk
+            sel = self.split(y0, y1, x0, x1) == part
+            if self.valid is not None:
+                sel &= np.asarray(self.valid[y0:y1, x0:x1]).ravel().astype(bool)
+            self._selections[key] = sel
+        return self._selections[key]
+
     def read(self, chunk, part: int) -> tuple[np.ndarray, np.ndarray | None]:
         y0, y1, x0, x1 = chunk
-        sel = self.split(y0, y1, x0, x1) == part
-        if self.valid is not None:
-            sel &= np.asarray(self.valid[y0:y1, x0:x1]).ravel().astype(bool)
+        sel = self.selection(chunk, part)
         x = np.asarray(self.features[y0:y1, x0:x1], np.float32).reshape(-1, self.n_features)[sel]
         clean = None
         if self.clean is not None:
             clean = np.asarray(self.clean[y0:y1, x0:x1], np.float32).reshape(-1, self.n_features)[sel]
         return x, clean
 
+    def _read_group(self, chunks, part):
+        parts = [self.read(c, part) for c in chunks]
+        x = np.concatenate([p[0] for p in parts])
+        c = None if self.clean is None else np.concatenate([p[1] for p in parts])
+        return x, c
+
     def batches(self, part: int, epoch: int | None, batch_size: int
                 ) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
         """Minibatches of ``part`` (0 train, 1 validation). With ``epoch`` the chunk order and the
-        pixels within each group of ``buffer_chunks`` chunks are shuffled by (seed, epoch)."""
+        pixels within each group of ``buffer_chunks`` chunks are shuffled by (seed, epoch). The
+        next group is read by a background thread while the current one is consumed (Zarr
+        decoding releases the GIL), so at most two groups are in memory."""
+        from concurrent.futures import ThreadPoolExecutor
+
         order = np.arange(len(self.chunks))
         rng = None
         if epoch is not None:
             rng = np.random.default_rng([self.config.seed, epoch])
             rng.shuffle(order)
-        group = self.config.buffer_chunks if rng is not None else 1
+        size = self.config.buffer_chunks
+        groups = [[self.chunks[i] for i in order[g:g + size]] for g in range(0, len(order), size)]
         carry_x = carry_c = None
-        for g in range(0, len(order), group):
-            parts = [self.read(self.chunks[i], part) for i in order[g:g + group]]
-            xs = [p[0] for p in parts] + ([carry_x] if carry_x is not None else [])
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(self._read_group, groups[0], part) if groups else None
+            for gi in range(len(groups)):
+                x, c = pending.result()
+                if gi + 1 < len(groups):
+                    pending = pool.submit(self._read_group, groups[gi + 1], part)
+                if carry_x is not None:
+                    x = np.concatenate([carry_x, x])
+                    c = None if c is None else np.concatenate([carry_c, c])
+                idx = rng.permutation(len(x)) if rng is not None else np.arange(len(x))
+                last = gi + 1 == len(groups)
+                stop = len(x) if last else len(x) // batch_size * batch_size
+                for s in range(0, stop, batch_size):
+                    b = idx[s:s + batch_size]
+                    yield x[b], None if c is None else c[b]
+                rest = idx[stop:]
+                carry_x = x[rest] if len(rest) else None
+                carry_c = None if (c is None or carry_x is None) else c[rest]
+
+    def validation_set(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """The validation pixels, read once and kept: at most ``max_val_pixels`` of them (an even
+        subsample), so the memory stays bounded and no epoch re-reads the scan to validate."""
+        if self._validation is None:
+            xs, cs = [], []
+            for x, c in self.batches(1, None, 1 << 16):
+                xs.append(x)
+                cs.append(c)
             x = np.concatenate(xs) if xs else np.zeros((0, self.n_features), np.float32)
-            c = None
-            if self.clean is not None:
-                cs = [p[1] for p in parts] + ([carry_c] if carry_c is not None else [])
-                c = np.concatenate(cs)
-            if rng is not None:
-                perm = rng.permutation(len(x))
-                x = x[perm]
-                c = None if c is None else c[perm]
-            last = g + group >= len(order)
-            stop = len(x) if last else len(x) // batch_size * batch_size
-            for s in range(0, stop, batch_size):
-                yield x[s:s + batch_size], None if c is None else c[s:s + batch_size]
-            carry_x = x[stop:] if stop < len(x) else None
-            carry_c = None if (c is None or carry_x is None) else c[stop:]
+            c = None if self.clean is None or not xs else np.concatenate(cs)
+            cap = self.config.max_val_pixels
+            if len(x) > cap:
+                keep = np.linspace(0, len(x) - 1, cap).astype(np.int64)
+                x, c = x[keep], None if c is None else c[keep]
+            self._validation = (x, c)
+        return self._validation
 
     def moments(self) -> tuple[np.ndarray, float]:
-        """Per-feature mean and one overall standard deviation of the training pixels (a pass)."""
+        """Per-feature mean and one overall standard deviation of the training pixels (one pass,
+        float64 sums)."""
         n, s, ss = 0, np.zeros(self.n_features), 0.0
         for x, _ in self.batches(0, None, 1 << 16):
             n += len(x)
             s += x.sum(axis=0, dtype=np.float64)
+            ss += float(np.einsum("ij,ij->", x, x, dtype=np.float64))
         if n < 2:
             raise ConfigError(f"train: only {n} valid training pixel(s); lower "
                               "train.val_fraction or give a larger scan")
         mean = s / n
-        for x, _ in self.batches(0, None, 1 << 16):
-            ss += float(((x - mean) ** 2).sum(dtype=np.float64))
-        return mean.astype(np.float32), max(math.sqrt(ss / (n * self.n_features)), 1e-12)
+        var = max(ss / n - float(mean @ mean), 0.0) / self.n_features
+        return mean.astype(np.float32), max(math.sqrt(var), 1e-12)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,7 +376,7 @@ def train_autoencoder(stage_path: str | os.PathLike, config: TrainConfig | None 
     objective = _Objective(config, stream.clean is not None, mean, scale, device)
     seen, train_time = 0, 0.0
     for epoch in range(start, config.epochs):
-        if ckpt is not None and best["epoch"] >= 0 and bad_epochs >= config.patience:
+        if best["epoch"] >= 0 and bad_epochs >= config.patience:  # resumed after an early stop
             break
         t0 = time.perf_counter()
         gen = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
@@ -351,11 +392,11 @@ def train_autoencoder(stage_path: str | os.PathLike, config: TrainConfig | None 
             total += loss.item() * len(x)
             count += len(x)
         seen += count
+        train_time += time.perf_counter() - t0  # the training steps only, for samples/s
         history["lr"].append(float(opt.param_groups[0]["lr"]))
         sched.step()
         val = evaluate_loss(model, stream, objective, config.batch_size, gen_seed=config.seed)
         dt = time.perf_counter() - t0
-        train_time += dt
         history["train_loss"].append(total / max(count, 1))
         history["val_loss"].append(val)
         history["seconds"].append(dt)
@@ -390,14 +431,17 @@ def train_autoencoder(stage_path: str | os.PathLike, config: TrainConfig | None 
 
 def evaluate_loss(model, stream: ChunkStream, objective: _Objective, batch_size: int,
                   gen_seed: int = 0) -> float:
-    """Mean loss over the validation tiles (noise drawn the same way every epoch)."""
+    """Mean loss over the validation set (noise drawn the same way every epoch)."""
     import torch
 
     gen = torch.Generator().manual_seed(gen_seed + 1)
     model.eval()
     total, count = 0.0, 0
+    x_all, clean_all = stream.validation_set()
     with torch.no_grad():
-        for x, clean in stream.batches(1, None, max(batch_size, 4096)):
+        for s in range(0, len(x_all), max(batch_size, 4096)):
+            x = x_all[s:s + max(batch_size, 4096)]
+            clean = None if clean_all is None else clean_all[s:s + max(batch_size, 4096)]
             inp, target = objective.batch(x, clean, gen)
             out, _ = model(inp)
             total += float(objective.loss(out, target)) * len(x)
