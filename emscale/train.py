@@ -225,7 +225,9 @@ class ChunkStream:
                     x = np.concatenate([carry_x, x])
                     c = None if c is None else np.concatenate([carry_c, c])
                 idx = rng.permutation(len(x)) if rng is not None else np.arange(len(x))
-                last = gi + 1 == len(groups)
+                # a shuffled pass carries the last partial batch into the next group (less than
+                # one batch: memory stays bounded); an ordered pass just yields it
+                last = gi + 1 == len(groups) or rng is None
                 stop = len(x) if last else len(x) // batch_size * batch_size
                 # gathers by torch (multithreaded, GIL released), not numpy fancy indexing
                 xt, ct = torch.from_numpy(x), None if c is None else torch.from_numpy(c)
