@@ -105,3 +105,49 @@ def test_training_runs_in_one_worker_of_the_cluster(eels_stage, local_client):
 
     result = train_on_cluster(local_client, eels_stage, TrainConfig(epochs=2, **SMALL))
     assert len(result.history["train_loss"]) == 2 and result.device == "cpu"
+
+
+def test_conv_autoencoder_on_diffraction_patterns(tmp_path):
+    import dask
+
+    from emscale.synth.diffraction import synth_diffraction
+
+    scan = synth_diffraction((16, 16), pattern=(64, 64), seed=2, policy=ChunkPolicy(target_mib=0.5))
+    results = ResultsStore(tmp_path / "r.zarr")
+    with dask.config.set(scheduler="synchronous"):
+        write_preprocess_stage(results, scan, Preprocessor([{"step": "bin", "factor": 2},
+                                                            {"step": "scale", "method": "sqrt"}]))
+    config = TrainConfig(model="conv", latent_dim=6, widths=(8, 16), epochs=4, batch_size=32,
+                         val_fraction=0.25, tile=4, threads=2)
+    result = train_autoencoder(results.path / "preprocess", config)
+    assert result.history["train_loss"][-1] < result.history["train_loss"][0]
+    stage = write_train_stage(results, result)
+    model, _, _ = load_model(stage, (32, 32))
+    import torch
+
+    out, z = model(torch.zeros(3, 32 * 32))
+    assert out.shape == (3, 32 * 32) and z.shape == (3, 6)
+
+
+def test_poisson_loss_and_self_supervised_noise(tmp_path):
+    """Raw counts (no clean target used): Poisson NLL with binomial thinning of the input."""
+    import dask
+
+    scan = synth_eels((32, 32), channels=128, seed=5, policy=ChunkPolicy(target_mib=0.1))
+    results = ResultsStore(tmp_path / "r.zarr")
+    with dask.config.set(scheduler="synchronous"):
+        write_preprocess_stage(results, scan.drop_vars("clean"), Preprocessor([]))
+    for noise in ("poisson", "gaussian"):
+        config = TrainConfig(loss="poisson", noise=noise, noise_level=0.5, epochs=6, **SMALL)
+        result = train_autoencoder(results.path / "preprocess", config)
+        assert result.history["val_loss"][-1] < result.history["val_loss"][0], noise
+    with pytest.raises(ConfigError, match="train.noise"):
+        train_autoencoder(results.path / "preprocess", TrainConfig(noise="clean", **SMALL))
+
+
+def test_max_train_pixels_takes_a_regular_grid(eels_stage):
+    full = ChunkStream(eels_stage, TrainConfig())
+    capped = ChunkStream(eels_stage, TrainConfig(max_train_pixels=300))
+    n_full = sum(len(full.read(c, 0)[0]) for c in full.chunks)
+    n_capped = sum(len(capped.read(c, 0)[0]) for c in capped.chunks)
+    assert n_capped <= 300 < n_full and n_capped > 100
