@@ -148,6 +148,7 @@ class ChunkStream:
                        for y0 in range(0, ny, cy) for x0 in range(0, nx, cx)]
         self.nav_shape = (ny, nx)
         self._selections: dict = {}
+        self._resident: dict = {}
         self._validation = None
         self.stride = 1
         if config.max_train_pixels:
@@ -219,6 +220,10 @@ class ChunkStream:
                     x, c = pending.result()
                     if gi + 1 < len(groups):
                         pending = pool.submit(self._read_group, groups[gi + 1], part)
+                elif len(groups) == 1:  # the whole part fits in the buffer: read it once
+                    if part not in self._resident:
+                        self._resident[part] = self._read_group(groups[0], part)
+                    x, c = self._resident[part]
                 else:
                     x, c = self._read_group(groups[gi], part)
                 if carry_x is not None:
