@@ -88,7 +88,14 @@ class TrainConfig:
                               ("device", DEVICES)):
             if getattr(self, name) not in options:
                 raise bad(name, f"must be one of {options}")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
+        def number(name):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)):
+                raise bad(name, "must be a number")
+
+        for name in ("lr", "val_fraction", "noise_level"):
+            number(name)
+        if not self.lr > 0:
             raise bad("lr", "must be a positive number")
         if not 0 < self.val_fraction < 1:
             raise bad("val_fraction", "must be between 0 and 1")
@@ -98,11 +105,19 @@ class TrainConfig:
             positive_int("max_train_pixels")
         if self.threads is not None:
             positive_int("threads")
+        if not (isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0):
+            raise bad("seed", "must be a non-negative integer")
+        if self.prefetch not in (None, True, False):
+            raise bad("prefetch", "must be true, false or null (on CUDA only)")
         if self.loss == "poisson" and self.model == "linear":
             raise ConfigError("train.loss: the linear autoencoder (the PCA check) trains with 'mse'")
 
-    def hash(self) -> str:
-        blob = json.dumps(dataclasses.asdict(self), sort_keys=True, default=list)
+    def hash(self, data: str = "") -> str:
+        """What a checkpoint must match to be resumed: the settings that change the result (not
+        threads, device or prefetch) and, given as ``data``, a signature of the training data."""
+        fields = {k: v for k, v in dataclasses.asdict(self).items()
+                  if k not in ("threads", "device", "prefetch")}
+        blob = json.dumps([fields, data], sort_keys=True, default=list)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -123,6 +138,16 @@ def _blosc_threads(use: bool):
         yield
     finally:
         numcodecs.blosc.use_threads = old
+
+
+def _uniform_hash(v: np.ndarray, seed: int) -> np.ndarray:
+    """Uniform numbers in [0, 1) from integers and a seed (splitmix64's finaliser, top 53 bits)."""
+    with np.errstate(over="ignore"):
+        v = v + np.uint64(seed + 1) * np.uint64(0x9E3779B97F4A7C15)
+        v = (v ^ (v >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        v = (v ^ (v >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        v = v ^ (v >> np.uint64(31))
+    return (v >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
 class ChunkStream:
@@ -147,13 +172,32 @@ class ChunkStream:
         self.chunks = [(y0, min(y0 + cy, ny), x0, min(x0 + cx, nx))
                        for y0 in range(0, ny, cy) for x0 in range(0, nx, cx)]
         self.nav_shape = (ny, nx)
+        self.path = path
         self._selections: dict = {}
         self._resident: dict = {}
         self._validation = None
+        # tiles are validation below a hash threshold; a scan of few tiles still gets one
+        t = config.tile
+        n_tiles = (ny // t + 1) * (nx // t + 1)
+        u_all = _uniform_hash(np.arange(n_tiles, dtype=np.uint64), config.seed)
+        real = [(ty * (nx // t + 1) + tx) for ty in range(math.ceil(ny / t))
+                for tx in range(math.ceil(nx / t))]
+        u_real = u_all[real]
+        below = u_real[u_real < config.val_fraction]
+        self._val_threshold = below.max() if len(below) else u_real.min()
+        if len(real) < 2:
+            raise ConfigError(f"train.tile: {t} leaves the {ny} x {nx} scan a single tile; "
+                              "training and validation need two at least")
         self.stride = 1
         if config.max_train_pixels:
             n_train = ny * nx * (1 - config.val_fraction)
             self.stride = max(1, math.ceil(math.sqrt(n_train / config.max_train_pixels)))
+
+    def signature(self) -> str:
+        """The training data's identity for checkpoints: shape, chunks and the stage's attrs."""
+        attrs = zarr.open_group(str(self.path), mode="r", zarr_format=3).attrs
+        return json.dumps([list(self.features.shape), list(self.features.chunks),
+                           attrs.get("preprocess"), attrs.get("source")], sort_keys=True, default=str)
 
     def split(self, y0, y1, x0, x1) -> np.ndarray:
         """0 = train, 1 = validation, by seeded spatial tiles; 2 = left out by the sample grid."""
@@ -161,9 +205,8 @@ class ChunkStream:
         yy, xx = np.mgrid[y0:y1, x0:x1]
         tile_id = (yy // t) * (self.nav_shape[1] // t + 1) + xx // t
         # a fixed hash of (seed, tile): the same tiles are validation in every epoch and run
-        h = (tile_id.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
-             + np.uint64(self.config.seed * 7919 + 1)) % np.uint64(1 << 31)
-        out = (h.astype(np.float64) / (1 << 31) < self.config.val_fraction).astype(np.int8)
+        u = _uniform_hash(tile_id.astype(np.uint64), self.config.seed)
+        out = (u <= self._val_threshold).astype(np.int8)
         if self.stride > 1:
             grid = (yy % self.stride == 0) & (xx % self.stride == 0)
             out[(out == 0) & ~grid] = 2
@@ -198,8 +241,9 @@ class ChunkStream:
     def batches(self, part: int, epoch: int | None, batch_size: int) -> Iterator[tuple[Any, Any]]:
         """Minibatches (CPU tensors) of ``part`` (0 train, 1 validation). With ``epoch`` the chunk order and the
         pixels within each group of ``buffer_chunks`` chunks are shuffled by (seed, epoch). The
-        next group is read by a background thread while the current one is consumed (Zarr
-        decoding releases the GIL), so at most two groups are in memory."""
+        next group may be read by a background thread while the current one is consumed
+        (``prefetch``), so at most about three groups are in memory (the pending read, the
+        current group and the copy that joins the carried partial batch)."""
         from concurrent.futures import ThreadPoolExecutor
 
         import torch
@@ -221,8 +265,8 @@ class ChunkStream:
                     if gi + 1 < len(groups):
                         pending = pool.submit(self._read_group, groups[gi + 1], part)
                 elif len(groups) == 1:  # the whole part fits in the buffer: read it once
-                    if part not in self._resident:
-                        self._resident[part] = self._read_group(groups[0], part)
+                    if part not in self._resident:  # in chunk order, whoever reads it first
+                        self._resident[part] = self._read_group(sorted(groups[0]), part)
                     x, c = self._resident[part]
                 else:
                     x, c = self._read_group(groups[gi], part)
@@ -245,20 +289,26 @@ class ChunkStream:
                 carry_c = None if (c is None or carry_x is None) else c[rest]
 
     def validation_set(self) -> tuple[np.ndarray, np.ndarray | None]:
-        """The validation pixels, read once and kept: at most ``max_val_pixels`` of them (an even
-        subsample), so the memory stays bounded and no epoch re-reads the scan to validate."""
+        """The validation pixels, read once and kept: at most ``max_val_pixels`` of them (evenly
+        spaced over the scan, picked chunk by chunk), so memory stays bounded and no epoch
+        re-reads the scan to validate."""
         if self._validation is None:
+            counts = np.array([int(self.selection(c, 1).sum()) for c in self.chunks])
+            total = int(counts.sum())
+            if total == 0:
+                raise ConfigError("train.val_fraction: no validation pixel (the scan is smaller "
+                                  "than a few train.tile tiles; lower train.tile)")
+            keep = np.linspace(0, total - 1, min(total, self.config.max_val_pixels)).astype(np.int64)
+            starts = np.concatenate([[0], np.cumsum(counts)])
             xs, cs = [], []
-            for x, c in self.batches(1, None, 1 << 16):
-                xs.append(x.numpy())
-                cs.append(None if c is None else c.numpy())
-            x = np.concatenate(xs) if xs else np.zeros((0, self.n_features), np.float32)
-            c = None if self.clean is None or not xs else np.concatenate(cs)
-            cap = self.config.max_val_pixels
-            if len(x) > cap:
-                keep = np.linspace(0, len(x) - 1, cap).astype(np.int64)
-                x, c = x[keep], None if c is None else c[keep]
-            self._validation = (x, c)
+            for i, chunk in enumerate(self.chunks):
+                local = keep[(keep >= starts[i]) & (keep < starts[i + 1])] - starts[i]
+                if len(local):
+                    x, c = self.read(chunk, 1)
+                    xs.append(x[local])
+                    cs.append(None if c is None else c[local])
+            self._validation = (np.concatenate(xs),
+                                None if self.clean is None else np.concatenate(cs))
         return self._validation
 
     def moments(self) -> tuple[np.ndarray, float]:
@@ -320,7 +370,8 @@ def pick_device(config: TrainConfig):
 class _Objective:
     """Inputs and targets of a batch (standardised), the loss, and the reconstruction."""
 
-    def __init__(self, config: TrainConfig, has_clean: bool, mean, scale, device):
+    def __init__(self, config: TrainConfig, has_clean: bool, mean, scale, device,
+                 noise_scale: float | None = None):
         import torch
 
         self.config = config
@@ -333,7 +384,13 @@ class _Objective:
         self.denoise = config.objective == "denoise"
         self.mean = torch.as_tensor(mean, device=device)
         self.scale = float(scale)
+        self.noise_scale = float(noise_scale if noise_scale is not None else scale)
         self.device = device
+        # Poisson thinning: the input is a thinned copy x1 ~ Bin(x, p), rescaled by 1/p; the target
+        # is the rest x - x1, independent of x1 given the rate (Noise2Noise): MSE against
+        # (x - x1)/(1 - p), or Poisson NLL of x - x1 at the rate times (1 - p)
+        self.thinning = self.denoise and self.noise == "poisson"
+        self.log_rest = math.log(1 - config.noise_level) if self.thinning else 0.0
 
     def batch(self, x, clean, gen):
         import torch
@@ -341,21 +398,23 @@ class _Objective:
         x = torch.as_tensor(x, device=self.device)
         target = torch.as_tensor(clean, device=self.device) if (self.denoise and self.noise == "clean") else x
         inp = x
-        if self.denoise and self.noise == "poisson":
+        if self.thinning:
+            p = self.config.noise_level
             counts = torch.clamp(torch.round(x), min=0).cpu()
-            thinned = torch.binomial(counts, torch.full_like(counts, self.config.noise_level),
-                                     generator=gen)
-            inp = (thinned / self.config.noise_level).to(self.device)
+            thinned = torch.binomial(counts, torch.full_like(counts, p), generator=gen)
+            inp = (thinned / p).to(self.device)
+            rest = (counts - thinned).to(self.device)
+            target = rest if self.config.loss == "poisson" else rest / (1 - p)
         elif self.denoise and self.noise == "gaussian":
             noise = torch.randn(x.shape, generator=gen).to(self.device)
-            inp = x + noise * (self.config.noise_level * self.scale)
+            inp = x + noise * (self.config.noise_level * self.noise_scale)
         return (inp - self.mean) / self.scale, target
 
     def loss(self, out, target):
         import torch
 
         if self.config.loss == "poisson":
-            return torch.nn.functional.poisson_nll_loss(out, torch.clamp(target, min=0),
+            return torch.nn.functional.poisson_nll_loss(out + self.log_rest, torch.clamp(target, min=0),
                                                         log_input=True, full=False)
         return torch.mean((out - (target - self.mean) / self.scale) ** 2)
 
@@ -363,6 +422,11 @@ class _Objective:
         import torch
 
         return torch.exp(out) if self.config.loss == "poisson" else out * self.scale + self.mean
+
+
+def _seed(seed: int, epoch: int, stream: int) -> int:
+    """Independent seeds for (run seed, epoch, stream): 0 training draws, 1 validation noise."""
+    return int(np.random.SeedSequence([seed, epoch, stream]).generate_state(1)[0])
 
 
 def _save_atomic(obj, path: Path) -> None:
@@ -386,6 +450,7 @@ def train_autoencoder(stage_path: str | os.PathLike, config: TrainConfig | None 
     config = config or TrainConfig()
     config.check()
     stream = ChunkStream(stage_path, config)
+    key = config.hash(stream.signature())
     if stream.clean is None and config.objective == "denoise" and config.noise == "clean":
         raise ConfigError("train.noise: 'clean' needs a stage with clean_features")
     shape = stream.signal_shape if config.model == "conv" else (stream.n_features,)
@@ -402,9 +467,9 @@ def train_autoencoder(stage_path: str | os.PathLike, config: TrainConfig | None 
     resumed_from = None
     if ckpt is not None and ckpt.exists():
         state = torch.load(ckpt, map_location=device, weights_only=True)
-        if state["config_hash"] != config.hash():
-            raise ConfigError(f"{ckpt}: checkpoint of another training config "
-                              f"({state['config_hash']} != {config.hash()}); remove it to restart")
+        if state["config_hash"] != key:
+            raise ConfigError(f"{ckpt}: checkpoint of another training config or stage "
+                              f"({state['config_hash']} != {key}); remove it to restart")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -417,15 +482,17 @@ def train_autoencoder(stage_path: str | os.PathLike, config: TrainConfig | None 
         log.info("resuming %s from epoch %d", ckpt, resumed_from)
     if mean is None:
         mean, scale = stream.moments()
+    data_scale = scale
     if config.model == "linear":
-        scale = 1.0  # the PCA check: centred, not scaled
-    objective = _Objective(config, stream.clean is not None, mean, scale, device)
+        scale = 1.0  # the PCA check: centred, not scaled (noise keeps the data's spread)
+    objective = _Objective(config, stream.clean is not None, mean, scale, device,
+                           noise_scale=data_scale)
     seen, train_time = 0, 0.0
     for epoch in range(start, config.epochs):
-        if best["epoch"] >= 0 and bad_epochs >= config.patience:  # resumed after an early stop
+        if bad_epochs >= config.patience:  # resumed after an early stop
             break
         t0 = time.perf_counter()
-        gen = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
+        gen = torch.Generator().manual_seed(_seed(config.seed, epoch, 0))
         model.train()
         total, count = 0.0, 0
         for x, clean in stream.batches(0, epoch, config.batch_size):
@@ -457,7 +524,7 @@ def train_autoencoder(stage_path: str | os.PathLike, config: TrainConfig | None 
             ckpt.parent.mkdir(parents=True, exist_ok=True)
             _save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(),
                           "scheduler": sched.state_dict(), "epoch": epoch,
-                          "config_hash": config.hash(), "history": history,
+                          "config_hash": key, "history": history,
                           "best_val": best["val"], "best_epoch": best["epoch"],
                           "best_state": best["state"], "bad_epochs": bad_epochs,
                           "mean": torch.as_tensor(mean), "scale": scale}, ckpt)
@@ -480,7 +547,7 @@ def evaluate_loss(model, stream: ChunkStream, objective: _Objective, batch_size:
     """Mean loss over the validation set (noise drawn the same way every epoch)."""
     import torch
 
-    gen = torch.Generator().manual_seed(gen_seed + 1)
+    gen = torch.Generator().manual_seed(_seed(gen_seed, 0, 1))
     model.eval()
     total, count = 0.0, 0
     x_all, clean_all = stream.validation_set()
@@ -525,7 +592,9 @@ def write_train_stage(results, result: TrainResult, *, overwrite: bool = False):
         coords={"epoch": np.arange(len(h["train_loss"]))},
         attrs={"train": {"config": dataclasses.asdict(result.config),
                          "config_hash": result.config.hash(), "best_epoch": result.best_epoch,
-                         "device": result.device, "samples_per_s": result.samples_per_s,
+                         "device": result.device,
+                         "samples_per_s": (result.samples_per_s
+                                           if math.isfinite(result.samples_per_s) else None),
                          "resumed_from": result.resumed_from}},
     )
     ds.attrs = json.loads(json.dumps(ds.attrs, default=list))

@@ -151,3 +151,36 @@ def test_max_train_pixels_takes_a_regular_grid(eels_stage):
     n_full = sum(len(full.read(c, 0)[0]) for c in full.chunks)
     n_capped = sum(len(capped.read(c, 0)[0]) for c in capped.chunks)
     assert n_capped <= 300 < n_full and n_capped > 100
+
+
+def test_split_fraction_and_seed(tmp_path):
+    feats = xr.Dataset({"features": (("y", "x", "energy"),
+                                     da.zeros((256, 256, 4), np.float32, chunks=(64, 256, 4)))})
+    results = ResultsStore(tmp_path / "r.zarr")
+    results.write_stage("preprocess", feats)
+    fractions, splits = [], []
+    for seed in (0, 1):
+        stream = ChunkStream(results.path / "preprocess", TrainConfig(tile=8, val_fraction=0.25, seed=seed))
+        split = np.concatenate([stream.split(*c) for c in stream.chunks])
+        fractions.append(split.mean())
+        splits.append(split)
+    assert all(abs(f - 0.25) < 0.05 for f in fractions), fractions  # 1024 tiles
+    assert (splits[0] != splits[1]).any()
+
+
+def test_resume_identical_when_the_scan_fits_in_the_buffer(eels_stage, tmp_path):
+    config = TrainConfig(epochs=3, buffer_chunks=64, **SMALL)
+    straight = train_autoencoder(eels_stage, config, checkpoint_dir=tmp_path / "a")
+    train_autoencoder(eels_stage, config, checkpoint_dir=tmp_path / "b", stop_after_epoch=0)
+    resumed = train_autoencoder(eels_stage, config, checkpoint_dir=tmp_path / "b")
+    for k, v in straight.model.state_dict().items():
+        assert (v == resumed.model.state_dict()[k]).all(), k
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (dict(seed=-1), "seed"), (dict(seed=1.5), "seed"), (dict(noise_level="0.5"), "noise_level"),
+    (dict(prefetch="yes"), "prefetch"), (dict(val_fraction=None), "val_fraction"),
+])
+def test_more_bad_settings(overrides, field):
+    with pytest.raises(ConfigError, match=f"train.{field}"):
+        TrainConfig(**overrides).check()
