@@ -55,7 +55,8 @@ def _scatter_block(x: np.ndarray, valid: np.ndarray | None = None) -> dict:
 
 
 def merge_scatter(parts: list[dict]) -> dict:
-    """Merge block statistics (Chan's parallel update of mean and centred scatter)."""
+    """Merge block statistics (Chan's parallel update of the mean and the centred scatter ``m2``:
+    a features x features matrix, or only its diagonal, the per-feature sums of squares)."""
     out = parts[0]
     for p in parts[1:]:
         if p["n"] == 0:
@@ -65,10 +66,11 @@ def merge_scatter(parts: list[dict]) -> dict:
             continue
         n = out["n"] + p["n"]
         delta = p["mean"] - out["mean"]
+        cross = np.outer(delta, delta) if np.ndim(out["m2"]) == 2 else delta**2
         out = {
             "n": n,
             "mean": out["mean"] + delta * (p["n"] / n),
-            "m2": out["m2"] + p["m2"] + np.outer(delta, delta) * (out["n"] * p["n"] / n),
+            "m2": out["m2"] + p["m2"] + cross * (out["n"] * p["n"] / n),
         }
     return out
 
@@ -94,22 +96,7 @@ def _moments_block(x, valid=None):
         x = x[np.asarray(valid).ravel()]
     mean = x.mean(axis=0, dtype=np.float64) if len(x) else np.zeros(x.shape[1])
     c = x - mean.astype(np.float32)
-    return {"n": len(x), "mean": mean, "var_sum": np.einsum("ij,ij->j", c, c, dtype=np.float64)}
-
-
-def _merge_moments(parts):
-    out = parts[0]
-    for p in parts[1:]:
-        if p["n"] == 0:
-            continue
-        if out["n"] == 0:
-            out = p
-            continue
-        n = out["n"] + p["n"]
-        delta = p["mean"] - out["mean"]
-        out = {"n": n, "mean": out["mean"] + delta * (p["n"] / n),
-               "var_sum": out["var_sum"] + p["var_sum"] + delta**2 * (out["n"] * p["n"] / n)}
-    return out
+    return {"n": len(x), "mean": mean, "m2": np.einsum("ij,ij->j", c, c, dtype=np.float64)}
 
 
 def _centre_rows(x, valid, mean):
@@ -263,7 +250,7 @@ class PCA:
 
     def _fit_randomized(self, x, valid) -> None:
         args = (x,) if valid is None else (x, valid)
-        moments = tree_reduce(_moments_block, _merge_moments, *args, name="pca-moments").compute()
+        moments = tree_reduce(_moments_block, merge_scatter, *args, name="pca-moments").compute()
         n, mean = moments["n"], moments["mean"].astype(np.float32)
         if n < 2:
             raise ConfigError(f"pca: need at least 2 valid pixels, got {n}")
@@ -277,7 +264,7 @@ class PCA:
         _, s, vt = da.linalg.svd_compressed(centred, k, n_power_iter=self.n_power_iter,
                                             iterator="QR", seed=self.seed, compute=True)
         s, vt = dask.compute(s, vt)
-        total = float(moments["var_sum"].sum() / (n - 1))
+        total = float(moments["m2"].sum() / (n - 1))
         var = s**2 / (n - 1)
         rank = min(n, x.shape[1])
         self._set(mean=moments["mean"], components=vt, variance=var, total=total, n=n,

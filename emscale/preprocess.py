@@ -101,6 +101,10 @@ class Step:
     def error(self, param: str, message: str) -> ConfigError:
         return ConfigError(f"{self.where}.{param}: {message}")
 
+    def check_choice(self, param: str, options: tuple[str, ...]) -> None:
+        if getattr(self, param) not in options:
+            raise self.error(param, f"{getattr(self, param)!r} is not one of {options}")
+
     def prepare(self, coords: Coords) -> None:
         self.coords_in = coords
 
@@ -278,8 +282,7 @@ class Background(Step):
     def prepare(self, coords: Coords) -> None:
         super().prepare(coords)
         _, e = _axis(coords, self, "window")
-        if self.model != "power_law":
-            raise self.error("model", f"{self.model!r} is not one of ('power_law',)")
+        self.check_choice("model", ("power_law",))
         if self.window is None or len(self.window) != 2 or not self.window[0] < self.window[1]:
             raise self.error("window", f"must be [lo, hi] with lo < hi (eV), got {self.window!r}")
         sel = np.flatnonzero((e >= self.window[0]) & (e <= self.window[1]))
@@ -360,8 +363,7 @@ class Centre(Step):
 
     def prepare(self, coords: Coords) -> None:
         super().prepare(coords)
-        if self.method not in ("com", "fit"):
-            raise self.error("method", f"{self.method!r} is not one of ('com', 'fit')")
+        self.check_choice("method", ("com", "fit"))
         if self.radius is not None and not self.radius > 0:
             raise self.error("radius", f"must be positive, got {self.radius!r}")
 
@@ -425,8 +427,7 @@ class Scale(Step):
 
     def prepare(self, coords: Coords) -> None:
         super().prepare(coords)
-        if self.method not in ("log", "sqrt"):
-            raise self.error("method", f"{self.method!r} is not one of ('log', 'sqrt')")
+        self.check_choice("method", ("log", "sqrt"))
 
     def apply(self, x, pos):
         x = np.clip(x, 0, None)
@@ -486,8 +487,7 @@ class Normalize(Step):
 
     def prepare(self, coords: Coords) -> None:
         super().prepare(coords)
-        if self.method not in ("sum", "max", "none"):
-            raise self.error("method", f"{self.method!r} is not one of ('sum', 'max', 'none')")
+        self.check_choice("method", ("sum", "max", "none"))
 
     def apply(self, x, pos):
         if self.method == "none":
