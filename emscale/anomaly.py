@@ -1,0 +1,220 @@
+"""Anomaly scoring: reconstruction error, latent Mahalanobis distance, a combined score and a
+calibrated threshold, all by tree reductions over an ``encode`` stage (nothing is collected).
+
+``AnomalyScorer`` is an estimator. ``fit(encoded, normal=...)`` learns from the pixels declared
+normal (a boolean (y, x) map, a region of the scan, or the whole scan: ``normal=None``):
+- the latent codes' mean and covariance (Chan's tree-merged scatter), for the Mahalanobis distance;
+- the mean and standard deviation of the log of each score, to put both on one scale;
+- the threshold on the chosen score.
+
+The combined score is ``max(z_error, z_mahalanobis)``: each score's log, standardised on the normal
+pixels, so a pixel is anomalous when either its spectrum is badly reconstructed (new features the
+decoder cannot make) or its code lies far from the normal codes (known features in a new mix).
+
+Calibration:
+- ``"reference"`` (default): the threshold is the ``quantile`` (default 0.99) of the score over
+  the normal pixels, or ``1 - false_alarm_rate`` when that is given. The normal pixels must be
+  normal: declare a clean region, or fit on a reference scan and ``score`` another one.
+- ``"robust"``: for a scan with no declared reference, where anomalies are a minority: the
+  standardisation uses the median and the MAD (quantile sketches) instead of mean and standard
+  deviation, and the threshold is the Gaussian tail of the false-alarm rate (default 1 %) on the
+  standardised log scores.
+
+``score(encoded)`` gives ``mahalanobis``, ``anomaly_score`` and ``anomaly`` (threshold, method and
+calibration in its attrs) for that scan or any other encoded with the same model.
+"""
+
+from __future__ import annotations
+
+import math
+
+import dask
+import dask.array as da
+import numpy as np
+import xarray as xr
+from scipy.stats import norm
+
+from emscale.errors import ConfigError
+from emscale.pca import merge_scatter
+from emscale.reduction import quantiles, tree_reduce
+from emscale.store import NAV_DIMS
+
+METHODS = ("combined", "recon_error", "mahalanobis")
+CALIBRATIONS = ("reference", "robust")
+
+
+def _latent_block(latent, err, mask):
+    """Scatter of the codes and moments of log(error) over the masked, finite pixels."""
+    z = np.asarray(latent, np.float64).reshape(-1, latent.shape[-1])
+    e = np.asarray(err, np.float64).ravel()
+    keep = np.asarray(mask, bool).ravel() & np.isfinite(e) & np.isfinite(z).all(axis=1) & (e > 0)
+    z, le = z[keep], np.log(e[keep])
+    n = len(z)
+    if n == 0:
+        return {"codes": {"n": 0, "mean": np.zeros(z.shape[1]), "m2": np.zeros((z.shape[1],) * 2)},
+                "log_error": {"n": 0, "mean": np.zeros(1), "m2": np.zeros(1)}}
+    mz, me = z.mean(axis=0), le.mean(keepdims=True)
+    return {"codes": {"n": n, "mean": mz, "m2": (z - mz).T @ (z - mz)},
+            "log_error": {"n": n, "mean": me, "m2": np.array([((le - me) ** 2).sum()])}}
+
+
+def _merge_latent(parts):
+    return {k: merge_scatter([p[k] for p in parts]) for k in ("codes", "log_error")}
+
+
+def _moments_block(values, mask):
+    v = np.asarray(values, np.float64).ravel()
+    keep = np.asarray(mask, bool).ravel() & np.isfinite(v) & (v > 0)
+    lv = np.log(v[keep])
+    if not len(lv):
+        return {"n": 0, "mean": np.zeros(1), "m2": np.zeros(1)}
+    m = lv.mean(keepdims=True)
+    return {"n": len(lv), "mean": m, "m2": np.array([((lv - m) ** 2).sum()])}
+
+
+def _mahalanobis_block(latent, mean, precision):
+    d = np.asarray(latent, np.float64) - mean
+    return np.sqrt(np.maximum(np.einsum("...i,ij,...j->...", d, precision, d), 0)).astype(np.float32)
+
+
+class AnomalyScorer:
+    def __init__(self, method: str = "combined", calibration: str = "reference",
+                 quantile: float = 0.99, false_alarm_rate: float | None = None):
+        self.method = method
+        self.calibration = calibration
+        self.quantile = quantile
+        self.false_alarm_rate = false_alarm_rate
+
+    def _check(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"anomaly.method: must be one of {METHODS}, got {self.method!r}")
+        if self.calibration not in CALIBRATIONS:
+            raise ConfigError(f"anomaly.calibration: must be one of {CALIBRATIONS}, "
+                              f"got {self.calibration!r}")
+        if not (isinstance(self.quantile, (int, float)) and 0.5 <= self.quantile < 1):
+            raise ConfigError(f"anomaly.quantile: must be within [0.5, 1), got {self.quantile!r}")
+        far = self.false_alarm_rate
+        if far is not None and not (isinstance(far, (int, float)) and 0 < far <= 0.5):
+            raise ConfigError(f"anomaly.false_alarm_rate: must be within (0, 0.5], got {far!r}")
+
+    @property
+    def target_rate(self) -> float:
+        """The intended false-alarm rate on normal pixels."""
+        return self.false_alarm_rate if self.false_alarm_rate is not None else 1 - self.quantile
+
+    def fit(self, encoded: xr.Dataset, normal: xr.DataArray | np.ndarray | None = None) -> "AnomalyScorer":
+        """Learn the normal codes and the threshold from ``encoded``'s pixels where ``normal``
+        (a (y, x) boolean map; ``None``: the whole scan)."""
+        self._check()
+        latent, err = encoded["latent"].data, encoded["recon_error"].data
+        mask = self._mask(encoded, normal)
+        stats = dask.compute(tree_reduce(_latent_block, _merge_latent, latent, err, mask,
+                                         name="anomaly-normal-codes"))[0]
+        codes = stats["codes"]
+        if codes["n"] < latent.shape[-1] + 2:
+            raise ConfigError(f"anomaly: only {codes['n']} normal pixel(s) with finite codes; "
+                              "declare a larger normal region")
+        cov = codes["m2"] / (codes["n"] - 1)
+        # a small ridge keeps the inverse finite when a latent dimension is (nearly) unused
+        ridge = 1e-6 * max(np.trace(cov) / len(cov), 1e-30)
+        self.latent_mean_ = codes["mean"]
+        self.latent_covariance_ = cov
+        self.latent_precision_ = np.linalg.inv(cov + ridge * np.eye(len(cov)))
+        self.n_normal_ = int(codes["n"])
+        maha = self._mahalanobis(latent)
+        if self.calibration == "reference":
+            le = stats["log_error"]
+            lm = dask.compute(tree_reduce(_moments_block, merge_scatter, maha, mask,
+                                          name="anomaly-normal-distance"))[0]
+            self.log_error_centre_, self.log_error_spread_ = _centre_spread(le)
+            self.log_distance_centre_, self.log_distance_spread_ = _centre_spread(lm)
+            self.threshold_ = float(quantiles(self._score(err, maha), 1 - self.target_rate, mask,
+                                              name="anomaly-threshold")[0])
+        else:
+            self.log_error_centre_, self.log_error_spread_ = _robust(da.log(err), mask, "error")
+            self.log_distance_centre_, self.log_distance_spread_ = _robust(da.log(maha), mask,
+                                                                           "distance")
+            p = self.target_rate
+            # max of two (nearly independent) standard normals exceeds t with probability
+            # 1 - Phi(t)^2
+            self.threshold_ = float(norm.ppf(math.sqrt(1 - p)) if self.method == "combined"
+                                    else norm.ppf(1 - p))
+        return self
+
+    @staticmethod
+    def _mask(encoded: xr.Dataset, normal) -> da.Array:
+        latent = encoded["latent"].data
+        shape, chunks = latent.shape[:2], latent.chunks[:2]
+        if normal is None:
+            return da.ones(shape, bool, chunks=chunks)
+        m = normal.data if isinstance(normal, xr.DataArray) else normal
+        if tuple(m.shape) != tuple(shape):
+            raise ConfigError(f"anomaly.normal: the normal map is {tuple(m.shape)}, the scan {shape}")
+        m = m if isinstance(m, da.Array) else da.from_array(np.asarray(m, bool), chunks=chunks)
+        return m.astype(bool).rechunk(chunks)
+
+    def _mahalanobis(self, latent: da.Array) -> da.Array:
+        return latent.map_blocks(_mahalanobis_block, self.latent_mean_, self.latent_precision_,
+                                 drop_axis=2, dtype=np.float32, name="anomaly-mahalanobis")
+
+    def _z(self, values, centre, spread):
+        return (da.log(values) - centre) / spread
+
+    def _score(self, err: da.Array, maha: da.Array) -> da.Array:
+        z_err = self._z(err, self.log_error_centre_, self.log_error_spread_)
+        z_dist = self._z(maha, self.log_distance_centre_, self.log_distance_spread_)
+        if self.method == "recon_error":
+            return z_err.astype(np.float32)
+        if self.method == "mahalanobis":
+            return z_dist.astype(np.float32)
+        return da.maximum(z_err, z_dist).astype(np.float32)
+
+    def score(self, encoded: xr.Dataset) -> xr.Dataset:
+        """``mahalanobis``, ``anomaly_score`` and ``anomaly`` (lazy) of an encoded scan."""
+        if not hasattr(self, "threshold_"):
+            raise ConfigError("anomaly: call fit before score")
+        latent = encoded["latent"].data
+        if latent.shape[-1] != len(self.latent_mean_):
+            raise ConfigError(f"anomaly: fitted on {len(self.latent_mean_)}-D codes, "
+                              f"the scan has {latent.shape[-1]}-D codes (another model?)")
+        maha = self._mahalanobis(latent)
+        score = self._score(encoded["recon_error"].data, maha)
+        flagged = score > self.threshold_  # NaN (invalid pixels) compares False
+        attrs = {"threshold": self.threshold_, "method": self.method,
+                 "calibration": self.calibration, "target_false_alarm_rate": self.target_rate,
+                 "n_normal": self.n_normal_}
+        coords = {d: encoded[d] for d in NAV_DIMS if d in encoded.coords}
+        return xr.Dataset(
+            {"mahalanobis": (NAV_DIMS, maha, {"long_name": "latent Mahalanobis distance to the "
+                                                            "normal codes"}),
+             "anomaly_score": (NAV_DIMS, score, {"long_name": f"{self.method} score "
+                                                              "(standardised log scale)"}),
+             "anomaly": (NAV_DIMS, flagged, attrs)},
+            coords=coords, attrs={"anomaly": {**attrs, **self.summary()}})
+
+    def summary(self) -> dict:
+        return {"latent_mean": self.latent_mean_.tolist(),
+                "log_error_centre": self.log_error_centre_,
+                "log_error_spread": self.log_error_spread_,
+                "log_distance_centre": self.log_distance_centre_,
+                "log_distance_spread": self.log_distance_spread_}
+
+
+def _centre_spread(moments: dict) -> tuple[float, float]:
+    n = moments["n"]
+    sd = math.sqrt(float(moments["m2"][0]) / max(n - 1, 1))
+    return float(moments["mean"][0]), max(sd, 1e-12)
+
+
+def _robust(log_values: da.Array, mask: da.Array, what: str) -> tuple[float, float]:
+    """Median and 1.4826 MAD (the standard deviation of a normal) of finite log values."""
+    med = float(quantiles(log_values, 0.5, mask, name=f"anomaly-median-{what}")[0])
+    mad = float(quantiles(abs(log_values - med), 0.5, mask, name=f"anomaly-mad-{what}")[0])
+    return med, max(1.4826 * mad, 1e-12)
+
+
+def write_anomaly_stage(results, encoded: xr.Dataset, scorer: AnomalyScorer, *,
+                        overwrite: bool = False, progress: bool = False) -> xr.Dataset:
+    """Score ``encoded`` with a fitted ``scorer`` and write the ``anomaly`` stage group."""
+    return results.write_stage("anomaly", scorer.score(encoded), overwrite=overwrite,
+                               progress=progress)
