@@ -155,7 +155,7 @@ class AnomalyScorer:
 
     def _mahalanobis(self, latent: da.Array) -> da.Array:
         return latent.map_blocks(_mahalanobis_block, self.latent_mean_, self.latent_precision_,
-                                 drop_axis=2, dtype=np.float32, name="anomaly-mahalanobis")
+                                 drop_axis=2, dtype=np.float32, token="anomaly-mahalanobis")
 
     def _z(self, values, centre, spread):
         return (da.log(values) - centre) / spread

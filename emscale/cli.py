@@ -228,6 +228,29 @@ def bench_train_cmd(
         json_path.write_text(json.dumps(result.to_dict(), indent=2))
 
 
+@bench_app.command("phases")
+def bench_phases_cmd(
+    shape: tuple[int, int] = typer.Option((128, 128), "--shape", help="Navigation size of the "
+                                          "generated scan (NY NX)."),
+    channels: int = typer.Option(1024, "--channels", help="Energy channels."),
+    latent: int = typer.Option(4, "--latent", help="Autoencoder latent size (and PCA k)."),
+    epochs: int = typer.Option(40, "--epochs", help="Training epochs."),
+    workers: int = typer.Option(2, "--workers", help="LocalCluster worker processes (1 thread each)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the scan, the training and the clustering."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the figures to this file."),
+) -> None:
+    """Phase map and anomaly map of a synthetic EELS scan with anomalies, through the whole chain
+    on a LocalCluster: ARI against the ground truth (autoencoder and PCA), anomaly recall and
+    false-alarm rate, encode + score throughput against the read floor."""
+    from emscale.bench.phases import run_phase_bench
+
+    result = run_phase_bench(shape=shape, channels=channels, latent_dim=latent, epochs=epochs,
+                             workers=workers, seed=seed)
+    typer.echo(result.table())
+    if json_path:
+        json_path.write_text(json.dumps(result.to_dict(), indent=2))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args

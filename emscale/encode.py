@@ -1,9 +1,10 @@
 """Blockwise encoding: every pixel through the trained autoencoder, on the cluster.
 
 ``encode_stage(features, spec)`` gives, per pixel, the latent code (``latent``), the autoencoder's
-reconstruction error (``recon_error``: mean squared residual over the features, in the
-preprocessed units), optionally the decoder's output (``denoised``), and, given the fitted PCA, the
-PCA reconstruction error at the same k (``pca_recon_error``), all in one pass over the features:
+reconstruction error (``recon_error``: the chi-square per feature for scaled counts, else the
+mean squared residual; see ``error_metric``), optionally the decoder's output (``denoised``),
+and, given the fitted PCA, the PCA reconstruction error at the same k (``pca_recon_error``),
+all in one pass over the features:
 one task per navigation block. The model travels as one graph key (``ModelSpec``), fetched once
 per worker and built once per worker process. Invalid pixels get NaN.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import logging
 from functools import partial
 
+import dask.array as da
 import numpy as np
 import xarray as xr
 
@@ -23,6 +25,8 @@ from emscale.train import ModelSpec
 
 log = logging.getLogger(__name__)
 
+ERROR_NAMES = {"poisson": "chi-square per feature (squared residual over the Poisson variance)",
+               "mse": "mean squared residual over the features"}
 INFERENCE_ROWS = 8192  # rows per forward pass: big enough for GEMM efficiency, small in memory
 
 
@@ -45,42 +49,78 @@ class PCAProjection:
     def __dask_tokenize__(self):
         return ("PCAProjection", self.mean.tobytes(), self.components.tobytes())
 
-    def error(self, x: np.ndarray) -> np.ndarray:
+    def reconstruct(self, x: np.ndarray) -> np.ndarray:
         c = x - self.mean
-        resid = c - (c @ self.components.T) @ self.components
-        return np.einsum("ij,ij->i", resid, resid) / c.shape[1]
+        return (c @ self.components.T) @ self.components + self.mean
 
 
-def encode_block(block, valid, spec: ModelSpec, pca: PCAProjection | None = None, *,
-                 denoised: bool = False):
+# steps after which the features are counts divided by the per-pixel ``intensity``, so that the
+# Poisson variance of a feature is (its expected value) / intensity
+COUNT_STEPS = {"crop", "bin", "mask_channels", "normalize"}
+
+
+def error_metric(features: xr.Dataset, error: str) -> str:
+    """``"poisson"`` (chi-square per feature: residual^2 over the Poisson variance) or ``"mse"``.
+    ``"auto"`` takes poisson when the preprocessing kept counts (only crop, bin, mask_channels
+    and normalize, whose divisor is the stage's ``intensity``), mse otherwise (e.g. after
+    anscombe or poisson_weight, whose noise is already of unit variance)."""
+    steps = [st.get("step") for st in features.attrs.get("preprocess", {}).get("steps", [])]
+    counts = set(steps) <= COUNT_STEPS and "intensity" in features
+    if error == "auto":
+        return "poisson" if counts else "mse"
+    if error not in ("poisson", "mse"):
+        raise ConfigError(f"encode.error: must be 'auto', 'poisson' or 'mse', got {error!r}")
+    if error == "poisson" and not counts:
+        raise ConfigError(f"encode.error: 'poisson' needs features that are scaled counts (steps "
+                          f"among {sorted(COUNT_STEPS)}), the chain has {steps}")
+    return error
+
+
+def residual_error(x, rec, intensity, poisson: bool):
+    """Per-pixel mean over features of the squared residual; with ``poisson`` divided by the
+    Poisson variance in counts (at least one count: read noise), i.e. the chi-square per feature,
+    about 1 for a pixel whose residual is noise."""
+    import torch
+
+    x, rec = torch.as_tensor(x), torch.as_tensor(rec)
+    r2 = (rec - x).square_()
+    if poisson:
+        s = torch.as_tensor(intensity).reshape(-1, 1)
+        r2.mul_(s * s).div_(torch.clamp(rec * s, min=1.0))
+    return r2.mean(dim=1).numpy()
+
+
+def encode_block(block, valid, intensity, spec: ModelSpec, pca: PCAProjection | None = None, *,
+                 denoised: bool = False, poisson: bool = False):
     """(latent, recon_error[, pca_recon_error][, denoised]) of one navigation block."""
     import torch
 
     by, bx = block.shape[:2]
     n = by * bx
     x = np.ascontiguousarray(block, np.float32).reshape(n, -1)
+    s_all = np.asarray(intensity, np.float32).ravel()
     model = spec.model()
     k = int(spec.config["latent_dim"])
     latent = np.empty((n, k), np.float32)
     err = np.empty(n, np.float32)
+    pca_err = np.empty(n, np.float32) if pca is not None else None
     out = np.empty_like(x) if denoised else None
     mean = torch.from_numpy(spec.mean)
     inv = 1.0 / spec.scale
     with torch.inference_mode():
         for s in range(0, n, INFERENCE_ROWS):
-            xb = torch.from_numpy(x[s:s + INFERENCE_ROWS])
+            rows = slice(s, s + INFERENCE_ROWS)
+            xb = torch.from_numpy(x[rows])
             z = model.encode((xb - mean).mul_(inv))
             y = model.decode(z)
             rec = torch.exp(y) if spec.poisson else y.mul_(spec.scale).add_(mean)
-            latent[s:s + len(xb)] = z.numpy()
-            err[s:s + len(xb)] = (rec - xb).square_().mean(dim=1).numpy()
+            latent[rows] = z.numpy()
+            err[rows] = residual_error(xb, rec, s_all[rows], poisson)
+            if pca is not None:
+                pca_err[rows] = residual_error(xb, pca.reconstruct(x[rows]), s_all[rows], poisson)
             if out is not None:
-                out[s:s + len(xb)] = rec.numpy()
-    results = [latent, err]
-    if pca is not None:
-        results.append(pca.error(x).astype(np.float32))
-    if out is not None:
-        results.append(out)
+                out[rows] = rec.numpy()
+    results = [r for r in (latent, err, pca_err, out) if r is not None]
     bad = ~np.asarray(valid, bool).ravel()
     if bad.any():
         for r in results:
@@ -90,30 +130,31 @@ def encode_block(block, valid, spec: ModelSpec, pca: PCAProjection | None = None
 
 
 def encode_stage(features: xr.Dataset, spec: ModelSpec, *, pca: PCAProjection | None = None,
-                 denoised: bool = False) -> xr.Dataset:
+                 denoised: bool = False, error: str = "auto") -> xr.Dataset:
     """The ``encode`` stage Dataset (lazy) of a ``preprocess`` stage: ``latent`` (y, x,
     latent_dim), ``recon_error`` (y, x), ``pca_recon_error`` (y, x) when ``pca`` is given
     (compare at the same k: ``PCAProjection.from_pca_stage(pca_stage, latent_dim)``), and
-    ``denoised`` (y, x, feature...) when asked."""
+    ``denoised`` (y, x, feature...) when asked. Both errors use ``error_metric(features, error)``."""
     feats = features["features"]
     sig_dims = feats.dims[2:]
     sig_shape = tuple(feats.shape[2:])
     if tuple(spec.signal_shape) != sig_shape:
         raise ConfigError(f"encode: the model was trained on signals of shape "
                           f"{tuple(spec.signal_shape)}, the features have {sig_shape}")
-    if "valid" in features:
-        valid = features["valid"].data
-    else:
-        import dask.array as da
-
-        valid = da.ones(feats.shape[:2], bool, chunks=feats.data.chunks[:2])
+    metric = error_metric(features, error)
+    nav_chunks = feats.data.chunks[:2]
+    valid = (features["valid"].data if "valid" in features
+             else da.ones(feats.shape[:2], bool, chunks=nav_chunks))
+    intensity = (features["intensity"].data if "intensity" in features
+                 else da.ones(feats.shape[:2], np.float32, chunks=nav_chunks))
     k = int(spec.config["latent_dim"])
     outputs = [((k,), np.float32), ((), np.float32)]
     if pca is not None:
         outputs.append(((), np.float32))
     if denoised:
         outputs.append((sig_shape, np.float32))
-    arrays = map_nav_blocks(partial(encode_block, denoised=denoised), [feats.data, valid], outputs,
+    fn = partial(encode_block, denoised=denoised, poisson=metric == "poisson")
+    arrays = map_nav_blocks(fn, [feats.data, valid, intensity], outputs,
                             name="encode", constants=[spec] + ([pca] if pca is not None else []))
     variables = {"latent": ((*NAV_DIMS, "latent_dim"), arrays[0]),
                  "recon_error": (NAV_DIMS, arrays[1])}
@@ -127,8 +168,10 @@ def encode_stage(features: xr.Dataset, spec: ModelSpec, *, pca: PCAProjection | 
                                       "model": spec.config.get("model"),
                                       "loss": spec.config.get("loss"),
                                       "pca_k": None if pca is None else pca.k,
+                                      "error": metric,
                                       "denoised": bool(denoised)}})
-    ds["recon_error"].attrs["long_name"] = "autoencoder reconstruction error (mean squared residual)"
+    ds["recon_error"].attrs["long_name"] = ("autoencoder reconstruction error: "
+                                            + ERROR_NAMES[metric])
     if "label" in features:
         ds["label"] = features["label"]
     return ds
@@ -136,7 +179,9 @@ def encode_stage(features: xr.Dataset, spec: ModelSpec, *, pca: PCAProjection | 
 
 def write_encode_stage(results, features: xr.Dataset, spec: ModelSpec, *,
                        pca: PCAProjection | None = None, denoised: bool = False,
-                       overwrite: bool = False, progress: bool = False) -> xr.Dataset:
+                       error: str = "auto", overwrite: bool = False,
+                       progress: bool = False) -> xr.Dataset:
     """Encode the ``preprocess`` stage and write the ``encode`` stage group of ``results``."""
-    return results.write_stage("encode", encode_stage(features, spec, pca=pca, denoised=denoised),
+    ds = encode_stage(features, spec, pca=pca, denoised=denoised, error=error)
+    return results.write_stage("encode", ds,
                                overwrite=overwrite, progress=progress)

@@ -96,7 +96,7 @@ def block_stats(data: da.Array) -> da.Array:
     ny, nx = data.numblocks[:2]
     return da.map_blocks(
         _block_stats, data, dtype=np.int64, drop_axis=list(range(3, data.ndim)),
-        chunks=((1,) * ny, (1,) * nx, (2,)), name="ingest-check",
+        chunks=((1,) * ny, (1,) * nx, (2,)), token="ingest-check",
     )
 
 

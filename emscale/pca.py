@@ -255,10 +255,10 @@ class PCA:
         if n < 2:
             raise ConfigError(f"pca: need at least 2 valid pixels, got {n}")
         if valid is None:
-            centred = x.map_blocks(_centre_rows, None, mean, dtype=np.float32, name="pca-centre")
+            centred = x.map_blocks(_centre_rows, None, mean, dtype=np.float32, token="pca-centre")
         else:
             centred = da.map_blocks(_centre_rows, x, valid[:, None], mean, dtype=np.float32,
-                                    name="pca-centre")
+                                    token="pca-centre")
         k = self.n_components
         # QR between power iterations: plain powers of float32 data overflow
         _, s, vt = da.linalg.svd_compressed(centred, k, n_power_iter=self.n_power_iter,
@@ -335,7 +335,7 @@ class PCA:
         x = _as_dask(x)
         x = x.rechunk({1: -1}) if len(x.chunks[1]) > 1 else x
         both = x.map_blocks(_score_block, self.mean_, self.components_, k, dtype=np.float32,
-                            chunks=(x.chunks[0], (self.n_components + 1,)), name="pca-score")
+                            chunks=(x.chunks[0], (self.n_components + 1,)), token="pca-score")
         return both[:, :-1], both[:, -1]
 
 
@@ -350,7 +350,7 @@ def _project(x, mean, components):
     if isinstance(x, da.Array):
         x = x.rechunk({1: -1}) if len(x.chunks[1]) > 1 else x
         return x.map_blocks(_project, mean, components, dtype=np.float32,
-                            chunks=(x.chunks[0], (components.shape[0],)), name="pca-transform")
+                            chunks=(x.chunks[0], (components.shape[0],)), token="pca-transform")
     return ((np.asarray(x, np.float32) - mean) @ components.T).astype(np.float32)
 
 
@@ -379,11 +379,17 @@ def scree_elbow(ratios: np.ndarray, search: int = SCREE_SEARCH) -> int:
     r = r[r > 0]
     if len(r) < 3:
         return max(1, len(r))
-    y = np.log10(r)
+    return max(1, kneedle(np.log10(r)))
+
+
+def kneedle(y: np.ndarray) -> int:
+    """The index of the point of a decreasing convex curve furthest below its end-to-end chord."""
+    y = np.asarray(y, np.float64)
+    if len(y) < 3:
+        return 0
     t = np.arange(len(y))
     chord = y[0] + (y[-1] - y[0]) * t / (len(y) - 1)
-    elbow = int(np.argmax(chord - y))
-    return max(1, elbow)
+    return int(np.argmax(chord - y))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -434,7 +440,7 @@ def _score_scan(data: da.Array, pca: PCA, k: int) -> tuple[da.Array, da.Array]:
     n_sig = data.ndim - 2
     both = data.map_blocks(_score_nav_block, pca.mean_, pca.components_, k, dtype=np.float32,
                            drop_axis=list(range(3, data.ndim)) if n_sig > 1 else [],
-                           chunks=(*data.chunks[:2], (pca.n_components + 1,)), name="pca-score")
+                           chunks=(*data.chunks[:2], (pca.n_components + 1,)), token="pca-score")
     return both[..., :-1], both[..., -1]
 
 

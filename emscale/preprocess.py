@@ -580,7 +580,12 @@ def _run_chain(block, yy, xx, *, steps, nonfinite, negative):
     pos = np.column_stack([yy.ravel(), xx.ravel()])
     x, valid, n_bad, n_neg = _clean_values(block.reshape(-1, *block.shape[2:]), pos, nonfinite,
                                            negative)
+    intensity = np.ones(x.shape[0], COMPUTE_DTYPE)
     for step in steps:
+        if isinstance(step, Normalize) and step.method != "none":  # its divisor: the Poisson scale
+            flat = x.reshape(x.shape[0], -1)
+            norm = flat.sum(axis=1) if step.method == "sum" else flat.max(axis=1)
+            intensity *= np.where(norm > 0, norm, 1).astype(COMPUTE_DTYPE)
         x = np.asarray(step.apply(x, pos), dtype=COMPUTE_DTYPE)
     n_after = np.zeros(x.shape[0], np.int64)
     if steps and not np.isfinite(x.sum(dtype=np.float64)):
@@ -591,7 +596,8 @@ def _run_chain(block, yy, xx, *, steps, nonfinite, negative):
     if not valid.all():
         x[~valid] = 0
     shape = lambda a: a.reshape(nav)  # noqa: E731
-    return (x.reshape(*nav, *x.shape[1:]), shape(valid), shape(n_bad), shape(n_neg), shape(n_after))
+    return (x.reshape(*nav, *x.shape[1:]), shape(valid), shape(n_bad), shape(n_neg), shape(n_after),
+            shape(intensity))
 
 
 def _statistics_block(features, valid, yy, xx, *, step):
@@ -668,7 +674,7 @@ class Preprocessor:
         token = tokenize(data, yy, xx, fn)
         chain = f"preprocess-chain-{token}"
         names = [f"preprocess-{o}-{token}" for o in ("features", "valid", "nonfinite", "negative",
-                                                      "after")]
+                                                      "after", "intensity")]
         sig_tail = (0,) * (data.ndim - 2)
         chain_dsk: dict = {}
         out_dsk: list[dict] = [{} for _ in names]
@@ -688,7 +694,7 @@ class Preprocessor:
         nav = data.chunks[:2]
         feature_chunks = nav + tuple((v.size,) for v in out_coords.values())
         outputs = [da.Array(graph, names[0], feature_chunks, dtype=COMPUTE_DTYPE)]
-        for name, dtype in zip(names[1:], (bool, np.int64, np.int64, np.int64)):
+        for name, dtype in zip(names[1:], (bool, np.int64, np.int64, np.int64, COMPUTE_DTYPE)):
             outputs.append(da.Array(graph, name, nav, dtype=dtype))
         return tuple(outputs)
 
@@ -698,7 +704,8 @@ class Preprocessor:
             raise ConfigError("preprocess: call fit before transform")
         if validate_scan(scan) != self.kind_:
             raise ConfigError(f"preprocess: fitted on a {self.kind_} scan, got a {scan.attrs['kind']}")
-        features, valid, n_bad, n_neg, n_after = self._lazy(scan, self.steps_, self.signal_coords_)
+        features, valid, n_bad, n_neg, n_after, intensity = self._lazy(scan, self.steps_,
+                                                                       self.signal_coords_)
         nav = {d: scan[d] for d in NAV_DIMS if d in scan.coords}
         sig_dims = tuple(self.signal_coords_)
         coords = {**nav, **{d: (d, v, scan[d].attrs if d in scan.coords else {})
@@ -710,6 +717,9 @@ class Preprocessor:
                 "nonfinite_count": (NAV_DIMS, n_bad),
                 "negative_count": (NAV_DIMS, n_neg),
                 "nonfinite_after_steps": (NAV_DIMS, n_after),
+                "intensity": (NAV_DIMS, intensity, {
+                    "long_name": "divisor of the normalize step per pixel (1 without one): "
+                                 "the features times it are back on the scale before it"}),
             },
             coords=coords,
             attrs={"kind": self.kind_, "preprocess": self.provenance()},

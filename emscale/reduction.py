@@ -73,7 +73,10 @@ def _histogram_block(values, mask=None, *, edges):
     return np.stack([np.histogram(v, bins=e)[0] for e in edges])
 
 
-def _sum_parts(parts):
+def sum_parts(parts):
+    """The sum of partial results: arrays, numbers, or dicts of them (summed key by key)."""
+    if isinstance(parts[0], dict):
+        return {key: sum_parts([p[key] for p in parts]) for key in parts[0]}
     return sum(parts[1:], parts[0])
 
 
@@ -94,7 +97,7 @@ def quantiles(values: da.Array, qs, mask: da.Array | None = None, *, bins: int =
     ranks = np.clip(np.ceil(qs * n).astype(np.int64), 1, n)  # the rank-th smallest value
     edges = [np.linspace(lo, hi, bins + 1)]
     for fine in (False, True):
-        counts = dask.compute(tree_reduce(partial(_histogram_block, edges=edges), _sum_parts,
+        counts = dask.compute(tree_reduce(partial(_histogram_block, edges=edges), sum_parts,
                                           *arrays, name=f"{name}-histogram"))[0]
         if not fine:  # coarse pass: which bin holds each rank
             cum = np.cumsum(counts[0])

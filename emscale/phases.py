@@ -1,0 +1,441 @@
+"""Phase clustering of compressed codes (autoencoder latents or PCA scores), on the cluster.
+
+``PhaseClustering`` is an estimator over a (pixels, d) dask array of codes:
+- **K sweep** on a seeded, spatially uniform sample of valid pixels (``sample_size``): for each K,
+  k-means (k-means++ seeding, ``n_init`` restarts, the lowest inertia kept) gives the inertia (the
+  elbow) and the silhouette (on ``silhouette_size`` sampled pixels); a full-covariance Gaussian
+  mixture gives the BIC. The chosen K (``k_choice``: silhouette, bic or elbow) and the three curves
+  go into ``k_table_``.
+- **Final fit** at that K: the best sample fit is refined on *all* pixels by full-data Lloyd
+  (k-means) or EM (GMM) iterations, each one tree reduction over the blocks, until the centres
+  move less than ``tol`` (relative to the data spread) or ``max_iter``.
+- ``predict`` / ``predict_proba`` are blockwise.
+
+``phase_stage`` turns it into DESIGN.md's variables: ``phase``, ``phase_probability`` (GMM),
+``phase_fraction``, ``phase_mean_signal`` (exact over all pixels, a blockwise reduction over the
+features), the decoded centroids and the K-choice curves.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from functools import partial
+
+import dask
+import dask.array as da
+import numpy as np
+import xarray as xr
+
+from emscale.errors import ConfigError
+from emscale.pca import kneedle
+from emscale.reduction import sum_parts, tree_reduce
+from emscale.store import NAV_DIMS, feature_matrix
+
+log = logging.getLogger(__name__)
+
+METHODS = ("kmeans", "gmm")
+K_CHOICES = ("silhouette", "bic", "elbow")
+
+
+# ---------------------------------------------------------------------------------------------
+# block functions (module level: they travel to the workers)
+
+
+def _valid_rows(x, valid):
+    x = np.asarray(x, np.float64)
+    keep = np.isfinite(x).all(axis=1)
+    if valid is not None:
+        keep &= np.asarray(valid, bool).ravel()
+    return x, keep
+
+
+def _sample_block(x, valid, *, fraction, seed, block_seed):
+    x, keep = _valid_rows(x, valid)
+    rng = np.random.default_rng([seed, block_seed])
+    pick = keep & (rng.random(len(x)) < fraction)
+    return x[pick]
+
+
+def _lloyd_block(x, valid, *, centres):
+    x, keep = _valid_rows(x, valid)
+    x = x[keep]
+    d2 = ((x[:, None, :] - centres[None]) ** 2).sum(-1)
+    lab = d2.argmin(1)
+    k = len(centres)
+    sums = np.zeros_like(centres)
+    np.add.at(sums, lab, x)
+    return {"sums": sums, "counts": np.bincount(lab, minlength=k).astype(np.float64),
+            "inertia": float(d2[np.arange(len(x)), lab].sum())}
+
+
+def _em_block(x, valid, *, gmm):
+    x, keep = _valid_rows(x, valid)
+    x = x[keep]
+    k, d = gmm.means_.shape
+    if not len(x):
+        return {"nk": np.zeros(k), "sx": np.zeros((k, d)), "sxx": np.zeros((k, d, d)), "loglik": 0.0}
+    log_prob = gmm._estimate_weighted_log_prob(x)
+    norm = np.logaddexp.reduce(log_prob, axis=1)
+    r = np.exp(log_prob - norm[:, None])
+    return {"nk": r.sum(0), "sx": r.T @ x, "sxx": np.einsum("nk,ni,nj->kij", r, x, x),
+            "loglik": float(norm.sum())}
+
+
+def _predict_block(x, valid, *, model, proba):
+    x = np.asarray(x, np.float64)
+    keep = np.isfinite(x).all(axis=1)
+    if valid is not None:
+        keep &= np.asarray(valid, bool).ravel()
+    k = model.n_clusters_
+    if proba:
+        out = np.full((len(x), k), np.nan, np.float32)
+        if keep.any():
+            out[keep] = model._proba_rows(x[keep])
+        return out
+    out = np.full(len(x), -1, np.int32)
+    if keep.any():
+        out[keep] = model._predict_rows(x[keep])
+    return out
+
+
+def _count_block(labels, *, k):
+    lab = np.asarray(labels).ravel()
+    return np.bincount(lab[lab >= 0], minlength=k)
+
+
+def _class_sums_block(x, labels, *, k):
+    x = np.asarray(x, np.float64)
+    lab = np.asarray(labels).ravel()
+    keep = (lab >= 0) & np.isfinite(x).all(axis=1)
+    sums = np.zeros((k, x.shape[1]))
+    np.add.at(sums, lab[keep], x[keep])
+    return {"sums": sums, "counts": np.bincount(lab[keep], minlength=k).astype(np.float64)}
+
+
+# ---------------------------------------------------------------------------------------------
+# the estimator
+
+
+class PhaseClustering:
+    def __init__(self, method: str = "kmeans", n_clusters: int | str = "auto",
+                 k_range: tuple[int, int] = (2, 8), k_choice: str | None = None, n_init: int = 10,
+                 max_iter: int = 50, tol: float = 1e-4, sample_size: int = 50_000,
+                 silhouette_size: int = 5_000, seed: int = 0):
+        self.method = method
+        self.n_clusters = n_clusters
+        self.k_range = k_range
+        self.k_choice = k_choice
+        self.n_init = n_init
+        self.max_iter = max_iter
+        self.tol = tol
+        self.sample_size = sample_size
+        self.silhouette_size = silhouette_size
+        self.seed = seed
+
+    def get_params(self) -> dict:
+        """The constructor's parameters (scikit-learn style)."""
+        import inspect
+
+        return {name: getattr(self, name)
+                for name in inspect.signature(type(self).__init__).parameters if name != "self"}
+
+    def _check(self) -> None:
+        def bad(field, why):
+            raise ConfigError(f"cluster.{field}: {why}")
+
+        if self.method not in METHODS:
+            bad("method", f"must be one of {METHODS}, got {self.method!r}")
+        if self.k_choice is not None and self.k_choice not in K_CHOICES:
+            bad("k_choice", f"must be one of {K_CHOICES}, got {self.k_choice!r}")
+        lo, hi = (tuple(self.k_range) + (None, None))[:2]
+        if not (isinstance(lo, int) and isinstance(hi, int) and 2 <= lo <= hi):
+            bad("k_range", f"must be two integers 2 <= lo <= hi, got {self.k_range!r}")
+        if self.n_clusters != "auto" and not (isinstance(self.n_clusters, int)
+                                               and self.n_clusters >= 1):
+            bad("n_clusters", f"must be 'auto' or a positive integer, got {self.n_clusters!r}")
+        for field in ("n_init", "max_iter", "sample_size", "silhouette_size"):
+            v = getattr(self, field)
+            if not (isinstance(v, int) and v >= 1):
+                bad(field, f"must be a positive integer, got {v!r}")
+        if not (isinstance(self.tol, (int, float)) and self.tol > 0):
+            bad("tol", f"must be positive, got {self.tol!r}")
+
+    # -- sample and sweep ----------------------------------------------------------------------
+
+    def _sample(self, x: da.Array, valid: da.Array | None) -> np.ndarray:
+        """A seeded uniform sample of about ``sample_size`` valid pixels (collected: it is small)."""
+        n = x.shape[0]
+        fraction = min(1.0, self.sample_size / max(n, 1))
+        blocks = x.to_delayed().ravel()
+        vblocks = valid.to_delayed().ravel() if valid is not None else [None] * len(blocks)
+        parts = [dask.delayed(partial(_sample_block, fraction=fraction, seed=self.seed,
+                                      block_seed=i), pure=True)(b, v)
+                 for i, (b, v) in enumerate(zip(blocks, vblocks))]
+        sample = np.concatenate(dask.compute(*parts))
+        if len(sample) > self.sample_size:
+            sample = np.random.default_rng(self.seed).permutation(sample)[:self.sample_size]
+        return sample
+
+    def _sweep(self, sample: np.ndarray) -> dict:
+        from sklearn.cluster import KMeans
+        from sklearn.metrics import silhouette_score
+        from sklearn.mixture import GaussianMixture
+
+        lo, hi = self.k_range
+        ks = list(range(lo, min(hi, len(sample) - 1) + 1))
+        if not ks:
+            raise ConfigError(f"cluster: {len(sample)} valid pixel(s) cannot be clustered")
+        table = {"k": ks, "inertia": [], "silhouette": [], "bic": []}
+        rng = np.random.default_rng(self.seed)
+        sil_idx = rng.permutation(len(sample))[:self.silhouette_size]
+        for k in ks:
+            km = KMeans(k, init="k-means++", n_init=self.n_init, random_state=self.seed).fit(sample)
+            table["inertia"].append(float(km.inertia_) * 1.0)
+            labels = km.labels_[sil_idx]
+            table["silhouette"].append(float(silhouette_score(sample[sil_idx], labels))
+                                       if len(np.unique(labels)) > 1 else float("nan"))
+            gm = GaussianMixture(k, covariance_type="full", n_init=max(1, self.n_init // 3),
+                                 random_state=self.seed, reg_covar=1e-6).fit(sample)
+            table["bic"].append(float(gm.bic(sample)))
+        return table
+
+    def _choose(self, table: dict) -> tuple[int, str]:
+        choice = self.k_choice or ("bic" if self.method == "gmm" else "silhouette")
+        ks = table["k"]
+        if choice == "silhouette":
+            k = ks[int(np.nanargmax(table["silhouette"]))]
+        elif choice == "bic":
+            k = ks[int(np.argmin(table["bic"]))]
+        else:
+            k = ks[kneedle(np.asarray(table["inertia"]))]
+        return k, choice
+
+    # -- fit -----------------------------------------------------------------------------------
+
+    def fit(self, x: da.Array, valid: da.Array | None = None) -> "PhaseClustering":
+        """Choose K (unless fixed) and fit on the codes ``x`` (pixels, d), skipping invalid pixels."""
+        from sklearn.cluster import KMeans
+        from sklearn.mixture import GaussianMixture
+
+        self._check()
+        x = x if isinstance(x, da.Array) else da.from_array(np.asarray(x), chunks=(65536, -1))
+        if valid is not None:
+            valid = valid if isinstance(valid, da.Array) else da.from_array(np.asarray(valid))
+            valid = valid.reshape(-1).rechunk((x.chunks[0],))
+        sample = self._sample(x, valid)
+        if len(sample) < 3:
+            raise ConfigError(f"cluster: only {len(sample)} valid pixel(s) sampled; nothing to cluster")
+        self.sample_size_ = len(sample)
+        if self.n_clusters == "auto":
+            self.k_table_ = self._sweep(sample)
+            k, self.k_chosen_by_ = self._choose(self.k_table_)
+        else:
+            self.k_table_, k, self.k_chosen_by_ = None, int(self.n_clusters), "fixed"
+        self.n_clusters_ = k
+        spread = float(np.sqrt(sample.var(axis=0).sum())) or 1.0
+        if self.method == "kmeans":
+            km = KMeans(k, init="k-means++", n_init=self.n_init, random_state=self.seed).fit(sample)
+            centres = km.cluster_centers_.astype(np.float64)
+            for it in range(self.max_iter):
+                stats = dask.compute(tree_reduce(partial(_lloyd_block, centres=centres), sum_parts,
+                                                 x, *([valid] if valid is not None else []),
+                                                 name="kmeans-lloyd"))[0]
+                counts = stats["counts"]
+                new = np.where(counts[:, None] > 0, stats["sums"] / np.maximum(counts, 1)[:, None],
+                               centres)
+                shift = float(np.sqrt(((new - centres) ** 2).sum(1)).max()) / spread
+                centres = new
+                self.inertia_, self.n_iter_ = stats["inertia"], it + 1
+                if shift < self.tol:
+                    break
+            self.cluster_centers_ = centres
+            # the inertia of the last assignment pass (the centres moved by < tol after it)
+        else:
+            gm = GaussianMixture(k, covariance_type="full", n_init=max(1, self.n_init // 3),
+                                 random_state=self.seed, reg_covar=1e-6).fit(sample)
+            prev = -np.inf
+            for it in range(self.max_iter):
+                stats = dask.compute(tree_reduce(partial(_em_block, gmm=gm), sum_parts,
+                                                 x, *([valid] if valid is not None else []),
+                                                 name="gmm-em"))[0]
+                n = stats["nk"].sum()
+                self.log_likelihood_, self.n_iter_ = stats["loglik"], it + 1
+                _m_step(gm, stats)
+                if abs(stats["loglik"] - prev) < self.tol * max(n, 1):
+                    break
+                prev = stats["loglik"]
+            self.gmm_ = gm
+            self.cluster_centers_ = gm.means_
+            d = gm.means_.shape[1]
+            n_params = k * d + k * d * (d + 1) / 2 + k - 1
+            self.bic_ = float(-2 * self.log_likelihood_ + n_params * math.log(max(n, 1)))
+        self._order_clusters(x, valid)
+        return self
+
+    def _order_clusters(self, x, valid) -> None:
+        """Number the clusters by decreasing size (a stable, readable numbering)."""
+        labels = self.predict(x, valid)
+        counts = dask.compute(tree_reduce(partial(_count_block, k=self.n_clusters_), sum_parts,
+                                          labels, name="phase-count"))[0]
+        order = np.argsort(-counts, kind="stable")
+        self.cluster_centers_ = self.cluster_centers_[order]
+        if self.method == "gmm":
+            gm = self.gmm_
+            gm.weights_ = gm.weights_[order]
+            gm.means_ = gm.means_[order]
+            gm.covariances_ = gm.covariances_[order]
+            gm.precisions_cholesky_ = gm.precisions_cholesky_[order]
+            self.cluster_centers_ = gm.means_
+        self.counts_ = counts[order]
+
+    # -- predict -------------------------------------------------------------------------------
+
+    def _predict_rows(self, x: np.ndarray) -> np.ndarray:
+        if self.method == "gmm":
+            return self.gmm_.predict(x)
+        return ((x[:, None, :] - self.cluster_centers_[None]) ** 2).sum(-1).argmin(1)
+
+    def _proba_rows(self, x: np.ndarray) -> np.ndarray:
+        return self.gmm_.predict_proba(x).astype(np.float32)
+
+    def predict(self, x: da.Array, valid: da.Array | None = None) -> da.Array:
+        """Cluster ids per pixel (-1 for invalid pixels), blockwise."""
+        return self._blockwise(x, valid, proba=False)
+
+    def predict_proba(self, x: da.Array, valid: da.Array | None = None) -> da.Array:
+        """GMM responsibilities per pixel (NaN for invalid pixels), blockwise."""
+        if self.method != "gmm":
+            raise ConfigError("cluster.method: probabilities need method 'gmm'")
+        return self._blockwise(x, valid, proba=True)
+
+    def _blockwise(self, x, valid, proba):
+        fn = partial(_predict_block, model=self, proba=proba)
+        if valid is None:
+            valid = da.ones(x.shape[0], bool, chunks=(x.chunks[0],))
+        chunks = (x.chunks[0], (self.n_clusters_,)) if proba else (x.chunks[0],)
+        return da.map_blocks(fn, x, valid[:, None], dtype=np.float32 if proba else np.int32,
+                             chunks=chunks, drop_axis=None if proba else 1,
+                             token="phase-proba" if proba else "phase-predict")
+
+    def summary(self) -> dict:
+        out = {"method": self.method, "n_clusters": int(self.n_clusters_),
+               "chosen_by": self.k_chosen_by_, "n_iter": int(self.n_iter_),
+               "sample_size": int(self.sample_size_), "counts": [int(c) for c in self.counts_]}
+        if self.method == "kmeans":
+            out["inertia"] = float(self.inertia_)
+        else:
+            out["bic"] = self.bic_
+        return out
+
+
+def _m_step(gm, stats) -> None:
+    """Update a fitted scikit-learn GaussianMixture from full-data sufficient statistics."""
+    from sklearn.mixture._gaussian_mixture import _compute_precision_cholesky
+
+    nk = stats["nk"] + 10 * np.finfo(float).eps
+    means = stats["sx"] / nk[:, None]
+    cov = stats["sxx"] / nk[:, None, None] - np.einsum("ki,kj->kij", means, means)
+    cov += gm.reg_covar * np.eye(means.shape[1])[None]
+    gm.weights_ = nk / nk.sum()
+    gm.means_ = means
+    gm.covariances_ = cov
+    gm.precisions_cholesky_ = _compute_precision_cholesky(cov, "full")
+
+
+# ---------------------------------------------------------------------------------------------
+# the stage
+
+
+def phase_stage(codes: xr.DataArray, features: xr.Dataset, clustering: PhaseClustering, *,
+                spec=None, prefix: str = "", exclude: xr.DataArray | None = None) -> xr.Dataset:
+    """Fit ``clustering`` (unless fitted) on ``codes`` (y, x, d) and return the phase variables
+    (names prefixed with ``prefix``, e.g. ``pca_`` for the PCA comparison): ``phase`` (y, x; -1
+    invalid), ``phase_probability`` (GMM), ``phase_fraction``, ``phase_mean_signal`` (cluster,
+    feature...), ``phase_centroid`` (cluster, d) and, with the model ``spec``,
+    ``phase_centroid_signal`` (the decoded centroids), plus the K-choice curves. Pixels where
+    ``exclude`` (e.g. the ``anomaly`` map) are left out of the fit, so that anomalies neither
+    pull the centres nor count as a phase in the choice of K; every valid pixel is labelled."""
+    ny, nx = codes.shape[:2]
+    flat = feature_matrix(codes)
+    valid = None
+    if "valid" in features:
+        valid = feature_matrix(features["valid"])[:, 0].astype(bool)
+    if not hasattr(clustering, "n_clusters_"):
+        fit_mask = valid
+        if exclude is not None:
+            keep = ~feature_matrix(exclude.astype(bool))[:, 0].astype(bool)
+            fit_mask = keep if valid is None else (valid & keep)
+        clustering.fit(flat, fit_mask)
+    k = clustering.n_clusters_
+    labels_flat = clustering.predict(flat, valid)
+    labels = _unflatten(labels_flat, codes.data)
+    feats = features["features"]
+    sig_dims = feats.dims[2:]
+    stats = dask.compute(tree_reduce(partial(_class_sums_block, k=k), sum_parts,
+                                     feature_matrix(feats), labels_flat, name="phase-mean"))[0]
+    counts = stats["counts"]
+    mean_signal = (stats["sums"] / np.maximum(counts, 1)[:, None]).astype(np.float32)
+    mean_signal[counts == 0] = np.nan
+    sig_shape = tuple(feats.shape[2:])
+    p = prefix
+    variables = {
+        f"{p}phase": (NAV_DIMS, labels, {"long_name": "phase id (-1: invalid pixel)"}),
+        f"{p}phase_fraction": (("cluster",), (counts / max(counts.sum(), 1)).astype(np.float64)),
+        f"{p}phase_mean_signal": (("cluster", *sig_dims), mean_signal.reshape(k, *sig_shape)),
+        f"{p}phase_centroid": (("cluster", codes.dims[-1]), clustering.cluster_centers_.astype(np.float32)),
+    }
+    if clustering.method == "gmm":
+        proba = clustering.predict_proba(flat, valid)
+        variables[f"{p}phase_probability"] = ((*NAV_DIMS, "cluster"), _unflatten(proba, codes.data))
+    if spec is not None:
+        variables[f"{p}phase_centroid_signal"] = (("cluster", *sig_dims),
+                                                  decode(spec, clustering.cluster_centers_)
+                                                  .reshape(k, *sig_shape))
+    coords = {d: features[d] for d in (*NAV_DIMS, *sig_dims) if d in features.coords}
+    ds = xr.Dataset(variables, coords={**coords, "cluster": np.arange(k)})
+    if clustering.k_table_ is not None:
+        t = clustering.k_table_
+        ds = ds.assign_coords({f"{p}k_candidate": t["k"]})
+        for name in ("inertia", "silhouette", "bic"):
+            ds[f"{p}k_{name}"] = ((f"{p}k_candidate",), np.asarray(t[name], np.float64))
+    ds.attrs[f"{p}phase"] = clustering.summary()
+    return ds
+
+
+def _unflatten(flat: da.Array, like: da.Array) -> da.Array:
+    """(pixels[, c]) in ``feature_matrix``'s block order → (y, x[, c]) on ``like``'s nav blocks."""
+    ny_chunks, nx_chunks = like.chunks[:2]
+    blocks = iter(flat.blocks[i] for i in range(flat.numblocks[0]))
+    return da.block([[next(blocks).reshape(by, bx, *flat.shape[1:]) for bx in nx_chunks]
+                     for by in ny_chunks])
+
+
+def decode(spec, codes: np.ndarray) -> np.ndarray:
+    """The decoder's signals (n, features) for latent ``codes`` (n, latent_dim)."""
+    import torch
+
+    model = spec.model()
+    with torch.inference_mode():
+        y = model.decode(torch.as_tensor(np.asarray(codes, np.float32)))
+        rec = torch.exp(y) if spec.poisson else y * spec.scale + torch.from_numpy(spec.mean)
+    return rec.numpy()
+
+
+def write_phase_stage(results, encoded: xr.Dataset, features: xr.Dataset,
+                      clustering: PhaseClustering, *, spec=None, pca: xr.Dataset | None = None,
+                      pca_clustering: PhaseClustering | None = None,
+                      exclude: xr.DataArray | None = None, overwrite: bool = False,
+                      progress: bool = False) -> xr.Dataset:
+    """The ``cluster`` stage group: phases of the latent codes and, with the ``pca`` stage, of
+    the PCA scores at the same k (``pca_phase`` ...) for comparison; pixels where ``exclude``
+    (the anomaly map) are left out of both fits."""
+    ds = phase_stage(encoded["latent"], features, clustering, spec=spec, exclude=exclude)
+    if pca is not None:
+        k = encoded.sizes["latent_dim"]
+        pc = pca_clustering or PhaseClustering(**{**clustering.get_params(), "n_clusters":
+                                                  clustering.n_clusters_})
+        scores = pca["pca_scores"].isel(component=slice(0, k))
+        ds = ds.merge(phase_stage(scores, features, pc, prefix="pca_", exclude=exclude),
+                      compat="override")
+    return results.write_stage("cluster", ds, overwrite=overwrite, progress=progress)
