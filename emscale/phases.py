@@ -57,7 +57,7 @@ def _sample_block(x, valid, *, fraction, seed, block_seed):
     return x[pick]
 
 
-def _lloyd_block(x, valid, *, centres):
+def _lloyd_block(x, valid=None, *, centres):
     x, keep = _valid_rows(x, valid)
     x = x[keep]
     d2 = ((x[:, None, :] - centres[None]) ** 2).sum(-1)
@@ -69,7 +69,7 @@ def _lloyd_block(x, valid, *, centres):
             "inertia": float(d2[np.arange(len(x)), lab].sum())}
 
 
-def _em_block(x, valid, *, gmm):
+def _em_block(x, valid=None, *, gmm):
     x, keep = _valid_rows(x, valid)
     x = x[keep]
     k, d = gmm.means_.shape
@@ -407,8 +407,9 @@ def _unflatten(flat: da.Array, like: da.Array) -> da.Array:
     """(pixels[, c]) in ``feature_matrix``'s block order → (y, x[, c]) on ``like``'s nav blocks."""
     ny_chunks, nx_chunks = like.chunks[:2]
     blocks = iter(flat.blocks[i] for i in range(flat.numblocks[0]))
-    return da.block([[next(blocks).reshape(by, bx, *flat.shape[1:]) for bx in nx_chunks]
-                     for by in ny_chunks])
+    rows = [da.concatenate([next(blocks).reshape(by, bx, *flat.shape[1:]) for bx in nx_chunks],
+                           axis=1) for by in ny_chunks]
+    return da.concatenate(rows, axis=0)
 
 
 def decode(spec, codes: np.ndarray) -> np.ndarray:
