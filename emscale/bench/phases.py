@@ -83,7 +83,7 @@ def _timed(seconds: dict, name: str, fn):
 
 
 def run_phase_bench(shape=(128, 128), channels=1024, latent_dim=4, epochs=40, workers=2,
-                    seed=0, workdir=None) -> PhaseBench:
+                    seed=0, max_train_pixels=65536, workdir=None) -> PhaseBench:
     from distributed import Client
     from sklearn.metrics import adjusted_rand_score
 
@@ -118,7 +118,7 @@ def run_phase_bench(shape=(128, 128), channels=1024, latent_dim=4, epochs=40, wo
         pca_ds = _timed(seconds, "pca", lambda: write_pca_stage(
             results, features, PCA(max(16, latent_dim)), error_k=latent_dim))
         config = TrainConfig(latent_dim=latent_dim, epochs=epochs, batch_size=256, seed=seed,
-                             tile=max(8, min(shape) // 16))
+                             tile=max(8, min(shape) // 16), max_train_pixels=max_train_pixels)
         result = _timed(seconds, "train", lambda: train_on_cluster(
             client, ref_results.path / "preprocess", config))
         spec = ModelSpec.from_train_stage(write_train_stage(ref_results, result), (channels,))
