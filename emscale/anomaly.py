@@ -131,9 +131,9 @@ class AnomalyScorer:
             self.threshold_ = float(quantiles(self._score(err, maha), 1 - self.target_rate, mask,
                                               name="anomaly-threshold")[0])
         else:
-            self.log_error_centre_, self.log_error_spread_ = _robust(da.log(err), mask, "error")
-            self.log_distance_centre_, self.log_distance_spread_ = _robust(da.log(maha), mask,
-                                                                           "distance")
+            (self.log_error_centre_, self.log_error_spread_), \
+                (self.log_distance_centre_, self.log_distance_spread_) = \
+                _robust([da.log(err), da.log(maha)], mask)
             p = self.target_rate
             # max of two (nearly independent) standard normals exceeds t with probability
             # 1 - Phi(t)^2
@@ -206,11 +206,12 @@ def _centre_spread(moments: dict) -> tuple[float, float]:
     return float(moments["mean"][0]), max(sd, 1e-12)
 
 
-def _robust(log_values: da.Array, mask: da.Array, what: str) -> tuple[float, float]:
-    """Median and 1.4826 MAD (the standard deviation of a normal) of finite log values."""
-    med = float(quantiles(log_values, 0.5, mask, name=f"anomaly-median-{what}")[0])
-    mad = float(quantiles(abs(log_values - med), 0.5, mask, name=f"anomaly-mad-{what}")[0])
-    return med, max(1.4826 * mad, 1e-12)
+def _robust(log_values: list[da.Array], mask: da.Array) -> list[tuple[float, float]]:
+    """Median and 1.4826 MAD (the standard deviation of a normal) of each array's finite values."""
+    med = quantiles(log_values, 0.5, mask, name="anomaly-median")[:, 0]
+    mad = quantiles([abs(v - m) for v, m in zip(log_values, med)], 0.5, mask,
+                    name="anomaly-mad")[:, 0]
+    return [(float(m), max(1.4826 * float(d), 1e-12)) for m, d in zip(med, mad)]
 
 
 def write_anomaly_stage(results, encoded: xr.Dataset, scorer: AnomalyScorer, *,

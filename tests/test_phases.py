@@ -145,6 +145,11 @@ def test_histogram_quantiles_match_numpy(sync_scheduler):
     ref = np.quantile(x[mask & np.isfinite(x)], qs, method="inverted_cdf")
     width = (np.nanmax(x) - np.nanmin(x)) / 4096**2
     np.testing.assert_allclose(got, ref, atol=2 * width)
+    # several arrays in the same three passes, one row each
+    both = quantiles([d, -d], qs, dm)
+    np.testing.assert_allclose(both[0], ref, atol=2 * width)
+    ref_neg = np.quantile(-x[mask & np.isfinite(x)], qs, method="inverted_cdf")
+    np.testing.assert_allclose(both[1], ref_neg, atol=2 * width)
 
 
 def test_anomalies_found_with_robust_calibration(pipeline):
