@@ -230,11 +230,11 @@ def bench_train_cmd(
 
 @bench_app.command("phases")
 def bench_phases_cmd(
-    shape: tuple[int, int] = typer.Option((128, 128), "--shape", help="Navigation size of the "
-                                          "generated scan (NY NX)."),
+    shape: tuple[int, int] = typer.Option((512, 512), "--shape", help="Navigation size of the "
+                                          "generated scans (NY NX)."),
     channels: int = typer.Option(1024, "--channels", help="Energy channels."),
     latent: int = typer.Option(4, "--latent", help="Autoencoder latent size (and PCA k)."),
-    epochs: int = typer.Option(40, "--epochs", help="Training epochs."),
+    epochs: int = typer.Option(20, "--epochs", help="Training epochs (on at most 65536 pixels)."),
     workers: int = typer.Option(2, "--workers", help="LocalCluster worker processes (1 thread each)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the scan, the training and the clustering."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the figures to this file."),

@@ -16,6 +16,20 @@ def vm_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+def reset_peak() -> None:
+    """Reset this process's VmHWM to its current RSS (Linux: clear_refs 5)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_bytes() -> int:
+    """This process's resident high-water mark (VmHWM) in bytes."""
+    return vm_kib("VmHWM") * 1024
+
+
 def run_measured(setup: str, work: str) -> dict:
     """Run ``setup`` (imports) then ``work`` in a fresh Python process.
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import dask
 import numpy as np
 
-from emscale.bench.memory import vm_kib
+from emscale.bench.memory import peak_bytes, reset_peak
 
 log = logging.getLogger(__name__)
 
@@ -99,19 +99,6 @@ class PCABench:
 # -- memory high-water marks --------------------------------------------------------------------
 
 
-def _reset_peak() -> None:
-    """Reset this process's VmHWM to its current RSS (Linux: clear_refs 5)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def _peak_bytes() -> int:
-    return vm_kib("VmHWM") * 1024
-
-
 # -- the reference ------------------------------------------------------------------------------
 
 
@@ -170,11 +157,11 @@ def run_pca_bench(store: str | os.PathLike, *, methods=ALL_METHODS, n_components
                                 n_workers, threads, memory_limit)
     with cluster, Client(cluster) as client:
         def measured(fn):
-            client.run(_reset_peak)
+            client.run(reset_peak)
             t0 = time.perf_counter()
             out = fn()
             seconds = time.perf_counter() - t0
-            peak = max(client.run(_peak_bytes).values()) / 1e9
+            peak = max(client.run(peak_bytes).values()) / 1e9
             return out, seconds, peak
 
         sig.data.sum().compute()  # warm the page cache for every method alike
@@ -231,7 +218,7 @@ def _client_side(method, store, k, threads, gb, ref) -> Row | None:
     from emscale.store import feature_matrix, open_scan
 
     scan = open_scan(store)
-    _reset_peak()
+    reset_peak()
     with dask.config.set(scheduler="threads", num_workers=threads):
         if method.startswith("hyperspy"):
             try:
@@ -259,7 +246,7 @@ def _client_side(method, store, k, threads, gb, ref) -> Row | None:
             seconds = time.perf_counter() - t0
             factors = model.components_
             note = "client loop over blocks"
-    return Row(method, seconds, gb / seconds, _peak_bytes() / 1e9, _angle(factors, ref),
+    return Row(method, seconds, gb / seconds, peak_bytes() / 1e9, _angle(factors, ref),
                where="client", note=note)
 
 

@@ -16,7 +16,7 @@ Figures:
 - anomaly recall (flagged among label -1) and false-alarm rate (flagged among the others);
 - encode + score throughput against the read+decompress floor of the same ``features`` store on
   the same workers (a dask sum, run twice: the first warms the page cache), in GB/s of float32
-  features.
+  features, and the peak resident memory (VmHWM, reset before) of the busiest worker meanwhile.
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import dask
 import numpy as np
+
+from emscale.bench.memory import peak_bytes, reset_peak
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,8 @@ class PhaseBench:
                  f"{'read floor GB/s':<44}{f['floor_gb_per_s']:>10.3f}",
                  f"{'encode + score GB/s':<44}{f['encode_score_gb_per_s']:>10.3f}",
                  f"{'encode + score / floor':<44}{f['encode_score_fraction_of_floor']:>10.1%}",
+                 f"{'encode + score peak worker memory GB':<44}"
+                 f"{f['encode_score_peak_worker_gb']:>10.3f}",
                  "seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in s.items())]
         return "\n".join(lines)
 
@@ -82,7 +85,7 @@ def _timed(seconds: dict, name: str, fn):
     return out
 
 
-def run_phase_bench(shape=(128, 128), channels=1024, latent_dim=4, epochs=40, workers=2,
+def run_phase_bench(shape=(512, 512), channels=1024, latent_dim=4, epochs=20, workers=2,
                     seed=0, max_train_pixels=65536, workdir=None) -> PhaseBench:
     from distributed import Client
     from sklearn.metrics import adjusted_rand_score
@@ -128,12 +131,14 @@ def run_phase_bench(shape=(128, 128), channels=1024, latent_dim=4, epochs=40, wo
         for _ in range(2):  # the first warms the page cache
             _timed(seconds, "floor", lambda: feats.sum().compute())
         ref_encoded = write_encode_stage(ref_results, ref_features, spec)
+        client.run(reset_peak)
         encoded = _timed(seconds, "encode", lambda: write_encode_stage(results, features, spec,
                                                                       pca=proj))
         scorer = AnomalyScorer(calibration="robust", false_alarm_rate=0.01)
         _timed(seconds, "anomaly_fit", lambda: scorer.fit(encoded))
         scored = _timed(seconds, "anomaly_score", lambda: write_anomaly_stage(results, encoded,
                                                                              scorer))
+        peak = max(client.run(peak_bytes).values())
         reference_scorer = AnomalyScorer(calibration="reference", quantile=0.99).fit(ref_encoded)
         by_reference = reference_scorer.score(encoded)["anomaly"].values
         phases = _timed(seconds, "cluster", lambda: write_phase_stage(
@@ -165,6 +170,7 @@ def run_phase_bench(shape=(128, 128), channels=1024, latent_dim=4, epochs=40, wo
             "anomaly_false_alarm_rate_reference_threshold": float(by_reference[normal].mean()),
             "floor_gb_per_s": gb / seconds["floor"],
             "encode_score_gb_per_s": gb / score_s,
+            "encode_score_peak_worker_gb": peak / 1e9,
         }
         figures["encode_score_fraction_of_floor"] = (figures["encode_score_gb_per_s"]
                                                      / figures["floor_gb_per_s"])
