@@ -67,6 +67,8 @@ class TrainConfig:
     buffer_chunks: int = 2
     max_train_pixels: int | None = None
     max_val_pixels: int = 16384
+    # (y0, y1, x0, x1): train and validate only on this region, declared normal (anomaly scoring)
+    normal_region: tuple[int, int, int, int] | None = None
     prefetch: bool | None = None  # read the next chunks in a background thread; None: on CUDA only
     patience: int = 10
     seed: int = 0
@@ -109,6 +111,11 @@ class TrainConfig:
             raise bad("seed", "must be a non-negative integer")
         if self.prefetch not in (None, True, False):
             raise bad("prefetch", "must be true, false or null (on CUDA only)")
+        region = self.normal_region
+        if region is not None and not (
+                len(region) == 4 and all(isinstance(v, int) and v >= 0 for v in region)
+                and region[0] < region[1] and region[2] < region[3]):
+            raise bad("normal_region", "must be (y0, y1, x0, x1) with y0 < y1 and x0 < x1")
         if self.loss == "poisson" and self.model == "linear":
             raise ConfigError("train.loss: the linear autoencoder (the PCA check) trains with 'mse'")
 
@@ -200,13 +207,18 @@ class ChunkStream:
                            attrs.get("preprocess"), attrs.get("source")], sort_keys=True, default=str)
 
     def split(self, y0, y1, x0, x1) -> np.ndarray:
-        """0 = train, 1 = validation, by seeded spatial tiles; 2 = left out by the sample grid."""
+        """0 = train, 1 = validation, by seeded spatial tiles; 2 = left out (by the sample grid, or
+        outside ``normal_region``)."""
         t = self.config.tile
         yy, xx = np.mgrid[y0:y1, x0:x1]
         tile_id = (yy // t) * (self.nav_shape[1] // t + 1) + xx // t
         # a fixed hash of (seed, tile): the same tiles are validation in every epoch and run
         u = _uniform_hash(tile_id.astype(np.uint64), self.config.seed)
         out = (u <= self._val_threshold).astype(np.int8)
+        region = self.config.normal_region
+        if region is not None:  # outside the declared normal region: neither train nor validation
+            ry0, ry1, rx0, rx1 = region
+            out[~((yy >= ry0) & (yy < ry1) & (xx >= rx0) & (xx < rx1))] = 2
         if self.stride > 1:
             grid = (yy % self.stride == 0) & (xx % self.stride == 0)
             out[(out == 0) & ~grid] = 2

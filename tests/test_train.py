@@ -180,7 +180,23 @@ def test_resume_identical_when_the_scan_fits_in_the_buffer(eels_stage, tmp_path)
 @pytest.mark.parametrize("overrides, field", [
     (dict(seed=-1), "seed"), (dict(seed=1.5), "seed"), (dict(noise_level="0.5"), "noise_level"),
     (dict(prefetch="yes"), "prefetch"), (dict(val_fraction=None), "val_fraction"),
+    (dict(normal_region=(10, 5, 0, 8)), "normal_region"), (dict(normal_region=(0, 8)), "normal_region"),
 ])
 def test_more_bad_settings(overrides, field):
     with pytest.raises(ConfigError, match=f"train.{field}"):
         TrainConfig(**overrides).check()
+
+
+def test_training_only_on_a_declared_normal_region(eels_stage):
+    """Pixels outside ``normal_region`` are neither trained on nor validated on."""
+    config = TrainConfig(tile=8, normal_region=(0, 24, 0, 40), epochs=1, **SMALL)
+    stream = ChunkStream(eels_stage, config)
+    for (y0, y1, x0, x1) in stream.chunks:
+        part = stream.split(y0, y1, x0, x1).reshape(y1 - y0, x1 - x0)
+        yy = np.arange(y0, y1)[:, None] + np.zeros(x1 - x0, int)
+        assert (part[yy >= 24] == 2).all()
+        assert (part[yy < 24] < 2).all()
+    n_train = sum(int(stream.selection(c, 0).sum()) for c in stream.chunks)
+    assert 0 < n_train < 24 * 40
+    result = train_autoencoder(eels_stage, config)
+    assert len(result.history["train_loss"]) == 1

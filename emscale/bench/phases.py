@@ -8,7 +8,7 @@ Both go through ``preprocess`` (unit-sum normalisation); the autoencoder (MLP) i
 reference on one worker; then, for the scan, ``pca`` (gram), ``encode`` (latent, chi-square
 reconstruction error, PCA error at the same k), ``anomaly`` (threshold calibrated robustly on the
 scan itself at a 1 % false-alarm rate; also the reference's 99th percentile) and ``cluster``
-(k-means with K chosen by silhouette, on the latent codes and on the PCA scores, fitted on
+(k-means with K chosen by the inertia's elbow, on the latent codes and on the PCA scores, fitted on
 the pixels not flagged anomalous).
 
 Figures:
