@@ -209,6 +209,11 @@ class EELSGenerator:
         shape = (y1 - y0, x1 - x0)
         return label.reshape(shape), kind.reshape(shape)
 
+    def purity_block(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """The majority phase's weight per pixel (1: a pure pixel; about 0.5 on a boundary)."""
+        weights = self._pixels(y0, y1, x0, x1)[0]
+        return weights.max(axis=1).reshape(y1 - y0, x1 - x0)
+
     def noisy_block(self, clean: np.ndarray, y0: int, x0: int) -> np.ndarray:
         return poisson_gaussian_counts(clean, block_rng(self.seed, y0, x0), self.read_noise,
                                        self.count_dtype)
