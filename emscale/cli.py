@@ -46,6 +46,8 @@ def _global(
 ) -> None:
     level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:  # the terminal's level, whatever a log file takes
+        handler.setLevel(level)
     # distributed configures its own logger (INFO: every worker start and stop) when imported
     import dask
 
@@ -149,6 +151,41 @@ def info_cmd(
 
     desc = describe_store(store)
     typer.echo(json.dumps(desc, indent=2, default=str) if as_json else format_description(desc))
+
+
+@app.command("run")
+def run_cmd(
+    workflow: Path = typer.Argument(..., help="The workflow file (YAML); see workflows/ for ready "
+                                    "ones and emscale/workflow.py for every field and default."),
+    input: Optional[Path] = typer.Option(None, "--input", help="The scan (a scan store or a raw "
+                                         "file to ingest); overrides the workflow's input/synth."),
+    output: Optional[Path] = typer.Option(None, "--output", help="The results directory; overrides "
+                                          "the workflow's output."),
+    workers: int = typer.Option(2, "--workers", help="LocalCluster worker processes."),
+    threads: int = typer.Option(1, "--threads", help="Threads per worker."),
+    memory_limit: str = typer.Option("4GiB", "--memory-limit", help="Memory limit per worker."),
+    force: list[str] = typer.Option([], "--force", help="Recompute this stage and everything "
+                                    "after it (scan, preprocess, pca, train, encode, anomaly, "
+                                    "cluster, report); repeatable."),
+) -> None:
+    """Run a workflow: scan, preprocess, PCA, training, encoding, anomaly scoring, phase
+    clustering and the report, on a LocalCluster of worker processes. Stages whose results are
+    already there with the same settings are skipped; the report's path is printed at the end."""
+    from distributed import Client
+
+    from emscale.cluster import local_cluster
+    from emscale.runner import run_workflow
+    from emscale.workflow import load_workflow
+
+    wf = load_workflow(workflow, input=input, output=output)
+    with local_cluster(n_workers=workers, threads_per_worker=threads,
+                       memory_limit=memory_limit) as cluster, Client(cluster):
+        typer.echo(f"dashboard: {cluster.dashboard_link}")
+        result = run_workflow(wf, force=tuple(force), echo=typer.echo)
+    typer.echo(f"ran: {', '.join(result.ran) or 'nothing'}; skipped: "
+               f"{', '.join(result.skipped) or 'nothing'}")
+    typer.echo(f"results: {result.results}")
+    typer.echo(f"report: {result.report}")
 
 
 @bench_app.command("ingest")

@@ -30,3 +30,27 @@ class progress_bar(Callback):
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+def compute(*collections, description: str = "", enabled: bool | None = None):
+    """``dask.compute`` with a progress bar on stderr: distributed's when a client is active
+    (the tasks run on the cluster), else the local scheduler's callback above."""
+    import dask
+
+    show = sys.stderr.isatty() if enabled is None else enabled
+    try:
+        from distributed import get_client
+
+        client = get_client()
+    except (ImportError, ValueError):
+        client = None
+    if client is None:
+        with progress_bar(description, enabled=show):
+            return dask.compute(*collections)
+    futures = client.compute(list(collections))
+    if show:
+        from distributed import progress
+
+        print(description, file=sys.stderr)
+        progress(futures, notebook=False)
+    return tuple(client.gather(futures))

@@ -86,10 +86,9 @@ class ResultsStore:
             delayed = ds.to_zarr(str(tmp), mode="w-", zarr_format=3, consolidated=False,
                                  encoding=_encoding(ds), compute=False)
             if progress:
-                from emscale.progress import progress_bar
+                from emscale.progress import compute
 
-                with progress_bar(name):
-                    dask.compute(delayed)
+                compute(delayed, description=name)
             else:
                 dask.compute(delayed)
             group = zarr.open_group(str(tmp), mode="a", zarr_format=3)
@@ -97,6 +96,14 @@ class ResultsStore:
             group.attrs.update({**(extra or {}), "stage": name, "started": started, "finished": _now()})
         log.info("wrote stage %s of %s", name, self.path)
         return self.open_stage(name)
+
+    def stage_attrs(self, name: str) -> dict[str, Any]:
+        return dict(zarr.open_group(str(self.path / name), mode="r", zarr_format=3).attrs)
+
+    def update_attrs(self, attrs: dict[str, Any], stage: str | None = None) -> None:
+        """Add ``attrs`` to the root group, or to a stage group (e.g. its cache key)."""
+        where = self.path if stage is None else self.path / stage
+        zarr.open_group(str(where), mode="a", zarr_format=3).attrs.update(attrs)
 
     def open_stage(self, name: str) -> xr.Dataset:
         if not self.has_stage(name):

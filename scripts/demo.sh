@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
-# The main job on a fresh machine: set up the environment, generate a demo scan, describe it.
+# The main job on a fresh machine: set up the environment, then run the demo workflow (ends by
+# printing where the report is).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 VENV=${VENV:-.venv}
-mkdir -p demo
-rm -rf demo/eels-demo.zarr
-"$VENV/bin/emscale" synth eels demo/eels-demo.zarr --shape 128 128 --anomaly --seed 42 --chunk-mib 16
-"$VENV/bin/emscale" info demo/eels-demo.zarr
+# the demo workflow on a LocalCluster: a generated scan, phase map, anomaly map, report
+"$VENV/bin/emscale" run workflows/demo.yaml --output demo/run

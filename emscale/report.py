@@ -1,0 +1,189 @@
+"""The run's report: one self-contained HTML page (figures inlined) plus the PNG files.
+
+Figures, from the results store only: the PCA scree; autoencoder against PCA reconstruction error
+at the same k; the loss curves; a 2-D view of the latent codes coloured by phase; the K-choice
+curves; the phase map with fractions; the phase mean spectra or patterns; the anomaly map and the
+score histogram with its threshold; seconds per stage. Maps are (y, x) arrays, small beside the
+scan; the latent view uses a regular sample of at most ``MAX_POINTS`` pixels.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+MAX_POINTS = 20_000
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    _figure().close(fig)
+    path.write_bytes(buf.getvalue())
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _stage(results, name):
+    return results.open_stage(name) if results.has_stage(name) else None
+
+
+def _sample_map(values: np.ndarray, n: int = MAX_POINTS) -> np.ndarray:
+    step = max(1, int(np.ceil(np.sqrt(values.shape[0] * values.shape[1] / n))))
+    return values[::step, ::step]
+
+
+def write_report(results, out_dir: Path, timings: dict[str, float] | None = None) -> Path:
+    """Write ``out_dir/index.html`` and its PNGs from the stages of ``results``."""
+    plt = _figure()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pca, train = _stage(results, "pca"), _stage(results, "train")
+    enc, an, cl = _stage(results, "encode"), _stage(results, "anomaly"), _stage(results, "cluster")
+    sections: list[tuple[str, str, str]] = []  # (title, png base64, caption)
+
+    def add(name, title, fig, caption=""):
+        sections.append((title, _save(fig, out_dir / f"{name}.png"), caption))
+
+    if pca is not None:
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        ratio = pca["pca_scree"].values[:64]
+        ax.semilogy(np.arange(1, len(ratio) + 1), ratio, ".-")
+        k = pca.attrs["pca"]["suggested_k"]
+        ax.axvline(k, color="C3", ls="--", label=f"elbow: k = {k}")
+        ax.set(xlabel="component", ylabel="explained variance ratio", title="PCA scree")
+        ax.legend()
+        add("scree", "PCA scree", fig)
+    if enc is not None and "pca_recon_error" in enc:
+        err, perr = enc["recon_error"].values, enc["pca_recon_error"].values
+        fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+        lo = np.nanpercentile(np.concatenate([err.ravel(), perr.ravel()]), 1)
+        hi = np.nanpercentile(np.concatenate([err.ravel(), perr.ravel()]), 99.5)
+        for ax, v, t in ((axes[0], err, "autoencoder"), (axes[1], perr, "PCA")):
+            im = ax.imshow(v, vmin=lo, vmax=hi, cmap="magma")
+            ax.set_title(f"{t} error (mean {np.nanmean(v):.3g})")
+            fig.colorbar(im, ax=ax, shrink=0.8)
+        bins = np.geomspace(max(lo, 1e-12), hi, 60) if lo > 0 else 60
+        axes[2].hist(perr.ravel()[np.isfinite(perr.ravel())], bins=bins, alpha=0.6, label="PCA")
+        axes[2].hist(err.ravel()[np.isfinite(err.ravel())], bins=bins, alpha=0.6, label="autoencoder")
+        if lo > 0:
+            axes[2].set_xscale("log")
+        axes[2].set(xlabel=enc["recon_error"].attrs.get("long_name", "error")[:40], ylabel="pixels")
+        axes[2].legend()
+        add("errors", f"Reconstruction error at k = {enc.attrs['encode']['latent_dim']}", fig,
+            enc["recon_error"].attrs.get("long_name", ""))
+    if train is not None:
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        ax.plot(train["train_loss"].values, label="train")
+        ax.plot(train["val_loss"].values, label="validation")
+        best = train.attrs["train"].get("best_epoch")
+        if best is not None and best >= 0:
+            ax.axvline(best, color="C3", ls="--", label=f"best epoch {best}")
+        ax.set(xlabel="epoch", ylabel="loss", title="training", yscale="log")
+        ax.legend()
+        add("loss", "Loss curves", fig)
+    if cl is not None:
+        phase = cl["phase"].values
+        k = cl.sizes["cluster"]
+        cmap = plt.get_cmap("tab10" if k <= 10 else "tab20")
+        if enc is not None:
+            z = _sample_map(enc["latent"].values).reshape(-1, enc.sizes["latent_dim"])
+            p = _sample_map(phase).ravel()
+            ok = np.isfinite(z).all(1) & (p >= 0)
+            z, p = z[ok], p[ok]
+            if z.shape[1] > 2:  # the plane of the codes' two main axes
+                c = z - z.mean(0)
+                z = c @ np.linalg.svd(c, full_matrices=False)[2][:2].T
+            fig, ax = plt.subplots(figsize=(5, 4.2))
+            ax.scatter(z[:, 0], z[:, 1], c=p, cmap=cmap, vmin=-0.5, vmax=cmap.N - 0.5, s=2, alpha=0.5)
+            ax.set(title="latent codes (2-D view) by phase", xlabel="axis 1", ylabel="axis 2")
+            add("latent", "Latent space", fig, f"{len(z)} sampled pixels")
+        if "k_candidate" in cl.coords:
+            fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+            kk = cl["k_candidate"].values
+            for ax, name in zip(axes, ("inertia", "silhouette", "bic")):
+                ax.plot(kk, cl[f"k_{name}"].values, "o-")
+                ax.axvline(k, color="C3", ls="--")
+                ax.set(xlabel="K", title=name)
+            add("kchoice", "Choice of K", fig,
+                f"K = {k}, chosen by {cl.attrs['phase']['chosen_by']}")
+        fractions = cl["phase_fraction"].values
+        fig, ax = plt.subplots(figsize=(5.5, 4.5))
+        masked = np.ma.masked_less(phase, 0)
+        ax.imshow(masked, cmap=cmap, vmin=-0.5, vmax=cmap.N - 0.5, interpolation="nearest")
+        handles = [plt.Rectangle((0, 0), 1, 1, color=cmap(i)) for i in range(k)]
+        ax.legend(handles, [f"phase {i}: {f:.1%}" for i, f in enumerate(fractions)],
+                  loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8)
+        ax.set_title("phase map")
+        add("phases", "Phase map", fig)
+        mean = cl["phase_mean_signal"]
+        if mean.ndim == 2:
+            fig, ax = plt.subplots(figsize=(7, 3.6))
+            axis = mean.dims[1]
+            xs = cl[axis].values if axis in cl.coords else np.arange(mean.shape[1])
+            for i in range(k):
+                ax.plot(xs, mean.values[i], color=cmap(i), label=f"phase {i}")
+            ax.set(xlabel=f"{axis} ({cl[axis].attrs.get('units', '')})" if axis in cl.coords else axis,
+                   ylabel="mean preprocessed signal", title="phase mean spectra")
+            ax.legend(fontsize=8)
+        else:
+            fig, axes = plt.subplots(1, k, figsize=(2.4 * k, 2.6), squeeze=False)
+            for i, ax in enumerate(axes[0]):
+                ax.imshow(mean.values[i], cmap="inferno")
+                ax.set_title(f"phase {i}")
+                ax.axis("off")
+        add("phase_mean", "Phase mean signals", fig, "exact means over all pixels of each phase")
+    if an is not None:
+        flagged = an["anomaly"]
+        score = an["anomaly_score"].values
+        thr = float(flagged.attrs["threshold"])
+        fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+        im = axes[0].imshow(score, cmap="viridis")
+        axes[0].contour(flagged.values, levels=[0.5], colors="red", linewidths=0.8)
+        axes[0].set_title(f"anomaly score; {flagged.values.mean():.2%} flagged (red)")
+        fig.colorbar(im, ax=axes[0], shrink=0.8)
+        s = score[np.isfinite(score)]
+        axes[1].hist(s, bins=100, log=True)
+        axes[1].axvline(thr, color="C3", ls="--", label=f"threshold {thr:.3g}")
+        axes[1].set(xlabel="score", ylabel="pixels", title=f"{flagged.attrs['method']} score, "
+                    f"{flagged.attrs['calibration']} calibration")
+        axes[1].legend()
+        add("anomaly", "Anomalies", fig)
+    if timings:
+        fig, ax = plt.subplots(figsize=(5, 3))
+        names = list(timings)
+        ax.barh(names, [timings[n] for n in names])
+        ax.invert_yaxis()
+        ax.set(xlabel="seconds", title="time per stage")
+        add("timings", "Timings", fig, ", ".join(f"{n} {t:.1f} s" for n, t in timings.items()))
+    prov = results.attrs.get("provenance", {})
+    body = "\n".join(
+        f"<section><h2>{html.escape(t)}</h2><img src='data:image/png;base64,{b64}'>"
+        f"<p>{html.escape(c)}</p></section>" for t, b64, c in sections)
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>emscale report</title>
+<style>body{{font-family:sans-serif;max-width:1200px;margin:2em auto}}img{{max-width:100%}}
+pre{{background:#f4f4f4;padding:1em;overflow:auto;font-size:80%}}</style></head><body>
+<h1>emscale report</h1><p>results: {html.escape(str(results.path))}</p>
+{body}
+<h2>Provenance</h2><pre>{html.escape(json.dumps(prov, indent=2, default=str))}</pre>
+</body></html>"""
+    index = out_dir / "index.html"
+    index.write_text(page)
+    log.info("report written to %s", index)
+    return index

@@ -1,0 +1,111 @@
+"""Issue 7 (first part): ``emscale run`` on a LocalCluster: all stages, caching, --force, errors,
+the report and provenance."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import yaml
+
+from emscale.cli import main
+from emscale.errors import ConfigError
+from emscale.results import ResultsStore
+from emscale.runner import run_workflow
+from emscale.workflow import load_workflow, validate_workflow
+
+SMALL = {
+    "synth": {"kind": "eels", "shape": [32, 32], "channels": 128, "anomaly": True, "seed": 1},
+    "train": {"latent_dim": 3, "widths": [32, 16], "epochs": 2, "tile": 8, "threads": 1},
+    "pca": {"n_components": 4},
+    "cluster": {"k_range": [2, 4], "n_init": 2, "sample_size": 2000},
+}
+
+
+def _write(tmp_path, data, name="wf.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory, local_client):
+    tmp = tmp_path_factory.mktemp("run")
+    wf = validate_workflow({**SMALL, "output": str(tmp / "out")})
+    result = run_workflow(wf, echo=lambda *a: None)
+    return wf, result
+
+
+def test_a_workflow_runs_every_stage_and_writes_the_report(first_run):
+    wf, result = first_run
+    assert result.ran == ["scan", "preprocess", "pca", "train", "encode", "anomaly", "cluster",
+                          "report"]
+    results = ResultsStore(result.results)
+    assert set(results.stages()) >= {"preprocess", "pca", "train", "encode", "anomaly", "cluster"}
+    report = result.report.read_text()
+    for title in ("PCA scree", "Reconstruction error", "Loss curves", "Latent space",
+                  "Choice of K", "Phase map", "Phase mean signals", "Anomalies", "Timings"):
+        assert title in report, title
+    assert (result.report.parent / "phases.png").stat().st_size > 1000
+    prov = results.attrs["provenance"]
+    assert prov["workflow"]["train"]["latent_dim"] == 3 and prov["seed"] == 0
+    assert {"numpy", "dask", "zarr", "torch"} <= set(prov["versions"])
+    for stage in ("preprocess", "cluster"):
+        attrs = results.stage_attrs(stage)
+        assert attrs["config_hash"] and attrs["started"] <= attrs["finished"]
+    assert "stage cluster done" in (result.output / "emscale.log").read_text()
+
+
+def test_a_rerun_skips_what_is_done_and_force_redoes_from_a_stage(first_run, local_client):
+    wf, _ = first_run
+    again = run_workflow(wf, echo=lambda *a: None)
+    assert again.ran == [] and "train" in again.skipped
+    forced = run_workflow(wf, force=("anomaly",), echo=lambda *a: None)
+    assert forced.ran == ["anomaly", "cluster", "report"]
+
+
+def test_a_changed_section_reruns_only_what_depends_on_it(first_run, local_client):
+    wf, _ = first_run
+    changed = validate_workflow({**wf.model_dump(mode="json"),
+                                 "cluster": {**SMALL["cluster"], "method": "gmm"}})
+    result = run_workflow(changed, echo=lambda *a: None)
+    assert result.ran == ["cluster", "report"]
+    assert ResultsStore(result.results).open_stage("cluster").attrs["phase"]["method"] == "gmm"
+
+
+@pytest.mark.parametrize("data, where", [
+    ({"synth": {"kind": "eels"}, "train": {"latent": 3}}, "train.latent"),
+    ({"synth": {"kind": "eels"}, "pca": {"n_components": 0}}, "pca.n_components"),
+    ({"synth": {"kind": "xrd"}}, "synth.kind"),
+    ({"synth": {"kind": "eels"}, "cluster": {"method": "dbscan"}}, "cluster.method"),
+    ({"synth": {"kind": "eels"}, "anomaly": {"quantile": 1.5}}, "anomaly.quantile"),
+    ({"synth": {"kind": "eels"}, "train": {"epochs": 0}}, "train.epochs"),
+    ({"synth": {"kind": "eels"}, "colour": "red"}, "colour"),
+    ({}, "(top level)"),
+])
+def test_bad_workflows_name_the_field(tmp_path, data, where):
+    path = _write(tmp_path, data)
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: {where}:")):
+        load_workflow(path)
+
+
+def test_command_line_values_override_the_file(tmp_path):
+    path = _write(tmp_path, {**SMALL, "output": "elsewhere"})
+    wf = load_workflow(path, output=tmp_path / "here")
+    assert str(wf.output) == str(tmp_path / "here")
+    scan = tmp_path / "scan.zarr"
+    wf = load_workflow(path, input=scan)
+    assert wf.input == scan and wf.synth is None
+
+
+def test_emscale_run_cli(tmp_path, capsys):
+    path = _write(tmp_path, {**SMALL, "output": str(tmp_path / "out")})
+    assert main(["run", str(path), "--workers", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "dashboard:" in printed and "report: " in printed
+    report = printed.strip().splitlines()[-1].split("report: ")[1]
+    assert report.endswith("index.html")
+    assert main(["run", str(path), "--force", "nonsense"]) == 1
+    assert "--force: unknown stage 'nonsense'" in capsys.readouterr().err
+    assert json.loads(json.dumps(ResultsStore(tmp_path / "out" / "results.zarr").attrs))
