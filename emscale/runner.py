@@ -226,6 +226,10 @@ class Runner:
             results, _train(train_results.path / "preprocess", config,
                             self.out / "checkpoints" / train_key),
             overwrite=True))
+        resumed = train.attrs["train"].get("resumed_from")
+        if "train" in self.result.ran and resumed is not None:
+            self.echo(f"[train] resumed from the checkpoint of epoch {resumed}")
+            log.info("training resumed from the checkpoint of epoch %d", resumed)
         sig_shape = tuple(features["features"].shape[2:])
         spec = ModelSpec.from_train_stage(train, sig_shape)
         enc_key = _key(train_key, pca_key, wf.encode.model_dump(mode="json"))
