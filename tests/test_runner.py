@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import yaml
@@ -109,3 +110,51 @@ def test_emscale_run_cli(tmp_path, capsys):
     assert main(["run", str(path), "--force", "nonsense"]) == 1
     assert "--force: unknown stage 'nonsense'" in capsys.readouterr().err
     assert json.loads(json.dumps(ResultsStore(tmp_path / "out" / "results.zarr").attrs))
+
+
+WORKFLOW_DIR = Path(__file__).parent.parent / "workflows"
+WORKFLOWS = sorted(WORKFLOW_DIR.glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.name for p in WORKFLOWS])
+def test_every_ready_workflow_validates(path):
+    assert load_workflow(path).train.latent_dim >= 1
+
+
+def _shrunk(path, tmp_path, **sections):
+    """A ready workflow file, made small enough for a test."""
+    data = yaml.safe_load(path.read_text())
+    data["train"] = {**data.get("train", {}), "epochs": 2, "tile": 8, "threads": 1}
+    data["cluster"] = {**data.get("cluster", {}), "k_range": [2, 3], "n_init": 1,
+                       "sample_size": 1000}
+    data["output"] = str(tmp_path / "out")
+    data.update(sections)
+    return validate_workflow(data)
+
+
+def test_anomaly_screening_against_a_reference_scan(tmp_path, local_client):
+    from emscale.store import write_scan
+    from emscale.synth.eels import synth_eels
+
+    write_scan(synth_eels((32, 32), channels=128, seed=5), tmp_path / "reference.zarr")
+    write_scan(synth_eels((32, 32), channels=128, anomaly=True, seed=6), tmp_path / "scan.zarr")
+    wf = _shrunk(WORKFLOW_DIR / "anomaly-screening.yaml", tmp_path, input=str(tmp_path / "scan.zarr"),
+                 anomaly={"reference": str(tmp_path / "reference.zarr"), "calibration": "reference",
+                          "false_alarm_rate": None})
+    result = run_workflow(wf, echo=lambda *a: None)
+    results = ResultsStore(result.results)
+    flagged = results.open_stage("anomaly")["anomaly"]
+    assert flagged.attrs["calibration"] == "reference"
+    assert ResultsStore(tmp_path / "out" / "reference.zarr").has_stage("encode")
+    assert results.attrs["provenance"]["input"]["path"].endswith("scan.zarr")
+
+
+def test_4dstem_phase_mapping_workflow(tmp_path, local_client):
+    wf = _shrunk(WORKFLOW_DIR / "4dstem-phase-mapping.yaml", tmp_path, input=None,
+                 synth={"kind": "4dstem", "shape": [16, 16], "pattern": [64, 64], "seed": 3},
+                 train={"model": "conv", "latent_dim": 3, "widths": [8, 16], "epochs": 2,
+                        "tile": 4, "threads": 1, "batch_size": 64, "noise": "gaussian"})
+    result = run_workflow(wf, echo=lambda *a: None)
+    cl = ResultsStore(result.results).open_stage("cluster")
+    assert cl["phase_mean_signal"].dims == ("cluster", "ky", "kx")
+    assert "Phase mean signals" in result.report.read_text()
