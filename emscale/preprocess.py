@@ -55,7 +55,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import operator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -63,8 +62,8 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 from dask.base import tokenize
-from dask.highlevelgraph import HighLevelGraph
 
+from emscale.blockwise import map_nav_blocks
 from emscale.errors import ConfigError, InputError
 from emscale.reduction import tree_reduce
 from emscale.store import COMPUTE_DTYPE, NAV_DIMS, SIGNAL_DIMS, validate_scan
@@ -661,42 +660,21 @@ class Preprocessor:
         return self
 
     def _lazy(self, scan: xr.Dataset, steps: list[Step], out_coords: Coords):
-        """The chain as dask arrays: features, valid and the three count maps.
+        """The chain as dask arrays: features, valid, the three count maps and the intensity.
 
         One task per navigation block runs the chain and returns a tuple; each output's block is
-        a ``getitem`` of it. (``apply_gufunc`` does the same but adds a transpose layer per
-        output that dask cannot fuse once an output has two consumers: 17 ms per block.)
+        a ``getitem`` of it (``blockwise.map_nav_blocks``). (``apply_gufunc`` does the same but
+        adds a transpose layer per output that dask cannot fuse once an output has two
+        consumers: 17 ms per block.)
         """
         sig = scan["signal"]
         data = sig.data if isinstance(sig.data, da.Array) else da.from_array(sig.data, chunks=-1)
         yy, xx = _positions(scan)
         fn = _partial(_run_chain, steps=tuple(steps), nonfinite=self.nonfinite, negative=self.negative)
-        token = tokenize(data, yy, xx, fn)
-        chain = f"preprocess-chain-{token}"
-        names = [f"preprocess-{o}-{token}" for o in ("features", "valid", "nonfinite", "negative",
-                                                      "after", "intensity")]
-        sig_tail = (0,) * (data.ndim - 2)
-        chain_dsk: dict = {}
-        out_dsk: list[dict] = [{} for _ in names]
-        for i, j in np.ndindex(*data.numblocks[:2]):
-            chain_dsk[(chain, i, j)] = (fn, (data.name, i, j, *sig_tail), (yy.name, i, j),
-                                        (xx.name, i, j))
-            out_dsk[0][(names[0], i, j, *sig_tail)] = (operator.getitem, (chain, i, j), 0)
-            for o in range(1, len(names)):
-                out_dsk[o][(names[o], i, j)] = (operator.getitem, (chain, i, j), o)
-        base = HighLevelGraph.merge(data.__dask_graph__(), yy.__dask_graph__(), xx.__dask_graph__())
-        layers, deps = dict(base.layers), dict(base.dependencies)
-        layers[chain] = chain_dsk
-        deps[chain] = {*data.__dask_layers__(), *yy.__dask_layers__(), *xx.__dask_layers__()}
-        for name, d in zip(names, out_dsk):
-            layers[name], deps[name] = d, {chain}
-        graph = HighLevelGraph(layers, deps)
-        nav = data.chunks[:2]
-        feature_chunks = nav + tuple((v.size,) for v in out_coords.values())
-        outputs = [da.Array(graph, names[0], feature_chunks, dtype=COMPUTE_DTYPE)]
-        for name, dtype in zip(names[1:], (bool, np.int64, np.int64, np.int64, COMPUTE_DTYPE)):
-            outputs.append(da.Array(graph, name, nav, dtype=dtype))
-        return tuple(outputs)
+        tail = tuple(v.size for v in out_coords.values())
+        outputs = [(tail, COMPUTE_DTYPE), ((), bool), ((), np.int64), ((), np.int64),
+                   ((), np.int64), ((), COMPUTE_DTYPE)]
+        return tuple(map_nav_blocks(fn, [data, yy, xx], outputs, name="preprocess"))
 
     def transform(self, scan: xr.Dataset) -> xr.Dataset:
         """The lazy stage output: ``features``, ``valid`` and per-pixel value counts."""
