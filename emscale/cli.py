@@ -161,27 +161,37 @@ def run_cmd(
                                          "file to ingest); overrides the workflow's input/synth."),
     output: Optional[Path] = typer.Option(None, "--output", help="The results directory; overrides "
                                           "the workflow's output."),
-    workers: int = typer.Option(2, "--workers", help="LocalCluster worker processes."),
-    threads: int = typer.Option(1, "--threads", help="Threads per worker."),
-    memory_limit: str = typer.Option("4GiB", "--memory-limit", help="Memory limit per worker."),
+    cluster_file: Optional[Path] = typer.Option(None, "--cluster", help="A cluster file (YAML; "
+                                                "see cluster_configs/): local, slurm, pbs or an "
+                                                "existing scheduler address. Default: a "
+                                                "LocalCluster of --workers processes."),
+    workers: int = typer.Option(2, "--workers", help="LocalCluster worker processes (without "
+                                "--cluster)."),
+    threads: int = typer.Option(1, "--threads", help="Threads per worker (without --cluster)."),
+    memory_limit: str = typer.Option("4GiB", "--memory-limit", help="Memory limit per worker "
+                                     "(without --cluster)."),
     force: list[str] = typer.Option([], "--force", help="Recompute this stage and everything "
                                     "after it (scan, preprocess, pca, train, encode, anomaly, "
                                     "cluster, report); repeatable."),
 ) -> None:
     """Run a workflow: scan, preprocess, PCA, training, encoding, anomaly scoring, phase
-    clustering and the report, on a LocalCluster of worker processes. Stages whose results are
-    already there with the same settings are skipped; the report's path is printed at the end."""
-    from distributed import Client
-
-    from emscale.cluster import local_cluster
+    clustering and the report, on a LocalCluster (default) or the cluster of --cluster. Stages
+    whose results are already there with the same settings are skipped; the report's path is
+    printed at the end."""
+    from emscale.cluster import default_cluster_file, load_cluster_file, open_cluster, worker_jobs
     from emscale.runner import run_workflow
     from emscale.workflow import load_workflow
 
     wf = load_workflow(workflow, input=input, output=output)
-    with local_cluster(n_workers=workers, threads_per_worker=threads,
-                       memory_limit=memory_limit) as cluster, Client(cluster):
-        typer.echo(f"dashboard: {cluster.dashboard_link}")
-        result = run_workflow(wf, force=tuple(force), echo=typer.echo)
+    if cluster_file is not None:
+        cfg = load_cluster_file(cluster_file)
+    else:
+        cfg = default_cluster_file().model_copy(update={"workers": workers, "threads": threads,
+                                                         "memory": memory_limit})
+    with open_cluster(cfg) as (cluster, client):
+        typer.echo(f"dashboard: {client.dashboard_link}")
+        info = {"type": cfg.type, "workers": worker_jobs(client)}
+        result = run_workflow(wf, force=tuple(force), echo=typer.echo, cluster_info=info)
     typer.echo(f"ran: {', '.join(result.ran) or 'nothing'}; skipped: "
                f"{', '.join(result.skipped) or 'nothing'}")
     typer.echo(f"results: {result.results}")

@@ -1,4 +1,6 @@
-"""Dask clusters for emscale's stages. Today: the embedded LocalCluster (the default everywhere).
+"""Dask clusters for emscale's stages: the embedded LocalCluster (the default everywhere), and
+the cluster files of ``emscale run --cluster`` (local, Slurm or PBS through dask-jobqueue, or an
+existing scheduler).
 
 Worker processes get two environment settings that measurably matter for chunked array work
 (DESIGN.md section 6, ``emscale bench pca`` reports them):
@@ -65,3 +67,139 @@ def local_cluster(n_workers: int = 2, threads_per_worker: int = 1, memory_limit:
     log.info("LocalCluster: %d workers x %d threads, %s each, environment %s, dashboard %s",
              n_workers, threads_per_worker, memory_limit, env, cluster.dashboard_link)
     return cluster
+
+
+# ---------------------------------------------------------------------------------------------
+# cluster files (``emscale run --cluster FILE``)
+
+CLUSTER_TYPES = ("local", "slurm", "pbs", "address")
+
+
+def _cluster_schema():
+    from typing import Literal, Optional
+
+    from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+    class ClusterFile(BaseModel):
+        """Where the stages run. ``local``: a LocalCluster of worker processes; ``slurm`` /
+        ``pbs``: dask-jobqueue, each worker a batch job (``jobs`` fixed, or ``adaptive``
+        between ``minimum_jobs`` and ``jobs``); ``address``: an existing scheduler."""
+
+        model_config = ConfigDict(extra="forbid", frozen=True)
+        type: Literal["local", "slurm", "pbs", "address"] = "local"
+        # local
+        workers: int = Field(2, ge=1, description="local: worker processes")
+        threads: int = Field(1, ge=1, description="threads per worker process")
+        memory: str = Field("4GiB", description="memory per worker (local) or per job")
+        dashboard_address: Optional[str] = ":8787"
+        # slurm / pbs
+        cores: int = Field(1, ge=1, description="cores per job")
+        processes: int = Field(1, ge=1, description="worker processes per job")
+        jobs: int = Field(2, ge=1, description="jobs to start (the maximum when adaptive)")
+        adaptive: bool = False
+        minimum_jobs: int = Field(0, ge=0)
+        walltime: str = "01:00:00"
+        queue: Optional[str] = None
+        account: Optional[str] = None
+        job_extra_directives: list[str] = Field(default_factory=list)
+        interface: Optional[str] = None
+        log_directory: Optional[str] = None
+        python: Optional[str] = None
+        # address
+        address: Optional[str] = None
+        wait_for_workers: int = Field(1, ge=0, description="workers to wait for before starting")
+        timeout: float = Field(300, gt=0, description="seconds to wait for them")
+
+        @model_validator(mode="after")
+        def _address(self):
+            if (self.type == "address") != (self.address is not None):
+                raise ValueError("address: give it exactly when type is 'address'")
+            return self
+
+    return ClusterFile
+
+
+def load_cluster_file(path):
+    """A validated cluster file (YAML); errors name the file and the field."""
+    from pathlib import Path
+
+    import yaml
+    from pydantic import ValidationError
+
+    from emscale.errors import ConfigError
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot read the cluster file ({exc})") from None
+    try:
+        return _cluster_schema().model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        raise ConfigError(f"{path}: {where}: {err['msg'].removeprefix('Value error, ')}") from None
+
+
+def default_cluster_file():
+    return _cluster_schema()()
+
+
+class open_cluster:
+    """``with open_cluster(cfg) as (cluster, client):`` the cluster of a cluster file, its
+    workers up (jobqueue: ``jobs`` submitted and the first ``wait_for_workers`` running)."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.cluster = self.client = None
+
+    def __enter__(self):
+        from distributed import Client
+
+        cfg = self.cfg
+        if cfg.type == "local":
+            self.cluster = local_cluster(cfg.workers, cfg.threads, cfg.memory,
+                                         dashboard_address=cfg.dashboard_address)
+            self.client = Client(self.cluster)
+        elif cfg.type == "address":
+            self.client = Client(cfg.address, timeout=cfg.timeout)
+        else:
+            self.cluster = _jobqueue_cluster(cfg)
+            if cfg.adaptive:
+                self.cluster.adapt(minimum_jobs=cfg.minimum_jobs, maximum_jobs=cfg.jobs)
+            else:
+                self.cluster.scale(jobs=cfg.jobs)
+            self.client = Client(self.cluster)
+        if cfg.wait_for_workers:
+            n = cfg.wait_for_workers if cfg.type != "local" else cfg.workers
+            self.client.wait_for_workers(n, timeout=cfg.timeout)
+        return self.cluster, self.client
+
+    def __exit__(self, *exc):
+        if self.client is not None:
+            self.client.close()
+        if self.cluster is not None:
+            self.cluster.close()
+        return False
+
+
+def _jobqueue_cluster(cfg):
+    import sys
+
+    from dask_jobqueue import PBSCluster, SLURMCluster
+
+    cls = SLURMCluster if cfg.type == "slurm" else PBSCluster
+    env = worker_environment()
+    kwargs = dict(cores=cfg.cores, processes=cfg.processes,
+                  memory=cfg.memory, walltime=cfg.walltime, queue=cfg.queue, account=cfg.account,
+                  job_extra_directives=list(cfg.job_extra_directives), interface=cfg.interface,
+                  log_directory=cfg.log_directory, python=cfg.python or sys.executable,
+                  job_script_prologue=[f"export {k}={v}" for k, v in env.items()])
+    if cfg.dashboard_address is not None:
+        kwargs["scheduler_options"] = {"dashboard_address": cfg.dashboard_address}
+    return cls(**kwargs)
+
+
+def worker_jobs(client) -> dict[str, str | None]:
+    """The batch job of each worker (SLURM_JOB_ID / PBS_JOBID), for provenance."""
+    return client.run(lambda: os.environ.get("SLURM_JOB_ID") or os.environ.get("PBS_JOBID"))

@@ -84,7 +84,7 @@ def _log_to(path: Path):
 
 class Runner:
     def __init__(self, workflow: Workflow, *, force: tuple[str, ...] = (), progress: bool | None = None,
-                 echo=print):
+                 echo=print, cluster_info: dict | None = None):
         unknown = sorted(set(force) - set(STAGES))
         if unknown:
             raise ConfigError(f"--force: unknown stage {unknown[0]!r} (stages: {', '.join(STAGES)})")
@@ -93,6 +93,7 @@ class Runner:
         self.redo = set(STAGES[first:])  # a forced stage and everything after it
         self.progress = progress
         self.echo = echo
+        self.cluster_info = cluster_info or {}
         self.out = Path(workflow.output)
         self.result = RunResult(output=self.out, results=self.out / "results.zarr", report=None)
 
@@ -192,7 +193,7 @@ class Runner:
             "input": {"path": str(wf.input) if wf.input else None,
                       "source": scan.attrs.get("source", {})},
             "versions": _versions(), "host": platform.node(), "python": platform.python_version(),
-            "seed": wf.seed, "started": started}})
+            "seed": wf.seed, "started": started, "cluster": self.cluster_info}})
 
         def chain():
             return Preprocessor(list(wf.preprocess.steps), nonfinite=wf.preprocess.nonfinite,
@@ -321,5 +322,6 @@ def _train(stage_path, config, checkpoint_dir):
 
 
 def run_workflow(workflow: Workflow, *, force: tuple[str, ...] = (), progress: bool | None = None,
-                 echo=print) -> RunResult:
-    return Runner(workflow, force=force, progress=progress, echo=echo).run()
+                 echo=print, cluster_info: dict | None = None) -> RunResult:
+    return Runner(workflow, force=force, progress=progress, echo=echo,
+                  cluster_info=cluster_info).run()

@@ -1,0 +1,72 @@
+"""Real Slurm: a single-node Slurm from Debian packages (``scripts/slurm-up.sh``), then a small
+workflow whose Dask workers are Slurm jobs. Skipped, saying why, where Slurm cannot be set up
+(not root, no apt)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from emscale.cli import main
+from emscale.cluster import load_cluster_file
+from emscale.results import ResultsStore
+
+ROOT = Path(__file__).parent.parent
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    if os.geteuid() != 0:
+        pytest.skip("Slurm tests need root to install and start slurmctld/slurmd")
+    if shutil.which("slurmctld") is None and shutil.which("apt-get") is None:
+        pytest.skip("no Slurm and no apt-get to install it")
+    up = subprocess.run(["bash", str(ROOT / "scripts/slurm-up.sh")], capture_output=True, text=True,
+                        timeout=300)
+    if up.returncode != 0:
+        pytest.skip(f"Slurm could not be started: {up.stderr.strip()[-500:]}")
+    yield
+    subprocess.run(["bash", str(ROOT / "scripts/slurm-up.sh"), "--down"], timeout=60)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "cluster_configs").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_cluster_file_validates(path):
+    assert load_cluster_file(path).type in ("local", "slurm", "pbs", "address")
+
+
+def test_a_workflow_on_slurm_workers(slurm, tmp_path, capsys):
+    wf = tmp_path / "wf.yaml"
+    wf.write_text(yaml.safe_dump({
+        "synth": {"kind": "eels", "shape": [32, 32], "channels": 128, "seed": 1},
+        "output": str(tmp_path / "out"),
+        "train": {"latent_dim": 3, "widths": [32, 16], "epochs": 2, "tile": 8, "threads": 1},
+        "pca": {"n_components": 4},
+        "cluster": {"k_range": [2, 3], "n_init": 1, "sample_size": 1000}}))
+    cluster = tmp_path / "slurm.yaml"
+    cluster.write_text(yaml.safe_dump({
+        "type": "slurm", "jobs": 2, "cores": 1, "memory": "2GiB", "walltime": "00:10:00",
+        "interface": "lo", "log_directory": str(tmp_path / "jobs"), "wait_for_workers": 2,
+        "timeout": 120, "dashboard_address": None}))
+    assert main(["run", str(wf), "--cluster", str(cluster)]) == 0
+    assert "report: " in capsys.readouterr().out
+    prov = ResultsStore(tmp_path / "out" / "results.zarr").attrs["provenance"]
+    jobs = prov["cluster"]["workers"]
+    assert prov["cluster"]["type"] == "slurm" and len(jobs) == 2
+    assert all(job is not None and job.isdigit() for job in jobs.values()), jobs
+
+
+def test_bad_cluster_files_name_the_field(tmp_path):
+    from emscale.errors import ConfigError
+
+    for data, where in [({"type": "sge"}, "type"), ({"type": "address"}, "(top level)"),
+                        ({"type": "slurm", "jobs": 0}, "jobs"), ({"cores": 2, "colour": 1}, "colour")]:
+        path = tmp_path / "c.yaml"
+        path.write_text(yaml.safe_dump(data))
+        with pytest.raises(ConfigError, match=rf"c.yaml: {re.escape(where)}"):
+            load_cluster_file(path)
