@@ -198,6 +198,29 @@ def run_cmd(
     typer.echo(f"report: {result.report}")
 
 
+@app.command("submit")
+def submit_cmd(
+    workflow: Path = typer.Argument(..., help="The workflow file (YAML)."),
+    cluster_file: Path = typer.Option(..., "--cluster", help="The cluster file: slurm or pbs "
+                                      "(workers as further jobs), or local (a LocalCluster "
+                                      "inside the one Slurm job)."),
+    begin: Optional[str] = typer.Option(None, "--begin", help="Start no earlier than this (Slurm "
+                                        "--begin syntax, e.g. 22:00, now+1hour; PBS -a)."),
+    output: Optional[Path] = typer.Option(None, "--output", help="The results directory; "
+                                          "overrides the workflow's output."),
+) -> None:
+    """Write a batch script that runs `emscale run` as one job and submit it (sbatch or qsub);
+    the script and the job's log go to the output directory."""
+    from emscale.cluster import load_cluster_file
+    from emscale.submit import submit
+    from emscale.workflow import load_workflow
+
+    wf = load_workflow(workflow, output=output)
+    cfg = load_cluster_file(cluster_file)
+    job = submit(workflow, cluster_file, cfg, wf.output, begin=begin)
+    typer.echo(f"submitted job {job}: {Path(wf.output) / 'submit.sh'}")
+
+
 @bench_app.command("ingest")
 def bench_ingest_cmd(
     size_gb: float = typer.Option(2.0, "--size-gb", help="Size of the generated raw .npy file (GB)."),

@@ -70,3 +70,48 @@ def test_bad_cluster_files_name_the_field(tmp_path):
         path.write_text(yaml.safe_dump(data))
         with pytest.raises(ConfigError, match=rf"c.yaml: {re.escape(where)}"):
             load_cluster_file(path)
+
+
+def test_submit_runs_a_workflow_as_a_slurm_job(slurm, tmp_path, capsys):
+    import time
+
+    wf = tmp_path / "wf.yaml"
+    wf.write_text(yaml.safe_dump({
+        "synth": {"kind": "eels", "shape": [32, 32], "channels": 128, "seed": 2},
+        "output": str(tmp_path / "out"),
+        "train": {"latent_dim": 3, "widths": [32, 16], "epochs": 2, "tile": 8, "threads": 1},
+        "pca": {"n_components": 4},
+        "cluster": {"k_range": [2, 3], "n_init": 1, "sample_size": 1000}}))
+    cluster = tmp_path / "local.yaml"
+    cluster.write_text(yaml.safe_dump({"type": "local", "workers": 1, "memory": "2GiB",
+                                       "walltime": "00:10:00", "dashboard_address": None}))
+    assert main(["submit", str(wf), "--cluster", str(cluster), "--begin", "now"]) == 0
+    job = capsys.readouterr().out.split("submitted job ")[1].split(":")[0]
+    script = (tmp_path / "out" / "submit.sh").read_text()
+    assert "#SBATCH --begin=now" in script and "emscale run" in script
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        queue = subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True).stdout
+        if not queue.strip():
+            break
+        time.sleep(1)
+    log = (tmp_path / "out" / f"submit-{job}.out").read_text()
+    assert "report: " in log, log[-2000:]
+    assert (tmp_path / "out" / "report" / "index.html").exists()
+
+
+def test_submit_refuses_an_address_cluster(tmp_path):
+    from emscale.cluster import load_cluster_file
+    from emscale.errors import ConfigError
+    from emscale.submit import batch_script
+
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({"type": "address", "address": "tcp://h:8786"}))
+    with pytest.raises(ConfigError, match="submit: the cluster file must be"):
+        batch_script(tmp_path / "wf.yaml", path, load_cluster_file(path), tmp_path)
+    pbs = tmp_path / "p.yaml"
+    pbs.write_text(yaml.safe_dump({"type": "pbs", "queue": "night", "memory": "2GiB"}))
+    script, command = batch_script(tmp_path / "wf.yaml", pbs, load_cluster_file(pbs), tmp_path,
+                                   begin="2200")
+    assert command == "qsub" and "#PBS -q night" in script and "#PBS -a 2200" in script
+    assert "mem=2048mb" in script
