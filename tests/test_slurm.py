@@ -34,6 +34,17 @@ def slurm():
     subprocess.run(["bash", str(ROOT / "scripts/slurm-up.sh"), "--down"], timeout=60)
 
 
+def _small_workflow(tmp_path, seed):
+    wf = tmp_path / "wf.yaml"
+    wf.write_text(yaml.safe_dump({
+        "synth": {"kind": "eels", "shape": [32, 32], "channels": 128, "seed": seed},
+        "output": str(tmp_path / "out"),
+        "train": {"latent_dim": 3, "widths": [32, 16], "epochs": 2, "tile": 8, "threads": 1},
+        "pca": {"n_components": 4},
+        "cluster": {"k_range": [2, 3], "n_init": 1, "sample_size": 1000}}))
+    return wf
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "cluster_configs").glob("*.yaml")),
                          ids=lambda p: p.name)
 def test_every_cluster_file_validates(path):
@@ -41,13 +52,7 @@ def test_every_cluster_file_validates(path):
 
 
 def test_a_workflow_on_slurm_workers(slurm, tmp_path, capsys):
-    wf = tmp_path / "wf.yaml"
-    wf.write_text(yaml.safe_dump({
-        "synth": {"kind": "eels", "shape": [32, 32], "channels": 128, "seed": 1},
-        "output": str(tmp_path / "out"),
-        "train": {"latent_dim": 3, "widths": [32, 16], "epochs": 2, "tile": 8, "threads": 1},
-        "pca": {"n_components": 4},
-        "cluster": {"k_range": [2, 3], "n_init": 1, "sample_size": 1000}}))
+    wf = _small_workflow(tmp_path, seed=1)
     cluster = tmp_path / "slurm.yaml"
     cluster.write_text(yaml.safe_dump({
         "type": "slurm", "jobs": 2, "cores": 1, "memory": "2GiB", "walltime": "00:10:00",
@@ -75,13 +80,7 @@ def test_bad_cluster_files_name_the_field(tmp_path):
 def test_submit_runs_a_workflow_as_a_slurm_job(slurm, tmp_path, capsys):
     import time
 
-    wf = tmp_path / "wf.yaml"
-    wf.write_text(yaml.safe_dump({
-        "synth": {"kind": "eels", "shape": [32, 32], "channels": 128, "seed": 2},
-        "output": str(tmp_path / "out"),
-        "train": {"latent_dim": 3, "widths": [32, 16], "epochs": 2, "tile": 8, "threads": 1},
-        "pca": {"n_components": 4},
-        "cluster": {"k_range": [2, 3], "n_init": 1, "sample_size": 1000}}))
+    wf = _small_workflow(tmp_path, seed=2)
     cluster = tmp_path / "local.yaml"
     cluster.write_text(yaml.safe_dump({"type": "local", "workers": 1, "memory": "2GiB",
                                        "walltime": "00:10:00", "dashboard_address": None}))
