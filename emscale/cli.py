@@ -221,6 +221,44 @@ def submit_cmd(
     typer.echo(f"submitted job {job}: {Path(wf.output) / 'submit.sh'}")
 
 
+@app.command("batch")
+def batch_cmd(
+    source: Path = typer.Argument(..., help="A directory of scans (scan stores or raw files) or a "
+                                  "manifest file (one path per line, # comments)."),
+    workflow: Path = typer.Option(..., "--workflow", help="The workflow file run on every scan."),
+    cluster_file: Optional[Path] = typer.Option(None, "--cluster", help="A cluster file (default: "
+                                                "a LocalCluster of 2 worker processes)."),
+    output: Optional[Path] = typer.Option(None, "--output", help="The root of the scans' outputs "
+                                          "(default: the workflow's output); one directory each."),
+    ledger: Optional[Path] = typer.Option(None, "--ledger", help="The ledger (default: "
+                                          "OUTPUT/ledger.sqlite)."),
+) -> None:
+    """Run a workflow on many scans, one after another on one cluster, with a persistent ledger:
+    done scans are skipped on a rerun, a failing scan is recorded and the others go on; a summary
+    ends the run (exit 1 if any scan failed)."""
+    from emscale.batch import run_batch
+    from emscale.cluster import default_cluster_file, load_cluster_file, open_cluster
+
+    cfg = load_cluster_file(cluster_file) if cluster_file else default_cluster_file()
+    with open_cluster(cfg) as (_cluster, client):
+        typer.echo(f"dashboard: {client.dashboard_link}")
+        outcome = run_batch(source, workflow, output_root=output, ledger_path=ledger,
+                            echo=typer.echo)
+    if outcome["failed"]:
+        raise typer.Exit(1)
+
+
+@app.command("status")
+def status_cmd(
+    ledger: Path = typer.Argument(Path("emscale-output/ledger.sqlite"),
+                                  help="The batch ledger (default: emscale-output/ledger.sqlite)."),
+) -> None:
+    """The state of every scan of a batch: pending, running, done or failed (with its error)."""
+    from emscale.batch import status_table
+
+    typer.echo(status_table(ledger))
+
+
 @bench_app.command("ingest")
 def bench_ingest_cmd(
     size_gb: float = typer.Option(2.0, "--size-gb", help="Size of the generated raw .npy file (GB)."),

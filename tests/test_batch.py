@@ -1,0 +1,55 @@
+"""``emscale batch`` / ``emscale status``: a ledger, skips on a rerun, one broken scan that does
+not stop the others."""
+
+from __future__ import annotations
+
+import numpy as np
+import yaml
+
+from emscale.batch import Ledger, list_scans, run_batch, status_table
+from emscale.cli import main
+from emscale.store import write_scan
+from emscale.synth.eels import synth_eels
+
+WORKFLOW = {
+    "input": "unused", "output": "unused",
+    "train": {"latent_dim": 3, "widths": [32, 16], "epochs": 2, "tile": 8, "threads": 1},
+    "pca": {"n_components": 4},
+    "cluster": {"k_range": [2, 3], "n_init": 1, "sample_size": 1000},
+}
+
+
+def _scans(tmp_path):
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    for seed in (1, 2):
+        write_scan(synth_eels((32, 32), channels=128, anomaly=True, seed=seed),
+                   scans / f"scan{seed}.zarr")
+    np.save(scans / "broken.npy", np.zeros((4, 4), np.float32))  # no signal dimension
+    wf = tmp_path / "wf.yaml"
+    wf.write_text(yaml.safe_dump(WORKFLOW))
+    return scans, wf
+
+
+def test_batch_with_a_broken_scan_and_a_rerun(tmp_path, local_client):
+    scans, wf = _scans(tmp_path)
+    lines = []
+    out = run_batch(scans, wf, output_root=tmp_path / "out", echo=lines.append)
+    assert len(out["done"]) == 2 and len(out["failed"]) == 1 and out["failed"][0].endswith("broken.npy")
+    assert "2 done, 1 failed" in lines[-1]
+    ledger = Ledger(tmp_path / "out" / "ledger.sqlite")
+    failed = [e for e in ledger.entries() if e.state == "failed"]
+    assert len(failed) == 1 and "broken.npy" in failed[0].error
+    assert (tmp_path / "out" / "scan1" / "report" / "index.html").exists()
+    # a rerun skips the done scans and retries the failed one
+    again = run_batch(scans, wf, output_root=tmp_path / "out", echo=lines.append)
+    assert len(again["skipped"]) == 2 and len(again["failed"]) == 1
+    table = status_table(tmp_path / "out" / "ledger.sqlite")
+    assert "2 done" in table and "1 failed" in table and "broken.npy" in table
+
+
+def test_manifest_and_status_cli(tmp_path, capsys):
+    (tmp_path / "m.txt").write_text("# scans\na.zarr\n/abs/b.zarr  # absolute\n\n")
+    assert [p.name for p in list_scans(tmp_path / "m.txt")] == ["a.zarr", "b.zarr"]
+    assert main(["status", str(tmp_path / "nothing.sqlite")]) == 1
+    assert "no ledger" in capsys.readouterr().err
