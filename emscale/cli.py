@@ -364,8 +364,9 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in args
     command = typer.main.get_command(app)
     try:
-        command.main(args=args, prog_name="emscale", standalone_mode=False)
-        return 0
+        code = command.main(args=args, prog_name="emscale", standalone_mode=False)
+        # click returns the code of a typer.Exit raised by a command (batch: 1 on a failed scan)
+        return code if isinstance(code, int) else 0
     except typer.Exit as exc:
         return exc.exit_code
     except typer.TyperException as exc:  # usage errors (click's): their own message, exit 2

@@ -53,3 +53,13 @@ def test_manifest_and_status_cli(tmp_path, capsys):
     assert [p.name for p in list_scans(tmp_path / "m.txt")] == ["a.zarr", "b.zarr"]
     assert main(["status", str(tmp_path / "nothing.sqlite")]) == 1
     assert "no ledger" in capsys.readouterr().err
+
+
+def test_batch_cli_exits_1_when_a_scan_failed(tmp_path, capsys):
+    scans, wf = _scans(tmp_path)
+    (scans / "scan2.zarr").rename(tmp_path / "aside.zarr")  # one good scan, one broken
+    assert main(["batch", str(scans), "--workflow", str(wf), "--output", str(tmp_path / "out")]) == 1
+    printed = capsys.readouterr().out
+    assert "1 done, 1 failed" in printed
+    assert main(["status", str(tmp_path / "out" / "ledger.sqlite")]) == 0
+    assert "1 done" in capsys.readouterr().out
