@@ -72,7 +72,7 @@ def local_cluster(n_workers: int = 2, threads_per_worker: int = 1, memory_limit:
 # ---------------------------------------------------------------------------------------------
 # cluster files (``emscale run --cluster FILE``)
 
-CLUSTER_TYPES = ("local", "slurm", "pbs", "address")
+CLUSTER_TYPES = ("local", "slurm", "pbs", "address", "slurm-runner")
 
 
 def _cluster_schema():
@@ -83,12 +83,17 @@ def _cluster_schema():
     class ClusterFile(BaseModel):
         """Where the stages run. ``local``: a LocalCluster of worker processes; ``slurm`` /
         ``pbs``: dask-jobqueue, each worker a batch job (``jobs`` fixed, or ``adaptive``
-        between ``minimum_jobs`` and ``jobs``); ``address``: an existing scheduler."""
+        between ``minimum_jobs`` and ``jobs``); ``address``: an existing scheduler;
+        ``slurm-runner``: inside one Slurm allocation (``srun``: task 0 the scheduler, task 1
+        emscale, the others ``workers`` workers; dask-jobqueue's SLURMRunner)."""
 
         model_config = ConfigDict(extra="forbid", frozen=True)
-        type: Literal["local", "slurm", "pbs", "address"] = "local"
+        type: Literal["local", "slurm", "pbs", "address", "slurm-runner"] = "local"
         # local
-        workers: int = Field(2, ge=1, description="local: worker processes")
+        workers: int = Field(2, ge=1, description="local: worker processes; slurm-runner: "
+                             "worker tasks (the allocation has two more)")
+        scheduler_file: str = Field("scheduler-{job_id}.json", description="slurm-runner: on "
+                                    "storage every task sees")
         threads: int = Field(1, ge=1, description="threads per worker process")
         memory: str = Field("4GiB", description="memory per worker (local) or per job")
         dashboard_address: Optional[str] = ":8787"
@@ -163,6 +168,23 @@ class open_cluster:
             self.client = Client(self.cluster)
         elif cfg.type == "address":
             self.client = Client(cfg.address, timeout=cfg.timeout)
+        elif cfg.type == "slurm-runner":
+            from dask_jobqueue.slurm import SLURMRunner
+
+            # every task runs this; only task 1 (the client) gets past __enter__, the scheduler
+            # and worker tasks serve until the client closes, then exit
+            from dask_jobqueue.runner import Role
+
+            try:
+                self.cluster = SLURMRunner(
+                    scheduler_file=cfg.scheduler_file,
+                    worker_options={"nthreads": cfg.threads, "memory_limit": cfg.memory})
+                self.cluster.__enter__()
+            except KeyboardInterrupt:  # how the runner ends a scheduler or worker task
+                raise SystemExit(0) from None
+            if self.cluster.role != Role.client:
+                raise SystemExit(0)
+            self.client = Client(self.cluster)
         else:
             self.cluster = _jobqueue_cluster(cfg)
             if cfg.adaptive:
@@ -171,7 +193,7 @@ class open_cluster:
                 self.cluster.scale(jobs=cfg.jobs)
             self.client = Client(self.cluster)
         if cfg.wait_for_workers:
-            n = cfg.wait_for_workers if cfg.type != "local" else cfg.workers
+            n = cfg.workers if cfg.type in ("local", "slurm-runner") else cfg.wait_for_workers
             self.client.wait_for_workers(n, timeout=cfg.timeout)
         return self.cluster, self.client
 
@@ -179,7 +201,10 @@ class open_cluster:
         if self.client is not None:
             self.client.close()
         if self.cluster is not None:
-            self.cluster.close()
+            if self.cfg.type == "slurm-runner":
+                self.cluster.__exit__(*exc)
+            else:
+                self.cluster.close()
         return False
 
 

@@ -23,12 +23,13 @@ def batch_script(workflow: Path, cluster_file: Path, cfg, output: Path,
     cluster file runs inside a Slurm job)."""
     workflow, cluster_file, output = (Path(p).resolve() for p in (workflow, cluster_file, output))
     local = cfg.type == "local"
-    cores = cfg.workers * cfg.threads if local else 1
+    runner = cfg.type == "slurm-runner"
+    cores = cfg.workers * cfg.threads if local else cfg.threads if runner else 1
     memory = _memory_mb(cfg.memory) * (cfg.workers if local else 1)
     name = f"emscale-{workflow.stem}"[:60]
     command = " ".join(shlex.quote(a) for a in (
-        sys.executable, "-m", "emscale", "run", str(workflow), "--cluster", str(cluster_file),
-        "--output", str(output)))
+        *(("srun",) if runner else ()), sys.executable, "-m", "emscale", "run", str(workflow),
+        "--cluster", str(cluster_file), "--output", str(output)))
     if cfg.type == "pbs":
         lines = [f"#PBS -N {name}", f"#PBS -l select=1:ncpus={cores}:mem={memory}mb",
                  f"#PBS -l walltime={cfg.walltime}", f"#PBS -o {output}/submit.out", "#PBS -j oe"]
@@ -37,8 +38,11 @@ def batch_script(workflow: Path, cluster_file: Path, cfg, output: Path,
         lines += [f"#PBS -a {begin}"] if begin else []
         lines += [f"#PBS {d}" for d in cfg.job_extra_directives]
         submit = "qsub"
-    elif cfg.type in ("slurm", "local"):
-        lines = [f"#SBATCH -J {name}", f"#SBATCH -c {cores}", f"#SBATCH --mem={memory}M",
+    elif cfg.type in ("slurm", "local", "slurm-runner"):
+        # slurm-runner: one task per role (scheduler, emscale, workers), memory per task
+        tasks = [f"#SBATCH -n {cfg.workers + 2}", f"#SBATCH --mem-per-cpu={memory // cores}M"] \
+            if runner else [f"#SBATCH --mem={memory}M"]
+        lines = [f"#SBATCH -J {name}", f"#SBATCH -c {cores}", *tasks,
                  f"#SBATCH -t {cfg.walltime}", f"#SBATCH -o {output}/submit-%j.out"]
         lines += [f"#SBATCH -p {cfg.queue}"] if cfg.queue else []
         lines += [f"#SBATCH -A {cfg.account}"] if cfg.account else []
@@ -46,8 +50,8 @@ def batch_script(workflow: Path, cluster_file: Path, cfg, output: Path,
         lines += [f"#SBATCH {d}" for d in cfg.job_extra_directives]
         submit = "sbatch"
     else:
-        raise ConfigError("submit: the cluster file must be of type slurm, pbs or local (run "
-                          "inside a Slurm job), not an existing scheduler's address")
+        raise ConfigError("submit: the cluster file must be of type slurm, pbs, slurm-runner "
+                          "or local (run inside a Slurm job), not an existing scheduler's address")
     script = "\n".join(["#!/usr/bin/env bash", *lines, "set -euo pipefail",
                         f"cd {shlex.quote(str(Path.cwd()))}", f"exec {command}", ""])
     return script, submit

@@ -114,3 +114,29 @@ def test_submit_refuses_an_address_cluster(tmp_path):
                                    begin="2200")
     assert command == "qsub" and "#PBS -q night" in script and "#PBS -a 2200" in script
     assert "mem=2048mb" in script
+
+
+def test_a_workflow_inside_one_slurm_allocation(slurm, tmp_path, capsys):
+    """``slurm-runner``: ``emscale submit`` asks for one allocation of 3 tasks (scheduler,
+    emscale, one worker) and ``srun`` starts them; the worker is a task of that job."""
+    import time
+
+    wf = _small_workflow(tmp_path, seed=3)
+    cluster = tmp_path / "runner.yaml"
+    cluster.write_text(yaml.safe_dump({
+        "type": "slurm-runner", "workers": 1, "threads": 1, "memory": "1GiB",
+        "walltime": "00:10:00", "scheduler_file": str(tmp_path / "scheduler-{job_id}.json"),
+        "job_extra_directives": ["--overcommit"],  # 3 tasks on this 2-core node
+        "dashboard_address": None, "timeout": 120}))
+    assert main(["submit", str(wf), "--cluster", str(cluster)]) == 0
+    job = capsys.readouterr().out.split("submitted job ")[1].split(":")[0]
+    assert "srun " in (tmp_path / "out" / "submit.sh").read_text()
+    deadline = time.time() + 240
+    while time.time() < deadline and subprocess.run(
+            ["squeue", "-h", "-j", job], capture_output=True, text=True).stdout.strip():
+        time.sleep(1)
+    log = (tmp_path / "out" / f"submit-{job}.out").read_text()
+    assert "report: " in log, log[-3000:]
+    prov = ResultsStore(tmp_path / "out" / "results.zarr").attrs["provenance"]
+    assert prov["cluster"]["type"] == "slurm-runner"
+    assert list(prov["cluster"]["workers"].values()) == [job]  # the worker runs in this job
