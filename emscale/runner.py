@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import platform
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -184,7 +185,9 @@ class Runner:
         from emscale.preprocess import Preprocessor, write_preprocess_stage
         from emscale.train import ModelSpec, write_train_stage
 
-        wf, show = self.wf, self.progress
+        wf = self.wf
+        # a progress bar per stage on a terminal (distributed's, the tasks run on the cluster)
+        show = self.progress if self.progress is not None else sys.stderr.isatty()
         started = _now()
         scan, scan_key = self._scan()
         results.create({"provenance": {
