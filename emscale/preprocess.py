@@ -113,6 +113,11 @@ class Step:
     def apply(self, x: np.ndarray, pos: np.ndarray) -> np.ndarray:  # pos: (pixels, 2) y, x indices
         raise NotImplementedError
 
+    def apply_scaled(self, x: np.ndarray, pos: np.ndarray):
+        """``apply`` and the per-pixel divisor it applied, if it divides each pixel by one number
+        (``normalize``; the preprocess stage keeps the product as ``intensity``), else None."""
+        return self.apply(x, pos), None
+
     def state(self) -> dict[str, Any]:
         """What the fit learned, for provenance (JSON-able)."""
         return {}
@@ -489,12 +494,15 @@ class Normalize(Step):
         self.check_choice("method", ("sum", "max", "none"))
 
     def apply(self, x, pos):
+        return self.apply_scaled(x, pos)[0]
+
+    def apply_scaled(self, x, pos):
         if self.method == "none":
-            return x
+            return x, None
         flat = x.reshape(x.shape[0], -1)
         norm = flat.sum(axis=1) if self.method == "sum" else flat.max(axis=1)
-        scale = np.where(norm > 0, 1 / np.where(norm > 0, norm, 1), 1).astype(COMPUTE_DTYPE)
-        return (flat * scale[:, None]).reshape(x.shape)
+        divisor = np.where(norm > 0, norm, 1).astype(COMPUTE_DTYPE)
+        return (flat / divisor[:, None]).reshape(x.shape), divisor
 
 
 STEPS: dict[str, type[Step]] = {s.name: s for s in (
@@ -579,13 +587,12 @@ def _run_chain(block, yy, xx, *, steps, nonfinite, negative):
     pos = np.column_stack([yy.ravel(), xx.ravel()])
     x, valid, n_bad, n_neg = _clean_values(block.reshape(-1, *block.shape[2:]), pos, nonfinite,
                                            negative)
-    intensity = np.ones(x.shape[0], COMPUTE_DTYPE)
+    intensity = np.ones(x.shape[0], COMPUTE_DTYPE)  # the divisors of per-pixel scalings
     for step in steps:
-        if isinstance(step, Normalize) and step.method != "none":  # its divisor: the Poisson scale
-            flat = x.reshape(x.shape[0], -1)
-            norm = flat.sum(axis=1) if step.method == "sum" else flat.max(axis=1)
-            intensity *= np.where(norm > 0, norm, 1).astype(COMPUTE_DTYPE)
-        x = np.asarray(step.apply(x, pos), dtype=COMPUTE_DTYPE)
+        x, divisor = step.apply_scaled(x, pos)
+        x = np.asarray(x, dtype=COMPUTE_DTYPE)
+        if divisor is not None:
+            intensity *= divisor
     n_after = np.zeros(x.shape[0], np.int64)
     if steps and not np.isfinite(x.sum(dtype=np.float64)):
         after = ~np.isfinite(x)

@@ -244,8 +244,7 @@ class Runner:
         def score():
             scorer = AnomalyScorer(an.method, an.calibration, an.quantile, an.false_alarm_rate)
             if an.reference is not None:
-                reference = train_results
-                ref_encoded = write_encode_stage(reference, train_features, spec,
+                ref_encoded = write_encode_stage(train_results, train_features, spec,
                                                  error=wf.encode.error, overwrite=True)
                 scorer.fit(ref_encoded)
             elif an.normal_region is not None:
@@ -269,15 +268,15 @@ class Runner:
             exclude=anomaly["anomaly"], overwrite=True, progress=show))
         report_key = _key(cl_key)
         report_dir = self.out / "report"
+        key_file = report_dir / "report.key"
         if "report" in self.redo or not (report_dir / "index.html").exists() \
-                or (report_dir / "report.key").read_text().strip() != report_key:
+                or not key_file.exists() or key_file.read_text().strip() != report_key:
             from emscale.report import write_report
 
             self.echo("[report] writing")
             t0 = time.perf_counter()
-            self.result.seconds["report"] = 0.0
             write_report(results, report_dir, timings=self._timings(results))
-            (report_dir / "report.key").write_text(report_key)
+            key_file.write_text(report_key)
             self.result.seconds["report"] = time.perf_counter() - t0
             self.result.ran.append("report")
         else:

@@ -84,8 +84,11 @@ class TrainConfig:
             if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
                 raise bad(name, "must be a positive integer")
 
-        for name in ("epochs", "batch_size", "tile", "buffer_chunks", "patience", "max_val_pixels"):
+        for name in ("latent_dim", "epochs", "batch_size", "tile", "buffer_chunks", "patience",
+                     "max_val_pixels"):
             positive_int(name)
+        if not all(isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in self.widths):
+            raise bad("widths", "must be positive integers")
         for name, options in (("loss", LOSSES), ("objective", OBJECTIVES), ("noise", NOISES),
                               ("device", DEVICES)):
             if getattr(self, name) not in options:

@@ -82,6 +82,8 @@ def test_a_changed_section_reruns_only_what_depends_on_it(first_run, local_clien
     ({"synth": {"kind": "eels"}, "cluster": {"method": "dbscan"}}, "cluster.method"),
     ({"synth": {"kind": "eels"}, "anomaly": {"quantile": 1.5}}, "anomaly.quantile"),
     ({"synth": {"kind": "eels"}, "train": {"epochs": 0}}, "train.epochs"),
+    ({"synth": {"kind": "eels"}, "train": {"latent_dim": -1}}, "train.latent_dim"),
+    ({"synth": {"kind": "eels"}, "train": {"widths": [64, 0]}}, "train.widths"),
     ({"synth": {"kind": "eels"}, "colour": "red"}, "colour"),
     ({}, "(top level)"),
 ])
