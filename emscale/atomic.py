@@ -31,15 +31,21 @@ def check_output_free(path: str | os.PathLike, overwrite: bool = False) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory path; on success move it to ``path``, on error remove it."""
+def atomic_directory(path: str | os.PathLike, overwrite: bool = False, *,
+                     suffix: str | None = None, keep_on_error: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory path; on success move it to ``path``, on error remove it.
+
+    ``suffix`` fixes the temporary name (``NAME.partial-SUFFIX``) and ``keep_on_error`` keeps it
+    after an error, so that a later attempt can resume what it holds.
+    """
     final = check_output_free(path, overwrite)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f"{final.name}{PARTIAL_MARK}{uuid.uuid4().hex[:8]}")
+    tmp = final.with_name(f"{final.name}{PARTIAL_MARK}{suffix or uuid.uuid4().hex[:8]}")
     try:
         yield tmp
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not keep_on_error:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     if final.exists():
         if not overwrite:  # appeared while we were writing

@@ -20,9 +20,12 @@ from emscale.errors import EmscaleError
 app = typer.Typer(
     name="emscale",
     help="Unsupervised phase mapping of large electron-microscopy scans (EELS/EDS spectrum images "
-    "and 4D-STEM) on a Dask cluster: ingest raw files into chunked Zarr scan stores, generate "
-    "synthetic scans with ground truth, and inspect stores.",
+    "and 4D-STEM) on a Dask cluster: run a workflow file (preprocess, PCA, autoencoder, "
+    "anomaly scoring, phase clustering, report) on a laptop or a Slurm/PBS cluster, overnight "
+    "batches with a ledger, ingest raw files into chunked Zarr scan stores, synthetic scans with "
+    "ground truth, benchmarks.",
     no_args_is_help=True,
+    rich_markup_mode="markdown",  # a docstring's lines form one paragraph
     add_completion=False,
     pretty_exceptions_enable=False,
 )
@@ -57,7 +60,7 @@ def _global(
 def _policy(chunk_mib: float):
     from emscale.store import ChunkPolicy
 
-    return ChunkPolicy(target_mib=chunk_mib, max_mib=max(128.0, chunk_mib))
+    return ChunkPolicy.of(chunk_mib)
 
 
 def _progress() -> bool:
@@ -156,7 +159,7 @@ def info_cmd(
 @app.command("run")
 def run_cmd(
     workflow: Path = typer.Argument(..., help="The workflow file (YAML); see workflows/ for ready "
-                                    "ones and emscale/workflow.py for every field and default."),
+                                    "ones and `emscale defaults` for every field and default."),
     input: Optional[Path] = typer.Option(None, "--input", help="The scan (a scan store or a raw "
                                          "file to ingest); overrides the workflow's input/synth."),
     output: Optional[Path] = typer.Option(None, "--output", help="The results directory; overrides "
@@ -196,6 +199,15 @@ def run_cmd(
                f"{', '.join(result.skipped) or 'nothing'}")
     typer.echo(f"results: {result.results}")
     typer.echo(f"report: {result.report}")
+
+
+@app.command("defaults")
+def defaults_cmd() -> None:
+    """Print every workflow field with its default and what it does, as a commented YAML
+    workflow: copy what you need into your own file."""
+    from emscale.workflow import defaults_yaml
+
+    typer.echo(defaults_yaml(), nl=False)
 
 
 @app.command("submit")

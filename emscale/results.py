@@ -4,11 +4,19 @@ Each stage group is written as a complete Zarr v3 store under a temporary name i
 directory (``NAME.partial-XXXX``) and renamed into place when complete, so a crash never leaves a
 half-written stage that looks complete: a stage group exists only once all its chunks and
 attributes are on disk. Stage groups are read back with xarray (``open_stage``).
+
+Chunk-level resume: each write task stores one chunk and then leaves an empty marker file for it
+(``.emscale-done/VAR/I.J.K`` in the temporary group). Given a resume key (the runner passes the
+stage's cache key), the temporary group is named after it (``NAME.partial-resume-KEY``) and kept
+when the write fails or the process is killed; the next write with the same key and layout
+computes only the chunks without a marker. A different key starts afresh.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import json
 import logging
 import os
 import shutil
@@ -16,15 +24,20 @@ from pathlib import Path
 from typing import Any, Callable
 
 import dask
+import dask.array as da
 import numpy as np
 import xarray as xr
 import zarr
+from dask.base import tokenize
 
 from emscale.atomic import PARTIAL_MARK, atomic_directory
 from emscale.errors import StoreError
 from emscale.store import default_compressor
 
 log = logging.getLogger(__name__)
+
+RESUME_MARK = f"{PARTIAL_MARK}resume-"
+DONE_DIR = ".emscale-done"  # chunk markers inside a temporary stage group, removed at commit
 
 
 def _now() -> str:
@@ -36,6 +49,16 @@ class ResultsStore:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        self.resume_keys: dict[str, str] = {}  # stage -> key under which a partial write resumes
+
+    @contextlib.contextmanager
+    def resumable(self, stage: str, key: str):
+        """Within this block, writes of ``stage`` keep and resume their chunks under ``key``."""
+        self.resume_keys[stage] = key
+        try:
+            yield
+        finally:
+            self.resume_keys.pop(stage, None)
 
     def create(self, attrs: dict[str, Any] | None = None) -> "ResultsStore":
         if self.path.exists() and not (self.path / "zarr.json").exists():
@@ -47,7 +70,11 @@ class ResultsStore:
         return self
 
     def _remove_leftovers(self) -> None:
+        """Remove temporary groups of interrupted writes, except resumable ones (a later write
+        of their stage resumes or removes them)."""
         for p in self.path.glob(f"*{PARTIAL_MARK}*"):
+            if RESUME_MARK in p.name:
+                continue
             log.warning("removing %s left by an interrupted run", p)
             shutil.rmtree(p, ignore_errors=True)
 
@@ -72,30 +99,37 @@ class ResultsStore:
         overwrite: bool = False,
         finalize: Callable[[xr.Dataset], dict[str, Any]] | None = None,
         progress: bool = False,
+        resume_key: str | None = None,
     ) -> xr.Dataset:
         """Compute ``ds`` chunk by chunk into the stage group ``name``, atomically.
 
         ``finalize(written)`` may return attributes to add once the data are on disk (totals read
-        back from small written maps, for instance) or raise to reject the stage. Returns the stage as read
-        back from disk (lazy).
+        back from small written maps, for instance) or raise to reject the stage. ``resume_key``
+        (default: the one set by ``resumable``) keeps the chunks of a failed or killed write for
+        the next write with the same key. Returns the stage as read back from disk (lazy).
         """
         if not (self.path / "zarr.json").exists():
             self.create()
+        resume_key = resume_key or self.resume_keys.get(name)
         started = _now()
-        with atomic_directory(self.path / name, overwrite=overwrite) as tmp:
-            delayed = ds.to_zarr(str(tmp), mode="w-", zarr_format=3, consolidated=False,
-                                 encoding=_encoding(ds), compute=False)
-            if progress:
-                from emscale.progress import compute
-
-                compute(delayed, description=name)
-            else:
-                dask.compute(delayed)
+        suffix = f"resume-{resume_key}" if resume_key else None
+        with atomic_directory(self.path / name, overwrite=overwrite, suffix=suffix,
+                              keep_on_error=resume_key is not None) as tmp:
+            if resume_key:
+                self._remove_stale_partials(name, keep=tmp)
+            _write_chunks(name, ds, tmp, progress=progress)
+            shutil.rmtree(tmp / DONE_DIR)  # all chunks are on disk: the markers have served
             group = zarr.open_group(str(tmp), mode="a", zarr_format=3)
             extra = finalize(_open(tmp)) if finalize else {}
             group.attrs.update({**(extra or {}), "stage": name, "started": started, "finished": _now()})
         log.info("wrote stage %s of %s", name, self.path)
         return self.open_stage(name)
+
+    def _remove_stale_partials(self, name: str, keep: Path) -> None:
+        for p in self.path.glob(f"{name}{PARTIAL_MARK}*"):
+            if p != keep:
+                log.warning("removing %s (an interrupted write under another key)", p)
+                shutil.rmtree(p, ignore_errors=True)
 
     def stage_attrs(self, name: str) -> dict[str, Any]:
         return dict(zarr.open_group(str(self.path / name), mode="r", zarr_format=3).attrs)
@@ -125,3 +159,72 @@ def _encoding(ds: xr.Dataset) -> dict[str, dict[str, Any]]:
         enc[name] = {"chunks": tuple(max(1, c) for c in chunks),
                      "compressors": (default_compressor(np.dtype(var.dtype).itemsize),)}
     return enc
+
+
+def _layout(ds: xr.Dataset) -> dict[str, Any]:
+    return {str(k): [list(v.shape), [list(c) for c in v.chunks] if v.chunks else None, str(v.dtype)]
+            for k, v in ds.variables.items()}
+
+
+def _write_chunks(name: str, ds: xr.Dataset, tmp: Path, *, progress: bool) -> None:
+    """Write ``ds`` into the group ``tmp``: the metadata and in-memory variables at once, then one
+    task per dask chunk that stores it and leaves its marker. Chunks that already have a marker
+    (from an interrupted write of the same layout into ``tmp``) are left out of the graph."""
+    done = tmp / DONE_DIR
+    layout = _layout(ds)
+    resuming = (done / "layout.json").exists() and \
+        json.loads((done / "layout.json").read_text()) == layout
+    if not resuming:
+        shutil.rmtree(tmp, ignore_errors=True)
+        # the metadata, and the variables already in memory; the dask ones are written below
+        ds.to_zarr(str(tmp), mode="w-", zarr_format=3, consolidated=False,
+                   encoding=_encoding(ds), compute=False)
+        done.mkdir()
+        (done / "layout.json").write_text(json.dumps(layout))
+    writes, todo_keys, n_chunks = [], [], 0
+    for var_name, var in ds.variables.items():
+        if not isinstance(var.data, da.Array):
+            continue
+        arr = var.data
+        marks = done / str(var_name)
+        marks.mkdir(exist_ok=True)
+        finished = set(os.listdir(marks))
+        written = arr.map_blocks(_store_chunk, str(tmp / str(var_name)), str(marks),
+                                 da.core.ArraySliceDep(arr.chunks), dtype=np.int8,
+                                 chunks=tuple((1,) * len(c) for c in arr.chunks),
+                                 token=f"{name}-write", meta=np.empty((0,) * arr.ndim, np.int8))
+        writes.append(written)
+        for idx in np.ndindex(*arr.numblocks):
+            n_chunks += 1
+            if ".".join(map(str, idx)) not in finished:
+                todo_keys.append((written.name, *idx))
+    if resuming:
+        log.info("stage %s: resuming, %d of %d chunks already written", name,
+                 n_chunks - len(todo_keys), n_chunks)
+    if not todo_keys:
+        return
+    from dask.delayed import Delayed
+    from dask.highlevelgraph import HighLevelGraph
+
+    # only the unfinished chunks' tasks (and what they need) go into the graph
+    graph = da.Array.__dask_optimize__(HighLevelGraph.merge(*[w.dask for w in writes]), todo_keys)
+    if not isinstance(graph, HighLevelGraph):
+        graph = HighLevelGraph.from_collections(f"{name}-write-graph", graph)
+    final = f"{name}-written-{tokenize(tmp.name, todo_keys)}"
+    graph = HighLevelGraph({**graph.layers, final: {final: (len, todo_keys)}},
+                           {**graph.dependencies, final: set(graph.layers)})
+    if progress:
+        from emscale.progress import compute
+
+        compute(Delayed(final, graph), description=name)
+    else:
+        dask.compute(Delayed(final, graph))
+
+
+def _store_chunk(block: np.ndarray, target: str, marks: str, region: tuple[slice, ...]) -> np.ndarray:
+    """Store one chunk, then mark it done (a crash in between only costs rewriting it)."""
+    z = zarr.open_array(target, mode="r+", zarr_format=3)
+    z[region] = np.asarray(block).astype(z.dtype, copy=False)
+    index = ".".join(str(s.start // c) for s, c in zip(region, z.chunks))
+    Path(marks, index).touch()
+    return np.zeros((1,) * block.ndim, np.int8)

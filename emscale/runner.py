@@ -8,7 +8,9 @@ results store's root attrs, a progress bar per stage, and a log file in the outp
 Stages: ``scan`` (generate or ingest, unless the input is already a scan store), ``preprocess``,
 ``pca``, ``train``, ``encode``, ``anomaly``, ``cluster``, then the report. Each stage group is
 written atomically (``ResultsStore``); its cache key is added once it is complete, so a stage
-killed half-way is recomputed on the next run and one that finished is not.
+that finished is skipped on the next run. A stage killed half-way keeps the chunks it wrote (its
+temporary group is named after the cache key) and the next run with the same key computes only the
+others; training resumes from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -114,7 +116,8 @@ class Runner:
             return results.open_stage(stage)
         self.echo(f"[{stage}] running")
         t0 = time.perf_counter()
-        out = compute()
+        with results.resumable(stage, key):
+            out = compute()
         results.update_attrs({"config_hash": key}, stage=stage)
         self.result.seconds[stage] = time.perf_counter() - t0
         self.result.ran.append(stage)
@@ -132,7 +135,7 @@ class Runner:
         path = self.out / "scan.zarr"
         marker = self.out / "scan.key"
         if wf.synth is not None:
-            key = _key("synth", wf.synth.model_dump(mode="json"))
+            key = _key("synth", wf.synth.model_dump(mode="json"), wf.chunk_mib)
         else:
             src = Path(wf.input)
             if not src.exists():
@@ -140,7 +143,8 @@ class Runner:
             if (src / "zarr.json").exists() and _is_scan_store(src):
                 self.echo(f"[scan] {src} (a scan store, read in place)")
                 return open_scan(src), _key("store", str(src.resolve()), src.stat().st_mtime)
-            key = _key("ingest", str(src.resolve()), src.stat().st_size, src.stat().st_mtime)
+            key = _key("ingest", str(src.resolve()), src.stat().st_size, src.stat().st_mtime,
+                       wf.chunk_mib)
         if "scan" not in self.redo and path.exists() and marker.exists() \
                 and marker.read_text().strip() == key:
             self.result.skipped.append("scan")
@@ -149,6 +153,9 @@ class Runner:
         self.echo(f"[scan] writing {path}")
         t0 = time.perf_counter()
         marker.unlink(missing_ok=True)
+        from emscale.store import ChunkPolicy
+
+        policy = ChunkPolicy.of(wf.chunk_mib)
         if wf.synth is not None:
             s = wf.synth
             if s.kind == "eels":
@@ -159,11 +166,11 @@ class Runner:
                 from emscale.synth.diffraction import synth_diffraction
 
                 ds = synth_diffraction(s.shape, pattern=s.pattern, anomaly=s.anomaly, seed=s.seed)
-            write_scan(ds, path, overwrite=True)
+            write_scan(ds, path, policy=policy, overwrite=True)
         else:
             from emscale.ingest import ingest
 
-            ingest(wf.input, path, overwrite=True)
+            ingest(wf.input, path, policy=policy, overwrite=True)
         marker.write_text(key)
         self.result.seconds["scan"] = time.perf_counter() - t0
         self.result.ran.append("scan")

@@ -59,6 +59,11 @@ class ChunkPolicy:
     target_mib: float = 64.0
     max_mib: float = 128.0
 
+    @classmethod
+    def of(cls, target_mib: float) -> "ChunkPolicy":
+        """Blocks of about ``target_mib`` MiB, at most 128 MiB or the target if larger."""
+        return cls(target_mib=target_mib, max_mib=max(128.0, target_mib))
+
     def __post_init__(self) -> None:
         if not (self.target_mib > 0 and math.isfinite(self.target_mib)):
             raise ConfigError(f"chunk_mib: must be a positive number, got {self.target_mib!r}")

@@ -114,6 +114,16 @@ def test_emscale_run_cli(tmp_path, capsys):
     assert json.loads(json.dumps(ResultsStore(tmp_path / "out" / "results.zarr").attrs))
 
 
+def test_emscale_defaults_prints_the_real_defaults(capsys):
+    """The printed file is YAML that validates to exactly the schema's defaults."""
+    assert main(["defaults"]) == 0
+    printed = capsys.readouterr().out
+    data = yaml.safe_load(printed)
+    assert "# the seed of every random draw" in printed
+    data["synth"] = {"kind": "eels"}
+    assert validate_workflow(data) == validate_workflow({"synth": {"kind": "eels"}})
+
+
 WORKFLOW_DIR = Path(__file__).parent.parent / "workflows"
 WORKFLOWS = sorted(WORKFLOW_DIR.glob("*.yaml"))
 
