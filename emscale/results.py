@@ -50,6 +50,7 @@ class ResultsStore:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.resume_keys: dict[str, str] = {}  # stage -> key under which a partial write resumes
+        self.resumed: dict[str, tuple[int, int]] = {}  # stage -> (chunks found written, chunks)
 
     @contextlib.contextmanager
     def resumable(self, stage: str, key: str):
@@ -117,7 +118,9 @@ class ResultsStore:
                               keep_on_error=resume_key is not None) as tmp:
             if resume_key:
                 self._remove_stale_partials(name, keep=tmp)
-            _write_chunks(name, ds, tmp, progress=progress)
+            found = _write_chunks(name, ds, tmp, progress=progress)
+            if found:
+                self.resumed[name] = found
             shutil.rmtree(tmp / DONE_DIR)  # all chunks are on disk: the markers have served
             group = zarr.open_group(str(tmp), mode="a", zarr_format=3)
             extra = finalize(_open(tmp)) if finalize else {}
@@ -125,11 +128,15 @@ class ResultsStore:
         log.info("wrote stage %s of %s", name, self.path)
         return self.open_stage(name)
 
-    def _remove_stale_partials(self, name: str, keep: Path) -> None:
+    def _remove_stale_partials(self, name: str, keep: Path | None = None) -> None:
         for p in self.path.glob(f"{name}{PARTIAL_MARK}*"):
             if p != keep:
-                log.warning("removing %s (an interrupted write under another key)", p)
+                log.warning("removing %s (an interrupted write not to be resumed)", p)
                 shutil.rmtree(p, ignore_errors=True)
+
+    def discard_partials(self, name: str) -> None:
+        """Remove what interrupted writes of ``name`` left (its complete group stands)."""
+        self._remove_stale_partials(name)
 
     def stage_attrs(self, name: str) -> dict[str, Any]:
         return dict(zarr.open_group(str(self.path / name), mode="r", zarr_format=3).attrs)
@@ -166,10 +173,12 @@ def _layout(ds: xr.Dataset) -> dict[str, Any]:
             for k, v in ds.variables.items()}
 
 
-def _write_chunks(name: str, ds: xr.Dataset, tmp: Path, *, progress: bool) -> None:
+def _write_chunks(name: str, ds: xr.Dataset, tmp: Path, *,
+                  progress: bool) -> tuple[int, int] | None:
     """Write ``ds`` into the group ``tmp``: the metadata and in-memory variables at once, then one
     task per dask chunk that stores it and leaves its marker. Chunks that already have a marker
-    (from an interrupted write of the same layout into ``tmp``) are left out of the graph."""
+    (from an interrupted write of the same layout into ``tmp``) are left out of the graph; when
+    resuming, returns (chunks already written, all chunks)."""
     done = tmp / DONE_DIR
     layout = _layout(ds)
     resuming = (done / "layout.json").exists() and \
@@ -201,8 +210,9 @@ def _write_chunks(name: str, ds: xr.Dataset, tmp: Path, *, progress: bool) -> No
     if resuming:
         log.info("stage %s: resuming, %d of %d chunks already written", name,
                  n_chunks - len(todo_keys), n_chunks)
+    found = (n_chunks - len(todo_keys), n_chunks) if resuming else None
     if not todo_keys:
-        return
+        return found
     from dask.delayed import Delayed
     from dask.highlevelgraph import HighLevelGraph
 
@@ -219,6 +229,7 @@ def _write_chunks(name: str, ds: xr.Dataset, tmp: Path, *, progress: bool) -> No
         compute(Delayed(final, graph), description=name)
     else:
         dask.compute(Delayed(final, graph))
+    return found
 
 
 def _store_chunk(block: np.ndarray, target: str, marks: str, region: tuple[slice, ...]) -> np.ndarray:

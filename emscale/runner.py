@@ -23,6 +23,7 @@ import logging
 import platform
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,6 +113,7 @@ class Runner:
         if self._cached(results, stage, key):
             self.result.skipped.append(stage)
             self.echo(f"[{stage}] up to date (cache key {key}), skipped")
+            results.discard_partials(stage)  # e.g. of a forced rerun that was killed
             log.info("stage %s skipped: cache key %s", stage, key)
             return results.open_stage(stage)
         self.echo(f"[{stage}] running")
@@ -119,6 +121,10 @@ class Runner:
         with results.resumable(stage, key):
             out = compute()
         results.update_attrs({"config_hash": key}, stage=stage)
+        if stage in results.resumed:
+            found, total = results.resumed.pop(stage)
+            self.echo(f"[{stage}] resumed an interrupted write: {found} of {total} chunks were "
+                      f"on disk, {total - found} computed")
         self.result.seconds[stage] = time.perf_counter() - t0
         self.result.ran.append(stage)
         log.info("stage %s done in %.1f s (cache key %s)", stage, self.result.seconds[stage], key)
@@ -182,7 +188,12 @@ class Runner:
         self.out.mkdir(parents=True, exist_ok=True)
         with _log_to(self.out / "emscale.log"):
             log.info("workflow %s", self.wf.model_dump_json())
-            return self._run(ResultsStore(self.result.results))
+            try:
+                return self._run(ResultsStore(self.result.results))
+            except BaseException:
+                # the traceback goes to the log file (INFO: the terminal shows it only with -v)
+                log.info("run failed:\n%s", traceback.format_exc())
+                raise
 
     def _run(self, results) -> RunResult:
         from emscale.anomaly import AnomalyScorer, write_anomaly_stage

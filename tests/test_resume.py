@@ -161,8 +161,10 @@ def test_a_workflow_killed_in_encode_redoes_only_unfinished_chunks(tmp_path):
     from emscale.runner import run_workflow
     from emscale.workflow import load_workflow
 
+    said = []
     with dask.config.set(scheduler="synchronous"):
-        rerun = run_workflow(load_workflow(path), echo=lambda *a: None)
+        rerun = run_workflow(load_workflow(path), echo=said.append)
+    assert f"[encode] resumed an interrupted write: {done} of " in "\n".join(said)
     assert rerun.ran[:2] == ["encode", "anomaly"] and {"preprocess", "pca", "train"} <= set(
         rerun.skipped)
     log = (tmp_path / "out" / "emscale.log").read_text()
