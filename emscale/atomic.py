@@ -23,10 +23,11 @@ log = logging.getLogger(__name__)
 PARTIAL_MARK = ".partial-"
 
 
-def check_output_free(path: str | os.PathLike, overwrite: bool = False) -> Path:
+def check_output_free(path: str | os.PathLike, overwrite: bool = False,
+                      remedy: str = "choose another path or remove it") -> Path:
     path = Path(path)
     if path.exists() and not overwrite:
-        raise OutputExistsError(f"output {path} exists already (choose another path or remove it)")
+        raise OutputExistsError(f"output {path} exists already ({remedy})")
     return path
 
 

@@ -139,6 +139,8 @@ def run_batch(source, workflow_path, *, output_root: Path | None = None,
 
 def status_table(ledger_path: Path) -> str:
     ledger_path = Path(ledger_path)
+    if ledger_path.is_dir():  # a batch's output directory
+        ledger_path = ledger_path / "ledger.sqlite"
     if not ledger_path.exists():
         raise ConfigError(f"{ledger_path}: no ledger (run emscale batch first)")
     entries = Ledger(ledger_path).entries()

@@ -38,6 +38,7 @@ bench_app = typer.Typer(help="Benchmarks that print their figures (and write JSO
 app.add_typer(synth_app, name="synth")
 app.add_typer(bench_app, name="bench")
 
+OVERWRITE_REMEDY = "choose another path, remove it, or pass --overwrite"
 CHUNK_HELP = ("Target navigation-block size in MiB of float32 (policy: 32-128 MiB for real scans; "
               "smaller values give more chunks on small scans).")
 
@@ -86,7 +87,7 @@ def synth_eels_cmd(
     from emscale.store import write_scan
     from emscale.synth.eels import synth_eels
 
-    check_output_free(out, overwrite)
+    check_output_free(out, overwrite, OVERWRITE_REMEDY)
     ds = synth_eels(shape, channels=channels, anomaly=anomaly, seed=seed, dose=dose,
                     read_noise=read_noise, policy=_policy(chunk_mib))
     write_scan(ds, out, policy=_policy(chunk_mib), overwrite=overwrite, progress=_progress())
@@ -110,7 +111,7 @@ def synth_4dstem_cmd(
     from emscale.store import write_scan
     from emscale.synth.diffraction import synth_diffraction
 
-    check_output_free(out, overwrite)
+    check_output_free(out, overwrite, OVERWRITE_REMEDY)
     kwargs = {} if dose is None else {"dose": dose}
     ds = synth_diffraction(shape, pattern=pattern, anomaly=anomaly, seed=seed,
                            policy=_policy(chunk_mib), **kwargs)
@@ -131,8 +132,10 @@ def ingest_cmd(
 ) -> None:
     """Stream a raw file into a scan store chunk by chunk (bounded memory, input read-only),
     with calibrations as coordinates and the source's path, size and sha256 as provenance."""
+    from emscale.atomic import check_output_free
     from emscale.ingest import ingest
 
+    check_output_free(out, overwrite, OVERWRITE_REMEDY)
     report = ingest(raw, out, policy=_policy(chunk_mib), allow_nonfinite=allow_nonfinite,
                     overwrite=overwrite, progress=_progress())
     if as_json:
@@ -149,11 +152,18 @@ def info_cmd(
     store: Path = typer.Argument(..., help="A scan store (.zarr directory)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
 ) -> None:
-    """Dims, shape, dtype, chunks, calibrations, size on disk and provenance of a scan store."""
-    from emscale.info import describe_store, format_description
+    """Dims, shape, dtype, chunks, calibrations, size on disk and provenance of a scan store; or,
+    for a results store (OUTPUT/results.zarr of emscale run), its stages and provenance."""
+    from emscale.info import (describe_results, describe_store, format_description,
+                              format_results, is_results_store)
 
-    desc = describe_store(store)
-    typer.echo(json.dumps(desc, indent=2, default=str) if as_json else format_description(desc))
+    if is_results_store(store):
+        desc = describe_results(store)
+        text = format_results
+    else:
+        desc = describe_store(store)
+        text = format_description
+    typer.echo(json.dumps(desc, indent=2, default=str) if as_json else text(desc))
 
 
 @app.command("run")
@@ -182,10 +192,11 @@ def run_cmd(
     whose results are already there with the same settings are skipped; the report's path is
     printed at the end."""
     from emscale.cluster import default_cluster_file, load_cluster_file, open_cluster, worker_jobs
-    from emscale.runner import run_workflow
+    from emscale.runner import preflight, run_workflow
     from emscale.workflow import load_workflow
 
     wf = load_workflow(workflow, input=input, output=output)
+    preflight(wf, tuple(force))  # refused before the cluster starts
     if cluster_file is not None:
         cfg = load_cluster_file(cluster_file)
     else:
@@ -263,7 +274,8 @@ def batch_cmd(
 @app.command("status")
 def status_cmd(
     ledger: Path = typer.Argument(Path("emscale-output/ledger.sqlite"),
-                                  help="The batch ledger (default: emscale-output/ledger.sqlite)."),
+                                  help="The batch ledger, or the batch's output directory "
+                                  "(default: emscale-output/ledger.sqlite)."),
 ) -> None:
     """The state of every scan of a batch: pending, running, done or failed (with its error)."""
     from emscale.batch import status_table

@@ -81,3 +81,50 @@ def format_description(d: dict[str, Any]) -> str:
     if "phase_names" in d["attrs"]:
         lines.append(f"  phases      {', '.join(d['attrs']['phase_names'])}")
     return "\n".join(lines)
+
+
+def is_results_store(path: str | os.PathLike) -> bool:
+    path = Path(path)
+    if not (path / "zarr.json").exists() or (path / "signal").exists():
+        return False
+    return "provenance" in zarr.open_group(str(path), mode="r", zarr_format=3).attrs
+
+
+def describe_results(path: str | os.PathLike) -> dict[str, Any]:
+    """A results store (``emscale run``'s results.zarr): its stages with their variables, cache
+    keys and times, and the run's provenance."""
+    from emscale.results import ResultsStore
+
+    from emscale.runner import STAGES
+
+    store = ResultsStore(path)
+    stages = {}
+    order = {name: i for i, name in enumerate(STAGES)}
+    for name in sorted(store.stages(), key=lambda n: order.get(n, len(order))):
+        group = zarr.open_group(str(store.path / name), mode="r", zarr_format=3)
+        attrs = dict(group.attrs)
+        stages[name] = {
+            "variables": {k: {"shape": list(v.shape), "dtype": str(v.dtype)}
+                          for k, v in group.arrays()
+                          if tuple(v.metadata.dimension_names or ()) != (k,)},  # not coordinates
+            "cache_key": attrs.get("config_hash"), "started": attrs.get("started"),
+            "finished": attrs.get("finished")}
+    attrs = store.attrs
+    return {"path": str(path), "kind": "results", "stages": stages,
+            "provenance": attrs.get("provenance", {}), "run": attrs.get("run", {})}
+
+
+def format_results(d: dict[str, Any]) -> str:
+    prov = d["provenance"]
+    src = (prov.get("input") or {}).get("path") or "generated scan"
+    lines = [f"{d['path']}: results of emscale run ({src}; workflow {prov.get('workflow_hash')}, "
+             f"started {prov.get('started')})"]
+    for name, st in d["stages"].items():
+        lines.append(f"  {name:<11} key {st['cache_key'] or '-'}  {st['started'] or ''} .. "
+                     f"{st['finished'] or ''}")
+        lines.append("              " + ", ".join(
+            f"{k}{tuple(v['shape'])}" for k, v in sorted(st["variables"].items())))
+    if d["run"]:
+        lines.append(f"  last run    ran {', '.join(d['run'].get('ran', [])) or 'nothing'}; "
+                     f"finished {d['run'].get('finished')}")
+    return "\n".join(lines)

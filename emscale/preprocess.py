@@ -87,6 +87,7 @@ class Step:
 
     name: ClassVar[str] = ""
     kinds: ClassVar[tuple[str, ...]] = ("spectrum", "diffraction")
+    choices: ClassVar[dict] = {}  # parameter -> its allowed values (checked when the step is made)
     where: str = field(default="preprocess.steps", repr=False, compare=False)
 
     @property
@@ -279,6 +280,7 @@ class MaskChannels(Step):
 @dataclass
 class Background(Step):
     name: ClassVar[str] = "background"
+    choices: ClassVar[dict] = {"model": ("power_law",)}
     kinds: ClassVar[tuple[str, ...]] = ("spectrum",)
     window: list[float] | None = None
     model: str = "power_law"
@@ -286,7 +288,6 @@ class Background(Step):
     def prepare(self, coords: Coords) -> None:
         super().prepare(coords)
         _, e = _axis(coords, self, "window")
-        self.check_choice("model", ("power_law",))
         if self.window is None or len(self.window) != 2 or not self.window[0] < self.window[1]:
             raise self.error("window", f"must be [lo, hi] with lo < hi (eV), got {self.window!r}")
         sel = np.flatnonzero((e >= self.window[0]) & (e <= self.window[1]))
@@ -357,6 +358,7 @@ def shift_patterns(x: np.ndarray, dy: np.ndarray, dx: np.ndarray) -> np.ndarray:
 @dataclass
 class Centre(Step):
     name: ClassVar[str] = "centre"
+    choices: ClassVar[dict] = {"method": ("com", "fit")}
     kinds: ClassVar[tuple[str, ...]] = ("diffraction",)
     method: str = "com"
     radius: float | None = None
@@ -367,7 +369,6 @@ class Centre(Step):
 
     def prepare(self, coords: Coords) -> None:
         super().prepare(coords)
-        self.check_choice("method", ("com", "fit"))
         if self.radius is not None and not self.radius > 0:
             raise self.error("radius", f"must be positive, got {self.radius!r}")
 
@@ -427,11 +428,11 @@ class BeamMask(CircularCrop):
 @dataclass
 class Scale(Step):
     name: ClassVar[str] = "scale"
+    choices: ClassVar[dict] = {"method": ("log", "sqrt")}
     method: str = "log"
 
     def prepare(self, coords: Coords) -> None:
         super().prepare(coords)
-        self.check_choice("method", ("log", "sqrt"))
 
     def apply(self, x, pos):
         x = np.clip(x, 0, None)
@@ -487,11 +488,11 @@ class PoissonWeight(Step):
 @dataclass
 class Normalize(Step):
     name: ClassVar[str] = "normalize"
+    choices: ClassVar[dict] = {"method": ("sum", "max", "none")}
     method: str = "sum"
 
     def prepare(self, coords: Coords) -> None:
         super().prepare(coords)
-        self.check_choice("method", ("sum", "max", "none"))
 
     def apply(self, x, pos):
         return self.apply_scaled(x, pos)[0]
@@ -510,7 +511,7 @@ STEPS: dict[str, type[Step]] = {s.name: s for s in (
     PoissonWeight, Normalize)}
 
 
-def make_step(spec: dict | Step, index: int, kind: str) -> Step:
+def make_step(spec: dict | Step, index: int, kind: str | None) -> Step:
     """A step from its config mapping ``{"step": NAME, **parameters}``."""
     where = f"preprocess.steps[{index}]"
     if isinstance(spec, Step):  # a copy: fitting must not change a chain built before
@@ -529,7 +530,9 @@ def make_step(spec: dict | Step, index: int, kind: str) -> Step:
             raise ConfigError(f"{where}.{unknown[0]}: unknown parameter of step {name!r} "
                               f"(known: {sorted(known)})")
         step = cls(**params, where=where)
-    if kind not in step.kinds:
+    for param, options in step.choices.items():
+        step.check_choice(param, options)
+    if kind is not None and kind not in step.kinds:
         raise ConfigError(f"{where}.step: {step.name!r} does not apply to a {kind} scan")
     return step
 
@@ -626,7 +629,12 @@ class Preprocessor:
         self.nonfinite = nonfinite
         self.negative = negative
 
-    def _check(self, kind: str) -> list[Step]:
+    def check(self, kind: str | None = None) -> None:
+        """Check the chain's settings without data (``kind`` None: either scan kind), so that a
+        workflow is refused before anything runs; coordinate ranges are checked by ``fit``."""
+        self._check(kind)
+
+    def _check(self, kind: str | None) -> list[Step]:
         if self.nonfinite not in NONFINITE_POLICIES:
             raise ConfigError(f"preprocess.nonfinite: {self.nonfinite!r} is not one of "
                               f"{NONFINITE_POLICIES}")

@@ -49,6 +49,29 @@ def _sample_map(values: np.ndarray, n: int = MAX_POINTS) -> np.ndarray:
     return values[::step, ::step]
 
 
+def _truth_table(results) -> str:
+    """For a synthetic scan: the run scored against its ground truth (an HTML table)."""
+    from emscale.evaluate import truth_scores
+
+    scores = truth_scores(results)
+    if not scores:
+        return ""
+    names = {"ari_phase": "ARI of the phase map (autoencoder codes) vs the true phases",
+             "ari_pca_phase": "ARI of the PCA-score phase map vs the true phases",
+             "true_k": "true number of phases", "n_clusters": "phases found",
+             "anomaly_recall": "anomalous pixels flagged (recall)",
+             "anomaly_false_alarm_rate": "normal pixels flagged (false-alarm rate)",
+             "recon_error_normal": "autoencoder error, normal pixels (mean)",
+             "recon_error_anomalous": "autoencoder error, anomalous pixels (mean)",
+             "pca_recon_error_normal": "PCA error, normal pixels (mean)",
+             "pca_recon_error_anomalous": "PCA error, anomalous pixels (mean)"}
+    rows = "".join(f"<tr><td>{html.escape(text)}</td><td>{scores[key]:.4g}</td></tr>"
+                   for key, text in names.items() if scores.get(key) is not None)
+    return ("<section><h2>Against the ground truth (synthetic scan)</h2><table>"
+            f"{rows}</table><p>{scores['labelled_pixels']} labelled pixels, "
+            f"{scores['anomalous_pixels']} anomalous (label -1).</p></section>")
+
+
 def write_report(results, out_dir: Path, timings: dict[str, float] | None = None) -> Path:
     """Write ``out_dir/index.html`` and its PNGs from the stages of ``results``."""
     plt = _figure()
@@ -72,22 +95,26 @@ def write_report(results, out_dir: Path, timings: dict[str, float] | None = None
         add("scree", "PCA scree", fig)
     if enc is not None and "pca_recon_error" in enc:
         err, perr = enc["recon_error"].values, enc["pca_recon_error"].values
-        fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+        fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), layout="constrained")
         lo = np.nanpercentile(np.concatenate([err.ravel(), perr.ravel()]), 1)
         hi = np.nanpercentile(np.concatenate([err.ravel(), perr.ravel()]), 99.5)
         for ax, v, t in ((axes[0], err, "autoencoder"), (axes[1], perr, "PCA")):
             im = ax.imshow(v, vmin=lo, vmax=hi, cmap="magma")
             ax.set_title(f"{t} error (mean {np.nanmean(v):.3g})")
             fig.colorbar(im, ax=ax, shrink=0.8)
-        bins = np.geomspace(max(lo, 1e-12), hi, 60) if lo > 0 else 60
+        logx = lo > 0 and hi / lo > 20  # a log axis only for a wide range (its ticks crowd)
+        bins = np.geomspace(lo, hi, 60) if logx else np.linspace(lo, hi, 60)
         axes[2].hist(perr.ravel()[np.isfinite(perr.ravel())], bins=bins, alpha=0.6, label="PCA")
         axes[2].hist(err.ravel()[np.isfinite(err.ravel())], bins=bins, alpha=0.6, label="autoencoder")
-        if lo > 0:
+        if logx:
             axes[2].set_xscale("log")
-        axes[2].set(xlabel=enc["recon_error"].attrs.get("long_name", "error")[:40], ylabel="pixels")
+        metric = {"poisson": "chi-square per feature", "mse": "mean squared residual"}.get(
+            enc.attrs["encode"].get("error"), "error")
+        axes[2].set(xlabel=metric, ylabel="pixels", title="error histogram")
         axes[2].legend()
-        add("errors", f"Reconstruction error at k = {enc.attrs['encode']['latent_dim']}", fig,
-            enc["recon_error"].attrs.get("long_name", ""))
+        k_lat = enc.attrs["encode"]["latent_dim"]
+        add("errors", f"Reconstruction error: autoencoder (latent size {k_lat}) and PCA "
+            f"({k_lat} components)", fig, enc["recon_error"].attrs.get("long_name", ""))
     if train is not None:
         fig, ax = plt.subplots(figsize=(5, 3.2))
         ax.plot(train["train_loss"].values, label="train")
@@ -112,15 +139,20 @@ def write_report(results, out_dir: Path, timings: dict[str, float] | None = None
                 z = c @ np.linalg.svd(c, full_matrices=False)[2][:2].T
             fig, ax = plt.subplots(figsize=(5, 4.2))
             ax.scatter(z[:, 0], z[:, 1], c=p, cmap=cmap, vmin=-0.5, vmax=cmap.N - 0.5, s=2, alpha=0.5)
-            ax.set(title="latent codes (2-D view) by phase", xlabel="axis 1", ylabel="axis 2")
-            add("latent", "Latent space", fig, f"{len(z)} sampled pixels")
+            ax.set(title="latent codes by phase", xlabel="latent principal axis 1",
+                   ylabel="latent principal axis 2")
+            add("latent", "Latent space", fig, f"{len(z)} sampled pixels, projected on the two "
+                "principal axes of their codes")
         if "k_candidate" in cl.coords:
-            fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+            fig, axes = plt.subplots(1, 3, figsize=(12, 3.2), layout="constrained")
             kk = cl["k_candidate"].values
+            chosen_by = cl.attrs["phase"]["chosen_by"]
             for ax, name in zip(axes, ("inertia", "silhouette", "bic")):
                 ax.plot(kk, cl[f"k_{name}"].values, "o-")
-                ax.axvline(k, color="C3", ls="--")
-                ax.set(xlabel="K", title=name)
+                if name == chosen_by or (name == "inertia" and chosen_by == "elbow"):
+                    ax.axvline(k, color="C3", ls="--", label=f"chosen: K = {k}")
+                    ax.legend(fontsize=8)
+                ax.set(xlabel="K", title=name + (" (elbow)" if name == "inertia" else ""))
             add("kchoice", "Choice of K", fig,
                 f"K = {k}, chosen by {cl.attrs['phase']['chosen_by']}")
         fractions = cl["phase_fraction"].values
@@ -172,8 +204,9 @@ def write_report(results, out_dir: Path, timings: dict[str, float] | None = None
         ax.invert_yaxis()
         ax.set(xlabel="seconds", title="time per stage")
         add("timings", "Timings", fig, ", ".join(f"{n} {t:.1f} s" for n, t in timings.items()))
+    truth = _truth_table(results)
     prov = results.attrs.get("provenance", {})
-    body = "\n".join(
+    body = truth + "\n".join(
         f"<section><h2>{html.escape(t)}</h2><img src='data:image/png;base64,{b64}'>"
         f"<p>{html.escape(c)}</p></section>" for t, b64, c in sections)
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>emscale report</title>

@@ -86,12 +86,25 @@ def _log_to(path: Path):
         handler.close()
 
 
+def preflight(workflow: Workflow, force: tuple[str, ...] = ()) -> None:
+    """What can be refused before a cluster starts or anything is written: unknown ``--force``
+    stages, a missing input, a generated scan too small for the training split."""
+    from emscale.train import check_split
+
+    unknown = sorted(set(force) - set(STAGES))
+    if unknown:
+        raise ConfigError(f"--force: unknown stage {unknown[0]!r} (stages: {', '.join(STAGES)})")
+    if workflow.input is not None and not Path(workflow.input).exists():
+        raise ConfigError(f"input: {workflow.input}: no such file or directory")
+    if workflow.synth is not None:
+        check_split(workflow.train_config(normal_region=workflow.anomaly.normal_region),
+                    tuple(workflow.synth.shape))
+
+
 class Runner:
     def __init__(self, workflow: Workflow, *, force: tuple[str, ...] = (), progress: bool | None = None,
                  echo=print, cluster_info: dict | None = None):
-        unknown = sorted(set(force) - set(STAGES))
-        if unknown:
-            raise ConfigError(f"--force: unknown stage {unknown[0]!r} (stages: {', '.join(STAGES)})")
+        preflight(workflow, force)
         self.wf = workflow
         first = min((STAGES.index(s) for s in force), default=len(STAGES))
         self.redo = set(STAGES[first:])  # a forced stage and everything after it
@@ -143,9 +156,7 @@ class Runner:
         if wf.synth is not None:
             key = _key("synth", wf.synth.model_dump(mode="json"), wf.chunk_mib)
         else:
-            src = Path(wf.input)
-            if not src.exists():
-                raise ConfigError(f"input: {src}: no such file or directory")
+            src = Path(wf.input)  # its existence was checked by preflight
             if (src / "zarr.json").exists() and _is_scan_store(src):
                 self.echo(f"[scan] {src} (a scan store, read in place)")
                 return open_scan(src), _key("store", str(src.resolve()), src.stat().st_mtime)
@@ -208,6 +219,10 @@ class Runner:
         show = self.progress if self.progress is not None else sys.stderr.isatty()
         started = _now()
         scan, scan_key = self._scan()
+        from emscale.train import check_split
+
+        check_split(wf.train_config(normal_region=wf.anomaly.normal_region),
+                    tuple(scan["signal"].shape[:2]))
         results.create({"provenance": {
             "workflow": wf.model_dump(mode="json"), "workflow_hash": wf.section_hash(
                 "input", "synth", "preprocess", "pca", "train", "encode", "anomaly", "cluster"),
@@ -307,7 +322,7 @@ class Runner:
 
     def _timings(self, results) -> dict[str, float]:
         """Seconds per stage: this run's, or the recorded ones of stages it skipped."""
-        out = {}
+        out = {"scan": self.result.seconds["scan"]} if "scan" in self.result.seconds else {}
         for stage in STAGES[1:-1]:
             if stage in self.result.seconds:
                 out[stage] = self.result.seconds[stage]

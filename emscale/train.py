@@ -160,6 +160,18 @@ def _uniform_hash(v: np.ndarray, seed: int) -> np.ndarray:
     return (v >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
+def check_split(config: TrainConfig, nav_shape: tuple[int, int]) -> None:
+    """Refuse a split that cannot work on a scan of ``nav_shape`` pixels (before any training)."""
+    ny, nx = nav_shape
+    t = config.tile
+    if math.ceil(ny / t) * math.ceil(nx / t) < 2:
+        raise ConfigError(f"train.tile: {t} leaves the {ny} x {nx} scan a single tile; "
+                          "training and validation need two at least (lower train.tile)")
+    region = config.normal_region
+    if region is not None and (region[0] >= ny or region[2] >= nx):
+        raise ConfigError(f"normal_region: {list(region)} lies outside the {ny} x {nx} scan")
+
+
 class ChunkStream:
     """Training and validation pixels of a ``preprocess`` stage, streamed chunk by chunk."""
 
@@ -195,9 +207,7 @@ class ChunkStream:
         u_real = u_all[real]
         below = u_real[u_real < config.val_fraction]
         self._val_threshold = below.max() if len(below) else u_real.min()
-        if len(real) < 2:
-            raise ConfigError(f"train.tile: {t} leaves the {ny} x {nx} scan a single tile; "
-                              "training and validation need two at least")
+        check_split(config, (ny, nx))
         self.stride = 1
         if config.max_train_pixels:
             n_train = ny * nx * (1 - config.val_fraction)

@@ -216,8 +216,14 @@ def validate_workflow(data: dict, source: str = "workflow") -> Workflow:
         more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
         msg = err["msg"].removeprefix("Value error, ")
         raise ConfigError(f"{source}: {where}: {msg}{more}") from None
+    from emscale.preprocess import Preprocessor
+
+    kind = None if wf.synth is None else {"eels": "spectrum", "4dstem": "diffraction"}[wf.synth.kind]
     try:
         wf.train_config()  # TrainConfig's own checks, with their field names
+        # the chain's step names, parameters and choices, before any data are read
+        Preprocessor(list(wf.preprocess.steps), wf.preprocess.nonfinite,
+                     wf.preprocess.negative).check(kind)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
     return wf

@@ -63,3 +63,7 @@ def test_batch_cli_exits_1_when_a_scan_failed(tmp_path, capsys):
     assert "1 done, 1 failed" in printed
     assert main(["status", str(tmp_path / "out" / "ledger.sqlite")]) == 0
     assert "1 done" in capsys.readouterr().out
+    assert main(["status", str(tmp_path / "out")]) == 0  # the batch's output directory
+    assert "1 failed" in capsys.readouterr().out
+    # the one-line error on the terminal; the traceback in the scan's own log
+    assert "Traceback" in (tmp_path / "out" / "broken" / "emscale.log").read_text()

@@ -86,11 +86,60 @@ def test_a_changed_section_reruns_only_what_depends_on_it(first_run, local_clien
     ({"synth": {"kind": "eels"}, "train": {"widths": [64, 0]}}, "train.widths"),
     ({"synth": {"kind": "eels"}, "colour": "red"}, "colour"),
     ({}, "(top level)"),
+    # the preprocessing chain is checked before any data are read
+    ({"synth": {"kind": "eels"}, "preprocess": {"steps": [{"step": "smooth"}]}},
+     "preprocess.steps[0].step"),
+    ({"synth": {"kind": "eels"}, "preprocess": {"steps": [{"step": "normalize",
+                                                            "method": "total"}]}},
+     "preprocess.steps[0].method"),
+    ({"synth": {"kind": "eels"}, "preprocess": {"steps": [{"step": "circular_crop"}]}},
+     "preprocess.steps[0].step"),
 ])
 def test_bad_workflows_name_the_field(tmp_path, data, where):
     path = _write(tmp_path, data)
     with pytest.raises(ConfigError, match=re.escape(f"{path}: {where}:")):
         load_workflow(path)
+
+
+def test_what_cannot_run_is_refused_before_the_cluster_starts(tmp_path, capsys):
+    """A missing input, an unknown --force stage, a scan too small for the training split: one
+    line, exit 1, nothing written (no output directory, no cluster started)."""
+    out = tmp_path / "out"
+    cases = [
+        ({**SMALL, "output": str(out)}, ["--force", "bogus"], "--force: unknown stage 'bogus'"),
+        ({**SMALL, "synth": None, "input": str(tmp_path / "nope.zarr"), "output": str(out)}, [],
+         "nope.zarr: no such file or directory"),
+        ({**SMALL, "synth": {**SMALL["synth"], "shape": [8, 8]}, "output": str(out)}, [],
+         "train.tile: 8 leaves the 8 x 8 scan a single tile"),
+    ]
+    for data, extra, message in cases:
+        data = {k: v for k, v in data.items() if v is not None}
+        assert main(["run", str(_write(tmp_path, data)), *extra]) == 1
+        captured = capsys.readouterr()
+        assert message in captured.err and "dashboard" not in captured.out
+        assert not out.exists()
+
+
+def test_info_describes_a_results_store(first_run, capsys):
+    _, result = first_run
+    assert main(["info", str(result.results)]) == 0
+    text = capsys.readouterr().out
+    assert "results of emscale run" in text and "latent(32, 32, 3)" in text
+    assert text.index("preprocess") < text.index("cluster")  # in pipeline order
+    assert main(["info", str(result.results), "--json"]) == 0
+    desc = json.loads(capsys.readouterr().out)
+    assert desc["stages"]["train"]["cache_key"] and "provenance" in desc
+
+
+def test_the_report_scores_a_synthetic_scan_against_its_ground_truth(first_run):
+    from emscale.evaluate import truth_scores
+
+    _, result = first_run
+    scores = truth_scores(ResultsStore(result.results))
+    assert 0 <= scores["anomaly_false_alarm_rate"] <= 1 and -1 <= scores["ari_phase"] <= 1
+    assert scores["true_k"] == 4 and scores["anomalous_pixels"] > 0
+    page = result.report.read_text()
+    assert "Against the ground truth" in page and f"{scores['ari_phase']:.4g}" in page
 
 
 def test_command_line_values_override_the_file(tmp_path):

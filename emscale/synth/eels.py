@@ -27,7 +27,8 @@ from scipy.signal import fftconvolve
 from emscale.errors import ConfigError
 from emscale.store import ChunkPolicy
 from emscale.synth import count_dtype_for, lazy_scan, poisson_gaussian_counts
-from emscale.synth.layout import AnomalyBlobs, GrainLayout, SmoothField, block_coords, block_rng
+from emscale.synth.layout import (AnomalyBlobs, BandLayout, GrainLayout, SmoothField, block_coords,
+                                  block_rng)
 
 PLASMON_EV = 22.0
 PLASMON_FWHM = 8.0
@@ -70,6 +71,9 @@ class EELSGenerator:
     anomaly: bool = False
     seed: int = 0
     grain_size: float | None = None
+    # "grains": Voronoi grains with mixed boundaries and a surface band; "bands": equal bands of
+    # pure pixels, one per phase in PHASES order (groups of known phase: emscale bench quality)
+    layout: str = "grains"
     kind: str = field(default="spectrum", init=False)
 
     def __post_init__(self) -> None:
@@ -88,13 +92,21 @@ class EELSGenerator:
         self.signal_shape = (self.channels,)
         self.energy = np.linspace(lo, hi, self.channels, dtype=np.float64)
         self.phase_names = list(PHASES)
-        self.layout = GrainLayout(self.shape, len(PHASES), self.seed, grain_size=self.grain_size,
-                                  boundary=1.5, surface_phase=self.phase_names.index("surface"))
+        if self.layout not in ("grains", "bands"):
+            raise ConfigError(f"layout: must be 'grains' or 'bands', got {self.layout!r}")
+        if self.layout == "bands":
+            if self.shape[0] < len(PHASES):
+                raise ConfigError(f"shape: the bands layout needs {len(PHASES)} rows at least")
+            self.phase_layout = BandLayout(self.shape, len(PHASES))
+        else:
+            self.phase_layout = GrainLayout(self.shape, len(PHASES), self.seed,
+                                            grain_size=self.grain_size, boundary=1.5,
+                                            surface_phase=self.phase_names.index("surface"))
         span = max(self.shape)
         self.thickness = SmoothField(self.shape, self.seed + 11, wavelength=max(8.0, span / 1.5))
         self.shift = SmoothField(self.shape, self.seed + 13, wavelength=max(6.0, span / 3.0))
         rng = np.random.default_rng([self.seed, 303])
-        self.grain_shift = rng.normal(0.0, 0.12, self.layout.n_grains)
+        self.grain_shift = rng.normal(0.0, 0.12, self.phase_layout.n_grains)
         self.blobs = AnomalyBlobs(self.shape, len(ANOMALIES) - 1, self.seed) if self.anomaly else None
         step = self.energy[1] - self.energy[0]
         offsets = np.arange(0.0, PLASMON_EV + 4 * PLASMON_FWHM, step)
@@ -149,7 +161,7 @@ class EELSGenerator:
     # --- the Generator protocol -------------------------------------------------------------
     def _pixels(self, y0: int, y1: int, x0: int, x1: int):
         y, x = block_coords(y0, y1, x0, x1)
-        weights, grain, _g2, _mix = self.layout.evaluate(y, x)
+        weights, grain, _g2, _mix = self.phase_layout.evaluate(y, x)
         t = 0.8 + 0.45 * self.thickness(y, x)  # t/lambda in 0.35 .. 1.25
         shift = 0.35 * self.shift(y, x) + self.grain_shift[grain]
         kind = self.blobs.kind_at(y, x) if self.blobs is not None else np.zeros(len(y), np.int8)

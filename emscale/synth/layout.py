@@ -112,6 +112,29 @@ class GrainLayout:
 
 
 @dataclass
+class BandLayout:
+    """Equal horizontal bands of pure pixels, one phase each, top to bottom: groups of spectra
+    of known phase and equal size (the lecture's experiment: 4 phases x 100 spectra), no mixing.
+    Same interface as ``GrainLayout``; each band counts as one grain."""
+
+    shape: tuple[int, int]
+    n_phases: int
+
+    @property
+    def n_grains(self) -> int:
+        return self.n_phases
+
+    def band(self, y: np.ndarray) -> np.ndarray:
+        return np.minimum((y * self.n_phases // self.shape[0]).astype(np.int64), self.n_phases - 1)
+
+    def evaluate(self, y: np.ndarray, x: np.ndarray):
+        g = self.band(y)
+        w = np.zeros((len(y), self.n_phases))
+        w[np.arange(len(y)), g] = 1.0
+        return w, g, g, np.zeros(len(y))
+
+
+@dataclass
 class AnomalyBlobs:
     """A few elliptical regions per anomaly kind; ``kind_at`` gives 0 (none) or the kind 1..n."""
 
