@@ -202,8 +202,12 @@ class ChunkStream:
         t = config.tile
         n_tiles = (ny // t + 1) * (nx // t + 1)
         u_all = _uniform_hash(np.arange(n_tiles, dtype=np.uint64), config.seed)
+        # the tiles that hold training candidates: all, or those meeting the normal region (a
+        # small region must still get a validation tile of its own)
+        ry0, ry1, rx0, rx1 = config.normal_region or (0, ny, 0, nx)
         real = [(ty * (nx // t + 1) + tx) for ty in range(math.ceil(ny / t))
-                for tx in range(math.ceil(nx / t))]
+                for tx in range(math.ceil(nx / t))
+                if ty * t < ry1 and (ty + 1) * t > ry0 and tx * t < rx1 and (tx + 1) * t > rx0]
         u_real = u_all[real]
         below = u_real[u_real < config.val_fraction]
         self._val_threshold = below.max() if len(below) else u_real.min()

@@ -200,3 +200,11 @@ def test_training_only_on_a_declared_normal_region(eels_stage):
     assert 0 < n_train < 24 * 40
     result = train_autoencoder(eels_stage, config)
     assert len(result.history["train_loss"]) == 1
+    # a small region still gets validation tiles of its own, whatever the seed
+    for seed in range(12):
+        small = TrainConfig(tile=4, normal_region=(0, 8, 0, 40), val_fraction=0.1,
+                            **{**SMALL, "seed": seed})
+        stream = ChunkStream(eels_stage, small)
+        n_val = sum(int(stream.selection(c, 1).sum()) for c in stream.chunks)
+        n_train = sum(int(stream.selection(c, 0).sum()) for c in stream.chunks)
+        assert n_val > 0 and n_train > n_val, seed
