@@ -1,0 +1,83 @@
+"""Issue 8: ``emscale bench quality``, the lecture's experiment, on a reduced configuration.
+
+The orderings the lecture reports must hold with emscale's own generator, stages and models:
+autoencoder MSE (against the clean spectra) < PCA < noisy input; the autoencoder's codes cluster
+better (silhouette) than PCA's scores; a phase left out of training is flagged.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from emscale.bench.quality import LectureSettings, run_lecture
+from emscale.cli import main
+from emscale.errors import ConfigError
+from emscale.synth.eels import EELSGenerator
+
+# 4 x 48 spectra of 512 channels; a third of the lecture's epochs
+REDUCED = dict(per_phase=48, width=12, channels=512, epochs=100, batch_size=32, sweep=(2, 4),
+               threads=2)
+
+
+@pytest.fixture(scope="module")
+def reduced():
+    return run_lecture(LectureSettings(**REDUCED))
+
+
+def test_the_lecture_orderings_hold_on_a_reduced_configuration(reduced):
+    f = reduced["figures"]
+    assert f["ae_mse"] < f["pca_mse"] < f["noisy_mse"]
+    assert f["ae_silhouette"] > f["pca_silhouette"]
+    assert f["anomaly_recall"] >= 0.9 and f["anomaly_false_alarm_rate"] <= 0.1
+    assert f["anomaly_error_ratio"] > 1
+    # the model reconstructs the left-out phase far worse than the phases it has seen
+    assert reduced["details"]["anomaly"]["error_ratio_against_clean"] > 5
+    for row in reduced["sweep"]:
+        assert row["ae_mse"] < row["pca_mse"], row
+    assert [r["k"] for r in reduced["sweep"]] == [2, 4]
+
+
+def test_the_figures_are_measured_on_the_held_out_test_set(reduced):
+    d = reduced["details"]
+    assert d["train_pixels"] == d["test_pixels"] == 4 * 48
+    assert set(reduced["figures"]) >= {"noisy_mse", "pca_mse", "ae_mse", "ae_silhouette",
+                                       "pca_silhouette", "anomaly_recall",
+                                       "anomaly_false_alarm_rate", "anomaly_error_ratio",
+                                       "train_seconds"}
+
+
+def test_the_bands_layout_gives_pure_groups_of_one_phase_each():
+    gen = EELSGenerator(shape=(8, 12), channels=128, layout="bands")
+    label, _kind = gen.truth_block(0, 8, 0, 12)
+    assert [np.unique(label[2 * b: 2 * b + 2]).tolist() for b in range(4)] == [[0], [1], [2], [3]]
+    assert (gen.purity_block(0, 8, 0, 12) == 1).all()
+    with pytest.raises(ConfigError, match="layout"):
+        EELSGenerator(shape=(8, 12), channels=128, layout="stripes")
+
+
+def test_bad_settings_name_the_option():
+    with pytest.raises(ConfigError, match="per_phase, width"):
+        run_lecture(LectureSettings(per_phase=10, width=3))
+    with pytest.raises(ConfigError, match="sweep"):
+        run_lecture(LectureSettings(sweep=(0, 2)))
+
+
+def test_bench_quality_cli_writes_every_figure(tmp_path, capsys):
+    out = tmp_path / "q.json"
+    assert main(["bench", "quality", "--per-phase", "16", "--width", "8", "--channels", "128",
+                 "--epochs", "5", "--sweep", "2", "--large-shape", "32", "32",
+                 "--large-epochs", "1", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "lecture" in printed and "large variant" in printed
+    data = json.loads(out.read_text())
+    for key in ("noisy_mse", "pca_mse", "ae_mse", "ae_silhouette", "pca_silhouette",
+                "anomaly_recall", "anomaly_false_alarm_rate", "anomaly_error_ratio",
+                "train_seconds"):
+        assert np.isfinite(data[key]), key
+    assert data["sweep"][0].keys() == {"k", "pca_mse", "ae_mse", "pca_silhouette",
+                                       "ae_silhouette"}
+    assert {"ari", "pca_ari", "anomaly_recall"} <= set(data["large"])
+    assert -1 <= data["large"]["ari"] <= 1
