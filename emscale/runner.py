@@ -314,6 +314,7 @@ class Runner:
             self.result.ran.append("report")
         else:
             self.result.skipped.append("report")
+            self.echo(f"[report] up to date ({report_dir / 'index.html'}), skipped")
         self.result.report = report_dir / "index.html"
         results.update_attrs({"run": {"finished": _now(), "ran": self.result.ran,
                                       "skipped": self.result.skipped,
