@@ -396,6 +396,8 @@ def bench_quality_cmd(
     sweep: str = typer.Option("1,2,3,4,5,6,7,8", "--sweep", help="Bottleneck sizes of the sweep, "
                               "comma-separated (empty: no sweep)."),
     seed: int = typer.Option(42, "--seed", help="Seed of the training set (the test set: +1)."),
+    repeats: int = typer.Option(3, "--repeats", help="Trainings of the main bottleneck with "
+                                "seeds seed, seed+1, ...: the spread that training alone gives."),
     large: bool = typer.Option(True, "--large/--no-large", help="Also run the large variant "
                                "through the distributed pipeline."),
     large_shape: tuple[int, int] = typer.Option((256, 256), "--large-shape", help="Scan size of "
@@ -421,7 +423,7 @@ def bench_quality_cmd(
         raise ConfigError(f"--sweep: comma-separated positive integers, got {sweep!r}") from None
     settings = LectureSettings(per_phase=per_phase, width=width, channels=channels,
                                latent_dim=latent, epochs=epochs, batch_size=batch_size,
-                               seed=seed, sweep=ks)
+                               seed=seed, sweep=ks, repeats=repeats)
     result = run_quality_bench(settings, large_shape=large_shape if large else None,
                                large_epochs=large_epochs, workers=workers)
     typer.echo(result.table())

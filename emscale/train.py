@@ -58,6 +58,7 @@ class TrainConfig:
     epochs: int = 50
     batch_size: int = 256
     lr: float = 1e-3
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay (0: plain Adam)
     loss: str = "mse"
     objective: str = "denoise"
     noise: str = "auto"
@@ -98,8 +99,10 @@ class TrainConfig:
             if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)):
                 raise bad(name, "must be a number")
 
-        for name in ("lr", "val_fraction", "noise_level"):
+        for name in ("lr", "val_fraction", "noise_level", "weight_decay"):
             number(name)
+        if self.weight_decay < 0:
+            raise bad("weight_decay", "must be >= 0")
         if not self.lr > 0:
             raise bad("lr", "must be a positive number")
         if not 0 < self.val_fraction < 1:
@@ -541,7 +544,7 @@ def train_autoencoder(stage_path: str | os.PathLike, config: TrainConfig | None 
     device = pick_device(config)
     torch.manual_seed(config.seed)
     model = build_model(config.model, tuple(shape), config.latent_dim, tuple(config.widths)).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.epochs)
     history: dict[str, list[float]] = {"train_loss": [], "val_loss": [], "lr": [], "seconds": []}
     best = {"val": math.inf, "epoch": -1, "state": None}

@@ -78,6 +78,7 @@ class TrainSection(Section):
     epochs: int = Field(30, description='passes over the training pixels')
     batch_size: int = Field(256, description='pixels per optimiser step')
     lr: float = Field(1e-3, description='Adam learning rate (cosine schedule over the epochs)')
+    weight_decay: float = Field(0.0, description="AdamW's decoupled weight decay (0: plain Adam)")
     loss: Literal["mse", "poisson"] = Field("mse", description=
         'reconstruction loss: squared error, or Poisson deviance on counts')
     objective: Literal["plain", "denoise"] = Field("denoise", description=

@@ -19,7 +19,7 @@ from emscale.synth.eels import EELSGenerator
 
 # 4 x 48 spectra of 512 channels; a third of the lecture's epochs
 REDUCED = dict(per_phase=48, width=12, channels=512, epochs=100, batch_size=32, sweep=(2, 4),
-               threads=2)
+               threads=2, repeats=2)
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +43,7 @@ def test_the_lecture_orderings_hold_on_a_reduced_configuration(reduced):
 def test_the_figures_are_measured_on_the_held_out_test_set(reduced):
     d = reduced["details"]
     assert d["train_pixels"] == d["test_pixels"] == 4 * 48
+    assert d["training_seeds"]["seed"] == [42, 43] and d["training_seeds"]["ae_mse_sd"] >= 0
     assert set(reduced["figures"]) >= {"noisy_mse", "pca_mse", "ae_mse", "ae_silhouette",
                                        "pca_silhouette", "anomaly_recall",
                                        "anomaly_false_alarm_rate", "anomaly_error_ratio",
@@ -68,7 +69,7 @@ def test_bad_settings_name_the_option():
 def test_bench_quality_cli_writes_every_figure(tmp_path, capsys):
     out = tmp_path / "q.json"
     assert main(["bench", "quality", "--per-phase", "16", "--width", "8", "--channels", "128",
-                 "--epochs", "5", "--sweep", "2", "--large-shape", "32", "32",
+                 "--epochs", "5", "--sweep", "2", "--repeats", "1", "--large-shape", "32", "32",
                  "--large-epochs", "1", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "lecture" in printed and "large variant" in printed

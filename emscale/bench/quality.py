@@ -67,9 +67,11 @@ class LectureSettings:
     epochs: int = 300
     batch_size: int = 32
     lr: float = 1e-3
+    weight_decay: float = 0.0
     seed: int = 42
     sweep: tuple = tuple(range(1, 9))
     n_init: int = 10            # k-means restarts
+    repeats: int = 3            # trainings of the main bottleneck with other seeds (the spread)
     threads: int | None = None
 
     @property
@@ -82,7 +84,7 @@ class LectureSettings:
 
     def check(self) -> None:
         self.shape  # noqa: B018 (raises when the bands do not fit)
-        for name in ("per_phase", "latent_dim", "epochs", "batch_size", "n_init"):
+        for name in ("per_phase", "latent_dim", "epochs", "batch_size", "n_init", "repeats"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be a positive integer, got {getattr(self, name)}")
         if any(k < 1 for k in self.sweep):
@@ -135,7 +137,13 @@ class QualityBench:
         if misfit is not None:
             lines.append(f"{'  the same against the clean spectra':<40}{misfit:>12.1f}"
                          f"{LECTURE['anomaly_error_ratio']:>12.1f}")
-        row("training seconds (k=4)", "train_seconds", ".1f")
+        seeds = self.details.get("training_seeds")
+        if seeds and len(seeds["seed"]) > 1:
+            lines.append(f"{'  over ' + str(len(seeds['seed'])) + ' training seeds: AE MSE':<40}"
+                         f"{seeds['ae_mse_mean']:>12.5f} +- {seeds['ae_mse_sd']:.5f}")
+            lines.append(f"{'  over the seeds: AE silhouette':<40}"
+                         f"{seeds['ae_silhouette_mean']:>12.3f} +- {seeds['ae_silhouette_sd']:.3f}")
+        row(f"training seconds (k={s['latent_dim']})", "train_seconds", ".1f")
         if self.sweep:
             lines.append("sweep over the bottleneck k (test set):")
             lines.append(f"{'k':>4}{'PCA MSE':>12}{'AE MSE':>12}{'PCA silh':>10}{'AE silh':>10}")
@@ -188,13 +196,15 @@ def _features(workdir: Path, name: str, scan):
     return results, stage
 
 
-def _train(results, settings: LectureSettings, k: int, normal_region=None):
+def _train(results, settings: LectureSettings, k: int, normal_region=None, seed=None):
     from emscale.train import ModelSpec, TrainConfig, train_autoencoder, write_train_stage
 
     config = TrainConfig(model="mlp", latent_dim=k, widths=tuple(settings.widths),
                          epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr,
+                         weight_decay=settings.weight_decay,
                          objective="denoise", noise="clean", tile=_tile(settings),
-                         patience=settings.epochs, seed=settings.seed, threads=settings.threads,
+                         patience=settings.epochs,
+                         seed=settings.seed if seed is None else seed, threads=settings.threads,
                          normal_region=normal_region)
     t0 = time.perf_counter()
     result = train_autoencoder(results.path / "preprocess", config)
@@ -318,6 +328,21 @@ def run_lecture(settings: LectureSettings | None = None, workdir=None) -> dict:
             details["best_epoch"][k] = result.best_epoch
             log.info("k=%d: %s", k, rows[-1])
         main = next(r for r in rows if r["k"] == settings.latent_dim)
+        # the same model trained with other seeds (initial weights, split, batches): the spread
+        # of the autoencoder's figures that comes from training alone
+        spread = {"seed": [settings.seed], "ae_mse": [main["ae_mse"]],
+                  "ae_silhouette": [main["ae_silhouette"]]}
+        for seed in range(settings.seed + 1, settings.seed + settings.repeats):
+            spec, _, _ = _train(train_results, settings, settings.latent_dim, seed=seed)
+            encoded = encode_stage(test, spec, denoised=True).compute()
+            spread["seed"].append(seed)
+            spread["ae_mse"].append(float(np.mean(
+                (_flat(encoded["denoised"].values) - clean_test) ** 2)) * scale2)
+            spread["ae_silhouette"].append(_silhouette(_flat(encoded["latent"].values),
+                                                       settings)[0])
+        details["training_seeds"] = {**spread, **{
+            f"{name}_{stat}": float(fn(spread[name])) for name in ("ae_mse", "ae_silhouette")
+            for stat, fn in (("mean", np.mean), ("sd", np.std))}}
         # PCA's error on the clean test spectra themselves: the part of its error that is the
         # spectra's curvature away from a rank-k subspace (what a non-linear model can win)
         proj = PCAProjection(pca.mean_, pca.components_, settings.latent_dim)
