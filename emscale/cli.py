@@ -78,6 +78,9 @@ def synth_eels_cmd(
     seed: int = typer.Option(0, "--seed", help="Random seed: the same seed gives the same scan."),
     dose: float = typer.Option(50.0, "--dose", help="Mean counts per channel just above the Fe-L3 edge."),
     read_noise: float = typer.Option(1.0, "--read-noise", help="Gaussian read noise (counts, sd)."),
+    layout: str = typer.Option("grains", "--layout", help="grains: Voronoi grains with mixed "
+                               "boundaries and a surface band; bands: four equal bands of pure "
+                               "pixels, one phase each (groups of known phase)."),
     chunk_mib: float = typer.Option(64.0, "--chunk-mib", help=CHUNK_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
 ) -> None:
@@ -89,7 +92,7 @@ def synth_eels_cmd(
 
     check_output_free(out, overwrite, OVERWRITE_REMEDY)
     ds = synth_eels(shape, channels=channels, anomaly=anomaly, seed=seed, dose=dose,
-                    read_noise=read_noise, policy=_policy(chunk_mib))
+                    read_noise=read_noise, layout=layout, policy=_policy(chunk_mib))
     write_scan(ds, out, policy=_policy(chunk_mib), overwrite=overwrite, progress=_progress())
     typer.echo(f"wrote {out}: spectrum image {shape[0]} x {shape[1]} x {channels}")
 
