@@ -88,7 +88,8 @@ def _log_to(path: Path):
 
 def preflight(workflow: Workflow, force: tuple[str, ...] = ()) -> None:
     """What can be refused before a cluster starts or anything is written: unknown ``--force``
-    stages, a missing input, a generated scan too small for the training split."""
+    stages, a missing input or reference, a scan too small for the training split (the
+    generated scan, or the reference the model trains on)."""
     from emscale.train import check_split
 
     unknown = sorted(set(force) - set(STAGES))
@@ -96,7 +97,15 @@ def preflight(workflow: Workflow, force: tuple[str, ...] = ()) -> None:
         raise ConfigError(f"--force: unknown stage {unknown[0]!r} (stages: {', '.join(STAGES)})")
     if workflow.input is not None and not Path(workflow.input).exists():
         raise ConfigError(f"input: {workflow.input}: no such file or directory")
-    if workflow.synth is not None:
+    reference = workflow.anomaly.reference
+    if reference is not None:
+        from emscale.store import open_scan
+
+        if not Path(reference).exists():
+            raise ConfigError(f"anomaly.reference: {reference}: no such file or directory")
+        # the model trains on the reference: its split must work there
+        check_split(workflow.train_config(), tuple(open_scan(reference)["signal"].shape[:2]))
+    elif workflow.synth is not None:
         check_split(workflow.train_config(normal_region=workflow.anomaly.normal_region),
                     tuple(workflow.synth.shape))
 
@@ -219,10 +228,11 @@ class Runner:
         show = self.progress if self.progress is not None else sys.stderr.isatty()
         started = _now()
         scan, scan_key = self._scan()
-        from emscale.train import check_split
+        if wf.anomaly.reference is None:  # (a reference was checked by preflight)
+            from emscale.train import check_split
 
-        check_split(wf.train_config(normal_region=wf.anomaly.normal_region),
-                    tuple(scan["signal"].shape[:2]))
+            check_split(wf.train_config(normal_region=wf.anomaly.normal_region),
+                        tuple(scan["signal"].shape[:2]))
         results.create({"provenance": {
             "workflow": wf.model_dump(mode="json"), "workflow_hash": wf.section_hash(
                 "input", "synth", "preprocess", "pca", "train", "encode", "anomaly", "cluster"),

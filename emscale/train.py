@@ -163,16 +163,34 @@ def _uniform_hash(v: np.ndarray, seed: int) -> np.ndarray:
     return (v >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
+def split_tiles(config: TrainConfig, nav_shape: tuple[int, int]) -> list[int]:
+    """The ids of the tiles that hold training candidates: all of the scan's, or those that meet
+    the declared normal region."""
+    ny, nx = nav_shape
+    t = config.tile
+    ry0, ry1, rx0, rx1 = config.normal_region or (0, ny, 0, nx)
+    return [ty * (nx // t + 1) + tx for ty in range(math.ceil(ny / t))
+            for tx in range(math.ceil(nx / t))
+            if ty * t < ry1 and (ty + 1) * t > ry0 and tx * t < rx1 and (tx + 1) * t > rx0]
+
+
 def check_split(config: TrainConfig, nav_shape: tuple[int, int]) -> None:
-    """Refuse a split that cannot work on a scan of ``nav_shape`` pixels (before any training)."""
+    """Refuse a split that cannot work on a scan of ``nav_shape`` pixels (before any training):
+    training and validation need a tile each."""
     ny, nx = nav_shape
     t = config.tile
     if math.ceil(ny / t) * math.ceil(nx / t) < 2:
         raise ConfigError(f"train.tile: {t} leaves the {ny} x {nx} scan a single tile; "
                           "training and validation need two at least (lower train.tile)")
     region = config.normal_region
-    if region is not None and (region[0] >= ny or region[2] >= nx):
+    if region is None:
+        return
+    if region[0] >= ny or region[2] >= nx:
         raise ConfigError(f"normal_region: {list(region)} lies outside the {ny} x {nx} scan")
+    if len(split_tiles(config, nav_shape)) < 2:
+        raise ConfigError(f"normal_region: {list(region)} meets a single train.tile tile of {t} "
+                          "pixels; training and validation need two at least (lower train.tile "
+                          "or declare a larger region)")
 
 
 class ChunkStream:
@@ -201,20 +219,16 @@ class ChunkStream:
         self._selections: dict = {}
         self._resident: dict = {}
         self._validation = None
-        # tiles are validation below a hash threshold; a scan of few tiles still gets one
+        # tiles are validation below a hash threshold, drawn over the candidate tiles (those of
+        # a declared region, which must get validation tiles of its own); at least one tile
+        # goes to each part
+        check_split(config, (ny, nx))
         t = config.tile
         n_tiles = (ny // t + 1) * (nx // t + 1)
         u_all = _uniform_hash(np.arange(n_tiles, dtype=np.uint64), config.seed)
-        # the tiles that hold training candidates: all, or those meeting the normal region (a
-        # small region must still get a validation tile of its own)
-        ry0, ry1, rx0, rx1 = config.normal_region or (0, ny, 0, nx)
-        real = [(ty * (nx // t + 1) + tx) for ty in range(math.ceil(ny / t))
-                for tx in range(math.ceil(nx / t))
-                if ty * t < ry1 and (ty + 1) * t > ry0 and tx * t < rx1 and (tx + 1) * t > rx0]
-        u_real = u_all[real]
-        below = u_real[u_real < config.val_fraction]
-        self._val_threshold = below.max() if len(below) else u_real.min()
-        check_split(config, (ny, nx))
+        u_real = np.sort(u_all[split_tiles(config, (ny, nx))])
+        n_val = int(np.clip((u_real < config.val_fraction).sum(), 1, len(u_real) - 1))
+        self._val_threshold = u_real[n_val - 1]
         self.stride = 1
         if config.max_train_pixels:
             n_train = ny * nx * (1 - config.val_fraction)

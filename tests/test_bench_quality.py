@@ -41,9 +41,22 @@ def test_the_lecture_orderings_hold_on_a_reduced_configuration(reduced):
 
 
 def test_the_figures_are_measured_on_the_held_out_test_set(reduced):
-    d = reduced["details"]
-    assert d["train_pixels"] == d["test_pixels"] == 4 * 48
-    assert d["training_seeds"]["seed"] == [42, 43] and d["training_seeds"]["ae_mse_sd"] >= 0
+    """The noisy-input MSE, recomputed here from the seed-43 scan (scaled by the seed-42 training
+    set's factor), is the figure; the seed-42 scan's own would differ."""
+    from emscale.synth.eels import synth_eels
+
+    def unit_sum(seed, var):
+        a = synth_eels((16, 12), channels=512, seed=seed, layout="bands")[var].values
+        a = a.reshape(-1, 512).astype(np.float64)
+        return a / a.sum(axis=1, keepdims=True)
+
+    scale2 = 1 / unit_sum(42, "clean").mean(axis=0).max() ** 2
+    for seed in (42, 43):
+        mse = np.mean((unit_sum(seed, "signal") - unit_sum(seed, "clean")) ** 2) * scale2
+        close = np.isclose(mse, reduced["figures"]["noisy_mse"], rtol=1e-3)
+        assert close == (seed == 43), (seed, mse, reduced["figures"]["noisy_mse"])
+    seeds = reduced["details"]["training_seeds"]
+    assert seeds["seed"] == [42, 43] and seeds["ae_mse"][0] != seeds["ae_mse"][1]
     assert set(reduced["figures"]) >= {"noisy_mse", "pca_mse", "ae_mse", "ae_silhouette",
                                        "pca_silhouette", "anomaly_recall",
                                        "anomaly_false_alarm_rate", "anomaly_error_ratio",
@@ -80,5 +93,5 @@ def test_bench_quality_cli_writes_every_figure(tmp_path, capsys):
         assert np.isfinite(data[key]), key
     assert data["sweep"][0].keys() == {"k", "pca_mse", "ae_mse", "pca_silhouette",
                                        "ae_silhouette"}
-    assert {"ari", "pca_ari", "anomaly_recall"} <= set(data["large"])
-    assert -1 <= data["large"]["ari"] <= 1
+    assert {"ari", "pca_ari", "anomaly_recall", "pca_fitted_on_scan_mse"} <= set(data["large"])
+    assert data["large"]["truth"]["ari_phase"] == data["large"]["ari"]

@@ -111,6 +111,8 @@ def test_what_cannot_run_is_refused_before_the_cluster_starts(tmp_path, capsys):
          "nope.zarr: no such file or directory"),
         ({**SMALL, "synth": {**SMALL["synth"], "shape": [8, 8]}, "output": str(out)}, [],
          "train.tile: 8 leaves the 8 x 8 scan a single tile"),
+        ({**SMALL, "anomaly": {"reference": str(tmp_path / "ref.zarr")}, "output": str(out)}, [],
+         "anomaly.reference: "),
     ]
     for data, extra, message in cases:
         data = {k: v for k, v in data.items() if v is not None}
@@ -135,9 +137,17 @@ def test_the_report_scores_a_synthetic_scan_against_its_ground_truth(first_run):
     from emscale.evaluate import truth_scores
 
     _, result = first_run
-    scores = truth_scores(ResultsStore(result.results))
-    assert 0 <= scores["anomaly_false_alarm_rate"] <= 1 and -1 <= scores["ari_phase"] <= 1
-    assert scores["true_k"] == 4 and scores["anomalous_pixels"] > 0
+    from sklearn.metrics import adjusted_rand_score
+
+    results = ResultsStore(result.results)
+    scores = truth_scores(results)
+    label = results.open_stage("encode")["label"].values
+    flagged = results.open_stage("anomaly")["anomaly"].values
+    phase = results.open_stage("cluster")["phase"].values
+    assert scores["anomaly_recall"] == flagged[label < 0].mean()
+    assert scores["anomaly_false_alarm_rate"] == flagged[label >= 0].mean()
+    assert scores["ari_phase"] == adjusted_rand_score(label[label >= 0], phase[label >= 0])
+    assert scores["true_k"] == 4 and scores["anomalous_pixels"] == (label < 0).sum() > 0
     page = result.report.read_text()
     assert "Against the ground truth" in page and f"{scores['ari_phase']:.4g}" in page
 

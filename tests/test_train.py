@@ -208,3 +208,12 @@ def test_training_only_on_a_declared_normal_region(eels_stage):
         n_val = sum(int(stream.selection(c, 1).sum()) for c in stream.chunks)
         n_train = sum(int(stream.selection(c, 0).sum()) for c in stream.chunks)
         assert n_val > 0 and n_train > n_val, seed
+    # a region of two tiles gets one of each; a region within one tile is refused up front
+    for seed in range(12):
+        two = TrainConfig(tile=8, normal_region=(0, 8, 0, 16), val_fraction=0.5,
+                          **{**SMALL, "seed": seed})
+        stream = ChunkStream(eels_stage, two)
+        parts = [sum(int(stream.selection(c, p).sum()) for c in stream.chunks) for p in (0, 1)]
+        assert parts == [64, 64], (seed, parts)
+    with pytest.raises(ConfigError, match="normal_region: .* a single train.tile tile"):
+        ChunkStream(eels_stage, TrainConfig(tile=8, normal_region=(0, 4, 0, 4), **SMALL))
