@@ -117,7 +117,7 @@ class ResultsStore:
         with atomic_directory(self.path / name, overwrite=overwrite, suffix=suffix,
                               keep_on_error=resume_key is not None) as tmp:
             if resume_key:
-                self._remove_stale_partials(name, keep=tmp)
+                self.discard_partials(name, keep=tmp)
             found = _write_chunks(name, ds, tmp, progress=progress)
             if found:
                 self.resumed[name] = found
@@ -128,15 +128,12 @@ class ResultsStore:
         log.info("wrote stage %s of %s", name, self.path)
         return self.open_stage(name)
 
-    def _remove_stale_partials(self, name: str, keep: Path | None = None) -> None:
+    def discard_partials(self, name: str, keep: Path | None = None) -> None:
+        """Remove what interrupted writes of ``name`` left, except ``keep`` (the one resumed)."""
         for p in self.path.glob(f"{name}{PARTIAL_MARK}*"):
             if p != keep:
                 log.warning("removing %s (an interrupted write not to be resumed)", p)
                 shutil.rmtree(p, ignore_errors=True)
-
-    def discard_partials(self, name: str) -> None:
-        """Remove what interrupted writes of ``name`` left (its complete group stands)."""
-        self._remove_stale_partials(name)
 
     def stage_attrs(self, name: str) -> dict[str, Any]:
         return dict(zarr.open_group(str(self.path / name), mode="r", zarr_format=3).attrs)

@@ -228,7 +228,7 @@ class Runner:
         show = self.progress if self.progress is not None else sys.stderr.isatty()
         started = _now()
         scan, scan_key = self._scan()
-        if wf.anomaly.reference is None:  # (a reference was checked by preflight)
+        if wf.input is not None and wf.anomaly.reference is None:  # (the rest: by preflight)
             from emscale.train import check_split
 
             check_split(wf.train_config(normal_region=wf.anomaly.normal_region),

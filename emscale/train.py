@@ -176,18 +176,15 @@ def split_tiles(config: TrainConfig, nav_shape: tuple[int, int]) -> list[int]:
 
 def check_split(config: TrainConfig, nav_shape: tuple[int, int]) -> None:
     """Refuse a split that cannot work on a scan of ``nav_shape`` pixels (before any training):
-    training and validation need a tile each."""
+    training and validation need a tile each, inside the declared normal region if any."""
     ny, nx = nav_shape
-    t = config.tile
-    if math.ceil(ny / t) * math.ceil(nx / t) < 2:
-        raise ConfigError(f"train.tile: {t} leaves the {ny} x {nx} scan a single tile; "
-                          "training and validation need two at least (lower train.tile)")
-    region = config.normal_region
-    if region is None:
-        return
-    if region[0] >= ny or region[2] >= nx:
+    t, region = config.tile, config.normal_region
+    if region is not None and (region[0] >= ny or region[2] >= nx):
         raise ConfigError(f"normal_region: {list(region)} lies outside the {ny} x {nx} scan")
     if len(split_tiles(config, nav_shape)) < 2:
+        if region is None:
+            raise ConfigError(f"train.tile: {t} leaves the {ny} x {nx} scan a single tile; "
+                              "training and validation need two at least (lower train.tile)")
         raise ConfigError(f"normal_region: {list(region)} meets a single train.tile tile of {t} "
                           "pixels; training and validation need two at least (lower train.tile "
                           "or declare a larger region)")
