@@ -10,7 +10,6 @@ another on the same cluster (each scan's stages are the parallel part).
 
 from __future__ import annotations
 
-import datetime as _dt
 import logging
 import sqlite3
 import time
@@ -18,15 +17,13 @@ from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
+from emscale.config import utc_now
 from emscale.errors import ConfigError, EmscaleError
 
 log = logging.getLogger(__name__)
 
 STATES = ("pending", "running", "done", "failed")
 
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
 @dataclass
@@ -113,7 +110,7 @@ def run_batch(source, workflow_path, *, output_root: Path | None = None,
             echo(f"[batch] {scan.name}: done before, skipped")
             continue
         out = root / scan.name.split(".")[0]
-        ledger.set(key, state="running", output=str(out), error=None, started=_now(),
+        ledger.set(key, state="running", output=str(out), error=None, started=utc_now(),
                    finished=None, seconds=None, workflow_hash=whash)
         echo(f"[batch] {scan.name}: running -> {out}")
         t0 = time.perf_counter()
@@ -122,7 +119,7 @@ def run_batch(source, workflow_path, *, output_root: Path | None = None,
             run_workflow(wf, echo=lambda msg: echo(f"  {msg}"))
         except Exception as exc:  # one scan's failure must not stop the others
             message = f"{type(exc).__name__}: {exc}".splitlines()[0][:2000]
-            ledger.set(key, state="failed", error=message, finished=_now(),
+            ledger.set(key, state="failed", error=message, finished=utc_now(),
                        seconds=time.perf_counter() - t0)
             outcome["failed"].append(key)
             echo(f"[batch] {scan.name}: FAILED: {message}")
@@ -130,7 +127,7 @@ def run_batch(source, workflow_path, *, output_root: Path | None = None,
             if not isinstance(exc, EmscaleError):
                 log.exception("batch: %s failed", scan)
             continue
-        ledger.set(key, state="done", finished=_now(), seconds=time.perf_counter() - t0)
+        ledger.set(key, state="done", finished=utc_now(), seconds=time.perf_counter() - t0)
         outcome["done"].append(key)
     echo(f"[batch] {len(scans)} scans: {len(outcome['done'])} done, {len(outcome['failed'])} "
          f"failed, {len(outcome['skipped'])} skipped (done before); ledger {ledger.path}")

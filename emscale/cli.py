@@ -157,8 +157,13 @@ def info_cmd(
 ) -> None:
     """Dims, shape, dtype, chunks, calibrations, size on disk and provenance of a scan store; or,
     for a results store (OUTPUT/results.zarr of emscale run), its stages and provenance."""
-    from emscale.info import (describe_results, describe_store, format_description,
-                              format_results, is_results_store)
+    from emscale.info import (
+        describe_results,
+        describe_store,
+        format_description,
+        format_results,
+        is_results_store,
+    )
 
     if is_results_store(store):
         desc = describe_results(store)
@@ -194,7 +199,12 @@ def run_cmd(
     clustering and the report, on a LocalCluster (default) or the cluster of --cluster. Stages
     whose results are already there with the same settings are skipped; the report's path is
     printed at the end."""
-    from emscale.cluster import default_cluster_file, load_cluster_file, open_cluster, worker_jobs
+    from emscale.dask_cluster import (
+        default_cluster_file,
+        load_cluster_file,
+        open_cluster,
+        worker_jobs,
+    )
     from emscale.runner import preflight, run_workflow
     from emscale.workflow import load_workflow
 
@@ -237,7 +247,7 @@ def submit_cmd(
 ) -> None:
     """Write a batch script that runs `emscale run` as one job and submit it (sbatch or qsub);
     the script and the job's log go to the output directory."""
-    from emscale.cluster import load_cluster_file
+    from emscale.dask_cluster import load_cluster_file
     from emscale.submit import submit
     from emscale.workflow import load_workflow
 
@@ -263,7 +273,11 @@ def batch_cmd(
     done scans are skipped on a rerun, a failing scan is recorded and the others go on; a summary
     ends the run (exit 1 if any scan failed)."""
     from emscale.batch import run_batch
-    from emscale.cluster import default_cluster_file, load_cluster_file, open_cluster
+    from emscale.dask_cluster import (
+        default_cluster_file,
+        load_cluster_file,
+        open_cluster,
+    )
 
     cfg = load_cluster_file(cluster_file) if cluster_file else default_cluster_file()
     with open_cluster(cfg) as (_cluster, client):

@@ -91,22 +91,29 @@ def is_results_store(path: str | os.PathLike) -> bool:
 
 
 def describe_results(path: str | os.PathLike) -> dict[str, Any]:
-    """A results store (``emscale run``'s results.zarr): its stages with their variables, cache
-    keys and times, and the run's provenance."""
+    """A results store (``emscale run``'s results.zarr), as ``docs/results-store.md`` lays it
+    out: its stages in run order, each with its variables (dims, shape, dtype, meaning, units,
+    from the registry's declarations), cache key and times, and the run's provenance."""
     from emscale.results import ResultsStore
-
-    from emscale.runner import STAGES
+    from emscale.stages import REGISTRY
 
     store = ResultsStore(path)
     stages = {}
-    order = {name: i for i, name in enumerate(STAGES)}
+    order = {name: i for i, name in enumerate(REGISTRY.names)}
     for name in sorted(store.stages(), key=lambda n: order.get(n, len(order))):
         group = zarr.open_group(str(store.path / name), mode="r", zarr_format=3)
+        declared = REGISTRY[name].outputs if name in order else {}
+        arrays = {k: v for k, v in group.arrays()
+                  if tuple(v.metadata.dimension_names or ()) != (k,)}  # not coordinates
+        names = [n for n in declared if n in arrays] + sorted(set(arrays) - set(declared))
         attrs = dict(group.attrs)
         stages[name] = {
-            "variables": {k: {"shape": list(v.shape), "dtype": str(v.dtype)}
-                          for k, v in group.arrays()
-                          if tuple(v.metadata.dimension_names or ()) != (k,)},  # not coordinates
+            "about": REGISTRY[name].about if name in order else "",
+            "variables": {k: {"dims": list(arrays[k].metadata.dimension_names or ()),
+                              "shape": list(arrays[k].shape), "dtype": str(arrays[k].dtype),
+                              "meaning": declared[k].meaning if k in declared else "",
+                              "units": declared[k].units if k in declared else ""}
+                          for k in names},
             "cache_key": attrs.get("config_hash"), "started": attrs.get("started"),
             "finished": attrs.get("finished")}
     attrs = store.attrs
@@ -118,13 +125,16 @@ def format_results(d: dict[str, Any]) -> str:
     prov = d["provenance"]
     src = (prov.get("input") or {}).get("path") or "generated scan"
     lines = [f"{d['path']}: results of emscale run ({src}; workflow {prov.get('workflow_hash')}, "
-             f"started {prov.get('started')})"]
+             f"started {prov.get('started')}); the layout: docs/results-store.md"]
     for name, st in d["stages"].items():
-        lines.append(f"  {name:<11} key {st['cache_key'] or '-'}  {st['started'] or ''} .. "
+        lines.append(f"  {name}: {st['about']}")
+        lines.append(f"    key {st['cache_key'] or '-'}, {st['started'] or ''} .. "
                      f"{st['finished'] or ''}")
-        lines.append("              " + ", ".join(
-            f"{k}{tuple(v['shape'])}" for k, v in sorted(st["variables"].items())))
+        for k, v in st["variables"].items():
+            units = f" [{v['units']}]" if v["units"] else ""
+            lines.append(f"    {k} ({', '.join(v['dims'])}) {'x'.join(map(str, v['shape']))} "
+                         f"{v['dtype']}{units}: {v['meaning']}")
     if d["run"]:
-        lines.append(f"  last run    ran {', '.join(d['run'].get('ran', [])) or 'nothing'}; "
+        lines.append(f"  last run: ran {', '.join(d['run'].get('ran', [])) or 'nothing'}; "
                      f"finished {d['run'].get('finished')}")
     return "\n".join(lines)

@@ -72,6 +72,150 @@ def _truth_table(results) -> str:
             f"{scores['anomalous_pixels']} anomalous (label -1).</p></section>")
 
 
+def _scree(add, plt, pca, train, enc, an, cl, timings) -> None:
+    if pca is None:
+        return
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ratio = pca["pca_scree"].values[:64]
+    ax.semilogy(np.arange(1, len(ratio) + 1), ratio, ".-")
+    k = pca.attrs["pca"]["suggested_k"]
+    ax.axvline(k, color="C3", ls="--", label=f"elbow: k = {k}")
+    ax.set(xlabel="component", ylabel="explained variance ratio", title="PCA scree")
+    ax.legend()
+    add("scree", "PCA scree", fig)
+
+
+def _errors(add, plt, pca, train, enc, an, cl, timings) -> None:
+    if enc is None or "pca_recon_error" not in enc:
+        return
+    err, perr = enc["recon_error"].values, enc["pca_recon_error"].values
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), layout="constrained")
+    lo = np.nanpercentile(np.concatenate([err.ravel(), perr.ravel()]), 1)
+    hi = np.nanpercentile(np.concatenate([err.ravel(), perr.ravel()]), 99.5)
+    for ax, v, t in ((axes[0], err, "autoencoder"), (axes[1], perr, "PCA")):
+        im = ax.imshow(v, vmin=lo, vmax=hi, cmap="magma")
+        ax.set_title(f"{t} error (mean {np.nanmean(v):.3g})")
+        fig.colorbar(im, ax=ax, shrink=0.8)
+    logx = lo > 0 and hi / lo > 20  # a log axis only for a wide range (its ticks crowd)
+    bins = np.geomspace(lo, hi, 60) if logx else np.linspace(lo, hi, 60)
+    axes[2].hist(perr.ravel()[np.isfinite(perr.ravel())], bins=bins, alpha=0.6, label="PCA")
+    axes[2].hist(err.ravel()[np.isfinite(err.ravel())], bins=bins, alpha=0.6, label="autoencoder")
+    if logx:
+        axes[2].set_xscale("log")
+    metric = {"poisson": "chi-square per feature", "mse": "mean squared residual"}.get(
+        enc.attrs["encode"].get("error"), "error")
+    axes[2].set(xlabel=metric, ylabel="pixels", title="error histogram")
+    axes[2].legend()
+    k_lat = enc.attrs["encode"]["latent_dim"]
+    add("errors", f"Reconstruction error: autoencoder (latent size {k_lat}) and PCA "
+        f"({k_lat} components)", fig, enc["recon_error"].attrs.get("long_name", ""))
+
+
+def _loss(add, plt, pca, train, enc, an, cl, timings) -> None:
+    if train is None:
+        return
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot(train["train_loss"].values, label="train")
+    ax.plot(train["val_loss"].values, label="validation")
+    best = train.attrs["train"].get("best_epoch")
+    if best is not None and best >= 0:
+        ax.axvline(best, color="C3", ls="--", label=f"best epoch {best}")
+    ax.set(xlabel="epoch", ylabel="loss", title="training", yscale="log")
+    ax.legend()
+    add("loss", "Loss curves", fig)
+
+
+def _phases(add, plt, pca, train, enc, an, cl, timings) -> None:
+    if cl is None:
+        return
+    phase = cl["phase"].values
+    k = cl.sizes["cluster"]
+    cmap = plt.get_cmap("tab10" if k <= 10 else "tab20")
+    if enc is not None:
+        z = _sample_map(enc["latent"].values).reshape(-1, enc.attrs["encode"]["latent_dim"])
+        p = _sample_map(phase).ravel()
+        ok = np.isfinite(z).all(1) & (p >= 0)
+        z, p = z[ok], p[ok]
+        if z.shape[1] > 2:  # the plane of the codes' two main axes
+            c = z - z.mean(0)
+            z = c @ np.linalg.svd(c, full_matrices=False)[2][:2].T
+        fig, ax = plt.subplots(figsize=(5, 4.2))
+        ax.scatter(z[:, 0], z[:, 1], c=p, cmap=cmap, vmin=-0.5, vmax=cmap.N - 0.5, s=2, alpha=0.5)
+        ax.set(title="latent codes by phase", xlabel="latent principal axis 1",
+               ylabel="latent principal axis 2")
+        add("latent", "Latent space", fig, f"{len(z)} sampled pixels, projected on the two "
+            "principal axes of their codes")
+    if "k_candidate" in cl.coords:
+        fig, axes = plt.subplots(1, 3, figsize=(12, 3.2), layout="constrained")
+        kk = cl["k_candidate"].values
+        chosen_by = cl.attrs["phase"]["chosen_by"]
+        for ax, name in zip(axes, ("inertia", "silhouette", "bic")):
+            ax.plot(kk, cl[f"k_{name}"].values, "o-")
+            if name == chosen_by or (name == "inertia" and chosen_by == "elbow"):
+                ax.axvline(k, color="C3", ls="--", label=f"chosen: K = {k}")
+                ax.legend(fontsize=8)
+            ax.set(xlabel="K", title=name + (" (elbow)" if name == "inertia" else ""))
+        add("kchoice", "Choice of K", fig,
+            f"K = {k}, chosen by {cl.attrs['phase']['chosen_by']}")
+    fractions = cl["phase_fraction"].values
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    masked = np.ma.masked_less(phase, 0)
+    ax.imshow(masked, cmap=cmap, vmin=-0.5, vmax=cmap.N - 0.5, interpolation="nearest")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=cmap(i)) for i in range(k)]
+    ax.legend(handles, [f"phase {i}: {f:.1%}" for i, f in enumerate(fractions)],
+              loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8)
+    ax.set_title("phase map")
+    add("phases", "Phase map", fig)
+    mean = cl["phase_mean_signal"]
+    if mean.ndim == 2:
+        fig, ax = plt.subplots(figsize=(7, 3.6))
+        axis = mean.dims[1]
+        xs = cl[axis].values if axis in cl.coords else np.arange(mean.shape[1])
+        for i in range(k):
+            ax.plot(xs, mean.values[i], color=cmap(i), label=f"phase {i}")
+        ax.set(xlabel=f"{axis} ({cl[axis].attrs.get('units', '')})" if axis in cl.coords else axis,
+               ylabel="mean preprocessed signal", title="phase mean spectra")
+        ax.legend(fontsize=8)
+    else:
+        fig, axes = plt.subplots(1, k, figsize=(2.4 * k, 2.6), squeeze=False)
+        for i, ax in enumerate(axes[0]):
+            ax.imshow(mean.values[i], cmap="inferno")
+            ax.set_title(f"phase {i}")
+            ax.axis("off")
+    add("phase_mean", "Phase mean signals", fig, "exact means over all pixels of each phase")
+
+
+def _anomalies(add, plt, pca, train, enc, an, cl, timings) -> None:
+    if an is None:
+        return
+    flagged = an["anomaly"]
+    score = an["anomaly_score"].values
+    thr = float(flagged.attrs["threshold"])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    im = axes[0].imshow(score, cmap="viridis")
+    axes[0].contour(flagged.values, levels=[0.5], colors="red", linewidths=0.8)
+    axes[0].set_title(f"anomaly score; {flagged.values.mean():.2%} flagged (red)")
+    fig.colorbar(im, ax=axes[0], shrink=0.8)
+    s = score[np.isfinite(score)]
+    axes[1].hist(s, bins=100, log=True)
+    axes[1].axvline(thr, color="C3", ls="--", label=f"threshold {thr:.3g}")
+    axes[1].set(xlabel="score", ylabel="pixels", title=f"{flagged.attrs['method']} score, "
+                f"{flagged.attrs['calibration']} calibration")
+    axes[1].legend()
+    add("anomaly", "Anomalies", fig)
+
+
+def _timings(add, plt, pca, train, enc, an, cl, timings) -> None:
+    if not timings:
+        return
+    fig, ax = plt.subplots(figsize=(5, 3))
+    names = list(timings)
+    ax.barh(names, [timings[n] for n in names])
+    ax.invert_yaxis()
+    ax.set(xlabel="seconds", title="time per stage")
+    add("timings", "Timings", fig, ", ".join(f"{n} {t:.1f} s" for n, t in timings.items()))
+
+
 def write_report(results, out_dir: Path, timings: dict[str, float] | None = None) -> Path:
     """Write ``out_dir/index.html`` and its PNGs from the stages of ``results``."""
     plt = _figure()
@@ -84,126 +228,8 @@ def write_report(results, out_dir: Path, timings: dict[str, float] | None = None
     def add(name, title, fig, caption=""):
         sections.append((title, _save(fig, out_dir / f"{name}.png"), caption))
 
-    if pca is not None:
-        fig, ax = plt.subplots(figsize=(5, 3.2))
-        ratio = pca["pca_scree"].values[:64]
-        ax.semilogy(np.arange(1, len(ratio) + 1), ratio, ".-")
-        k = pca.attrs["pca"]["suggested_k"]
-        ax.axvline(k, color="C3", ls="--", label=f"elbow: k = {k}")
-        ax.set(xlabel="component", ylabel="explained variance ratio", title="PCA scree")
-        ax.legend()
-        add("scree", "PCA scree", fig)
-    if enc is not None and "pca_recon_error" in enc:
-        err, perr = enc["recon_error"].values, enc["pca_recon_error"].values
-        fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), layout="constrained")
-        lo = np.nanpercentile(np.concatenate([err.ravel(), perr.ravel()]), 1)
-        hi = np.nanpercentile(np.concatenate([err.ravel(), perr.ravel()]), 99.5)
-        for ax, v, t in ((axes[0], err, "autoencoder"), (axes[1], perr, "PCA")):
-            im = ax.imshow(v, vmin=lo, vmax=hi, cmap="magma")
-            ax.set_title(f"{t} error (mean {np.nanmean(v):.3g})")
-            fig.colorbar(im, ax=ax, shrink=0.8)
-        logx = lo > 0 and hi / lo > 20  # a log axis only for a wide range (its ticks crowd)
-        bins = np.geomspace(lo, hi, 60) if logx else np.linspace(lo, hi, 60)
-        axes[2].hist(perr.ravel()[np.isfinite(perr.ravel())], bins=bins, alpha=0.6, label="PCA")
-        axes[2].hist(err.ravel()[np.isfinite(err.ravel())], bins=bins, alpha=0.6, label="autoencoder")
-        if logx:
-            axes[2].set_xscale("log")
-        metric = {"poisson": "chi-square per feature", "mse": "mean squared residual"}.get(
-            enc.attrs["encode"].get("error"), "error")
-        axes[2].set(xlabel=metric, ylabel="pixels", title="error histogram")
-        axes[2].legend()
-        k_lat = enc.attrs["encode"]["latent_dim"]
-        add("errors", f"Reconstruction error: autoencoder (latent size {k_lat}) and PCA "
-            f"({k_lat} components)", fig, enc["recon_error"].attrs.get("long_name", ""))
-    if train is not None:
-        fig, ax = plt.subplots(figsize=(5, 3.2))
-        ax.plot(train["train_loss"].values, label="train")
-        ax.plot(train["val_loss"].values, label="validation")
-        best = train.attrs["train"].get("best_epoch")
-        if best is not None and best >= 0:
-            ax.axvline(best, color="C3", ls="--", label=f"best epoch {best}")
-        ax.set(xlabel="epoch", ylabel="loss", title="training", yscale="log")
-        ax.legend()
-        add("loss", "Loss curves", fig)
-    if cl is not None:
-        phase = cl["phase"].values
-        k = cl.sizes["cluster"]
-        cmap = plt.get_cmap("tab10" if k <= 10 else "tab20")
-        if enc is not None:
-            z = _sample_map(enc["latent"].values).reshape(-1, enc.sizes["latent_dim"])
-            p = _sample_map(phase).ravel()
-            ok = np.isfinite(z).all(1) & (p >= 0)
-            z, p = z[ok], p[ok]
-            if z.shape[1] > 2:  # the plane of the codes' two main axes
-                c = z - z.mean(0)
-                z = c @ np.linalg.svd(c, full_matrices=False)[2][:2].T
-            fig, ax = plt.subplots(figsize=(5, 4.2))
-            ax.scatter(z[:, 0], z[:, 1], c=p, cmap=cmap, vmin=-0.5, vmax=cmap.N - 0.5, s=2, alpha=0.5)
-            ax.set(title="latent codes by phase", xlabel="latent principal axis 1",
-                   ylabel="latent principal axis 2")
-            add("latent", "Latent space", fig, f"{len(z)} sampled pixels, projected on the two "
-                "principal axes of their codes")
-        if "k_candidate" in cl.coords:
-            fig, axes = plt.subplots(1, 3, figsize=(12, 3.2), layout="constrained")
-            kk = cl["k_candidate"].values
-            chosen_by = cl.attrs["phase"]["chosen_by"]
-            for ax, name in zip(axes, ("inertia", "silhouette", "bic")):
-                ax.plot(kk, cl[f"k_{name}"].values, "o-")
-                if name == chosen_by or (name == "inertia" and chosen_by == "elbow"):
-                    ax.axvline(k, color="C3", ls="--", label=f"chosen: K = {k}")
-                    ax.legend(fontsize=8)
-                ax.set(xlabel="K", title=name + (" (elbow)" if name == "inertia" else ""))
-            add("kchoice", "Choice of K", fig,
-                f"K = {k}, chosen by {cl.attrs['phase']['chosen_by']}")
-        fractions = cl["phase_fraction"].values
-        fig, ax = plt.subplots(figsize=(5.5, 4.5))
-        masked = np.ma.masked_less(phase, 0)
-        ax.imshow(masked, cmap=cmap, vmin=-0.5, vmax=cmap.N - 0.5, interpolation="nearest")
-        handles = [plt.Rectangle((0, 0), 1, 1, color=cmap(i)) for i in range(k)]
-        ax.legend(handles, [f"phase {i}: {f:.1%}" for i, f in enumerate(fractions)],
-                  loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8)
-        ax.set_title("phase map")
-        add("phases", "Phase map", fig)
-        mean = cl["phase_mean_signal"]
-        if mean.ndim == 2:
-            fig, ax = plt.subplots(figsize=(7, 3.6))
-            axis = mean.dims[1]
-            xs = cl[axis].values if axis in cl.coords else np.arange(mean.shape[1])
-            for i in range(k):
-                ax.plot(xs, mean.values[i], color=cmap(i), label=f"phase {i}")
-            ax.set(xlabel=f"{axis} ({cl[axis].attrs.get('units', '')})" if axis in cl.coords else axis,
-                   ylabel="mean preprocessed signal", title="phase mean spectra")
-            ax.legend(fontsize=8)
-        else:
-            fig, axes = plt.subplots(1, k, figsize=(2.4 * k, 2.6), squeeze=False)
-            for i, ax in enumerate(axes[0]):
-                ax.imshow(mean.values[i], cmap="inferno")
-                ax.set_title(f"phase {i}")
-                ax.axis("off")
-        add("phase_mean", "Phase mean signals", fig, "exact means over all pixels of each phase")
-    if an is not None:
-        flagged = an["anomaly"]
-        score = an["anomaly_score"].values
-        thr = float(flagged.attrs["threshold"])
-        fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-        im = axes[0].imshow(score, cmap="viridis")
-        axes[0].contour(flagged.values, levels=[0.5], colors="red", linewidths=0.8)
-        axes[0].set_title(f"anomaly score; {flagged.values.mean():.2%} flagged (red)")
-        fig.colorbar(im, ax=axes[0], shrink=0.8)
-        s = score[np.isfinite(score)]
-        axes[1].hist(s, bins=100, log=True)
-        axes[1].axvline(thr, color="C3", ls="--", label=f"threshold {thr:.3g}")
-        axes[1].set(xlabel="score", ylabel="pixels", title=f"{flagged.attrs['method']} score, "
-                    f"{flagged.attrs['calibration']} calibration")
-        axes[1].legend()
-        add("anomaly", "Anomalies", fig)
-    if timings:
-        fig, ax = plt.subplots(figsize=(5, 3))
-        names = list(timings)
-        ax.barh(names, [timings[n] for n in names])
-        ax.invert_yaxis()
-        ax.set(xlabel="seconds", title="time per stage")
-        add("timings", "Timings", fig, ", ".join(f"{n} {t:.1f} s" for n, t in timings.items()))
+    for section in (_scree, _errors, _loss, _phases, _anomalies, _timings):
+        section(add, plt, pca, train, enc, an, cl, timings)
     truth = _truth_table(results)
     prov = results.attrs.get("provenance", {})
     body = truth + "\n".join(

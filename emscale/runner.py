@@ -1,16 +1,22 @@
-"""``emscale run``: a workflow's stages in order, cached by config hash, with provenance.
+"""``emscale run``: the registry's stages in order, cached by key, with provenance.
 
-The runner owns what the stage functions do not: the cluster, the order of stages, skipping a
-stage whose group already holds the same cache key (a hash of its section and of the keys of the
-stages it reads), ``force`` (recompute a stage and everything after it), provenance in the
-results store's root attrs, a progress bar per stage, and a log file in the output directory.
+The runner owns, once for every stage, what the stage modules do not: the cluster's client (the
+stages' dask graphs run on whatever client is active), the order of stages, cache keys (a hash of
+the stage's section, the seed, and the keys of what it reads), ``force`` (recompute a stage and
+everything after it), resume, atomic writes, provenance in the results store's root attrs, a
+progress bar per stage, and a log file in the output directory.
 
-Stages: ``scan`` (generate or ingest, unless the input is already a scan store), ``preprocess``,
-``pca``, ``train``, ``encode``, ``anomaly``, ``cluster``, then the report. Each stage group is
-written atomically (``ResultsStore``); its cache key is added once it is complete, so a stage
-that finished is skipped on the next run. A stage killed half-way keeps the chunks it wrote (its
-temporary group is named after the cache key) and the next run with the same key computes only the
-others; training resumes from its last checkpoint.
+Around the registry's stages: ``scan`` (generate or ingest, unless the input is already a scan
+store) before them, and the report after them. Each stage group is written atomically
+(``ResultsStore``); its cache key is added once it is complete, so a stage that finished is
+skipped on the next run. A stage killed half-way keeps the chunks it wrote (its temporary group is
+named after the cache key) and the next run with the same key computes only the others; training
+resumes from its last checkpoint.
+
+Where the model learns what is normal (``anomaly.reference`` or ``anomaly.normal_region``) is
+given to the stages as ``NormalData``. A reference scan gets a results store of its own
+(``reference.zarr``): the stages that read only the scan (``preprocess``) run on it, and the
+anomaly stage has it encoded with this run's model, through the same registry and caching.
 """
 
 from __future__ import annotations
@@ -28,14 +34,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from emscale.config import utc_now
 from emscale.errors import ConfigError
-from emscale.workflow import Workflow
+from emscale.stages import REGISTRY, NormalData, Registry, Stage, check_outputs
+from emscale.stages.base import Context
+from emscale.workflow import WorkflowBase
 
 log = logging.getLogger(__name__)
-
-STAGES = ("scan", "preprocess", "pca", "train", "encode", "anomaly", "cluster", "report")
 
 
 @dataclass
@@ -46,10 +51,6 @@ class RunResult:
     ran: list = field(default_factory=list)
     skipped: list = field(default_factory=list)
     seconds: dict = field(default_factory=dict)
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def _key(*parts: Any) -> str:
@@ -86,78 +87,168 @@ def _log_to(path: Path):
         handler.close()
 
 
-def preflight(workflow: Workflow, force: tuple[str, ...] = ()) -> None:
+def stage_names(registry: Registry = REGISTRY) -> tuple[str, ...]:
+    """What ``--force`` accepts, in run order."""
+    return ("scan", *registry.names, "report")
+
+
+def _normal_settings(workflow: WorkflowBase):
+    anomaly = getattr(workflow, "anomaly", None)
+    if anomaly is None:
+        return None, None
+    return anomaly.normal_region, anomaly.reference
+
+
+def preflight(workflow: WorkflowBase, force: tuple[str, ...] = (),
+              registry: Registry = REGISTRY) -> None:
     """What can be refused before a cluster starts or anything is written: unknown ``--force``
     stages, a missing input or reference, a scan too small for the training split (the
     generated scan, or the reference the model trains on)."""
-    from emscale.train import check_split
+    from emscale.train_stream import check_split
 
-    unknown = sorted(set(force) - set(STAGES))
+    names = stage_names(registry)
+    unknown = sorted(set(force) - set(names))
     if unknown:
-        raise ConfigError(f"--force: unknown stage {unknown[0]!r} (stages: {', '.join(STAGES)})")
+        raise ConfigError(f"--force: unknown stage {unknown[0]!r} (stages: {', '.join(names)})")
     if workflow.input is not None and not Path(workflow.input).exists():
         raise ConfigError(f"input: {workflow.input}: no such file or directory")
-    reference = workflow.anomaly.reference
+    region, reference = _normal_settings(workflow)
+    tile = workflow.train.tile if "train" in registry.names else None
     if reference is not None:
         from emscale.store import open_scan
 
         if not Path(reference).exists():
             raise ConfigError(f"anomaly.reference: {reference}: no such file or directory")
-        # the model trains on the reference: its split must work there
-        check_split(workflow.train_config(), tuple(open_scan(reference)["signal"].shape[:2]))
-    elif workflow.synth is not None:
-        check_split(workflow.train_config(normal_region=workflow.anomaly.normal_region),
-                    tuple(workflow.synth.shape))
+        if tile is not None:  # the model trains on the reference: its split must work there
+            check_split(tile, tuple(open_scan(reference)["signal"].shape[:2]))
+    elif workflow.synth is not None and tile is not None:
+        check_split(tile, tuple(workflow.synth.shape), region)
+
+
+@dataclass
+class Lane:
+    """One scan's stages: its results store, and each stage's dataset and cache key so far."""
+
+    results: Any
+    data: dict
+    keys: dict
+    label: str = ""                 # "" for the run's scan; "reference" for the reference scan
+    main: "Lane | None" = None      # where a reference lane takes what was learned
 
 
 class Runner:
-    def __init__(self, workflow: Workflow, *, force: tuple[str, ...] = (), progress: bool | None = None,
-                 echo=print, cluster_info: dict | None = None):
-        preflight(workflow, force)
+    def __init__(self, workflow: WorkflowBase, *, registry: Registry = REGISTRY,
+                 force: tuple[str, ...] = (), progress: bool | None = None, echo=print,
+                 cluster_info: dict | None = None, until: str | None = None):
+        preflight(workflow, force, registry)
         self.wf = workflow
-        first = min((STAGES.index(s) for s in force), default=len(STAGES))
-        self.redo = set(STAGES[first:])  # a forced stage and everything after it
+        self.registry = registry
+        names = stage_names(registry)
+        if until is not None and until not in names:
+            raise ConfigError(f"until: unknown stage {until!r} (stages: {', '.join(names)})")
+        first = min((names.index(s) for s in force), default=len(names))
+        self.redo = set(names[first:])  # a forced stage and everything after it
+        self.until = until
         self.progress = progress
         self.echo = echo
         self.cluster_info = cluster_info or {}
         self.out = Path(workflow.output)
         self.result = RunResult(output=self.out, results=self.out / "results.zarr", report=None)
 
-    # -- caching --------------------------------------------------------------------------------
+    @property
+    def show_progress(self) -> bool:
+        # a progress bar per stage on a terminal (distributed's: the tasks run on the cluster)
+        return self.progress if self.progress is not None else sys.stderr.isatty()
 
-    def _cached(self, results, stage: str, key: str) -> bool:
-        if stage in self.redo or not results.has_stage(stage):
-            return False
-        return results.stage_attrs(stage).get("config_hash") == key
+    # -- one stage ------------------------------------------------------------------------------
 
-    def _stage(self, results, stage: str, key: str, compute):
-        """Run ``compute()`` (which writes the stage group) unless the group holds ``key``."""
-        if self._cached(results, stage, key):
-            self.result.skipped.append(stage)
-            self.echo(f"[{stage}] up to date (cache key {key}), skipped")
-            results.discard_partials(stage)  # e.g. of a forced rerun that was killed
-            log.info("stage %s skipped: cache key %s", stage, key)
-            return results.open_stage(stage)
-        self.echo(f"[{stage}] running")
+    def _resolve(self, lane: Lane, name: str, normal: NormalData):
+        """The dataset and key of stage ``name`` for ``lane``: computed there when it is the
+        run's lane or a stage of the scan alone (preprocessing), else the run's (the model)."""
+        if name not in lane.data:
+            if lane.main is not None and set(self.registry[name].reads) != {"scan"}:
+                lane.data[name], lane.keys[name] = self._resolve(lane.main, name, normal)
+            else:
+                self.execute(self.registry[name], lane, normal)
+        return lane.data[name], lane.keys[name]
+
+    def execute(self, stage: Stage, lane: Lane, normal: NormalData):
+        """Build ``stage`` from its inputs and write its group, unless the group holds the same
+        cache key already; returns the stage as read from disk."""
+        inputs, keys = {}, []
+        for name in stage.reads:
+            inputs[name], key = self._resolve(lane, name, normal)
+            keys.append(key)
+        section = self.wf.section(stage.name)
+        key = _key(stage.name, section.model_dump(mode="json"), self.wf.seed, keys,
+                   normal.key if stage.uses_normal else None)
+        lane.keys[stage.name] = key
+        label = stage.name + (f" ({lane.label})" if lane.label else "")
+        results = lane.results
+        if stage.name not in self.redo and results.has_stage(stage.name) \
+                and results.stage_attrs(stage.name).get("config_hash") == key:
+            self.result.skipped.append(label)
+            self.echo(f"[{label}] up to date (cache key {key}), skipped")
+            results.discard_partials(stage.name)  # e.g. of a forced rerun that was killed
+            log.info("stage %s skipped: cache key %s", label, key)
+            lane.data[stage.name] = results.open_stage(stage.name)
+            return lane.data[stage.name]
+        self.echo(f"[{label}] running")
         t0 = time.perf_counter()
-        with results.resumable(stage, key):
-            out = compute()
-        results.update_attrs({"config_hash": key}, stage=stage)
-        if stage in results.resumed:
-            found, total = results.resumed.pop(stage)
-            self.echo(f"[{stage}] resumed an interrupted write: {found} of {total} chunks were "
-                      f"on disk, {total - found} computed")
-        self.result.seconds[stage] = time.perf_counter() - t0
-        self.result.ran.append(stage)
-        log.info("stage %s done in %.1f s (cache key %s)", stage, self.result.seconds[stage], key)
-        return results.open_stage(stage) if out is None else out
 
-    # -- the stages -----------------------------------------------------------------------------
+        def note(message: str) -> None:
+            self.echo(f"[{label}] {message}")
+            log.info("stage %s: %s", label, message)
+
+        ctx = Context(stage=stage, config=section, inputs=inputs, seed=self.wf.seed, key=key,
+                      workdir=self.out, normal=normal, note=note, progress=self.show_progress)
+        with results.resumable(stage.name, key):
+            ds = stage.build(ctx)
+            check_outputs(stage, ds)
+            out = results.write_stage(stage.name, ds, overwrite=True, finalize=stage.finalize,
+                                      progress=self.show_progress)
+        results.update_attrs({"config_hash": key}, stage=stage.name)
+        if stage.name in results.resumed:
+            found, total = results.resumed.pop(stage.name)
+            note(f"resumed an interrupted write: {found} of {total} chunks were on disk, "
+                 f"{total - found} computed")
+        self.result.seconds[label] = time.perf_counter() - t0
+        self.result.ran.append(label)
+        log.info("stage %s done in %.1f s (cache key %s)", label, self.result.seconds[label], key)
+        lane.data[stage.name] = out
+        return out
+
+    def _normal(self, lane: Lane) -> NormalData:
+        """Where the model learns what is normal, for the stages that use it."""
+        region, reference = _normal_settings(self.wf)
+        if reference is None:
+            return NormalData(region=region, key=_key(region),
+                              training_features=lambda: lane.results.path / "preprocess")
+        from emscale.results import ResultsStore
+        from emscale.store import open_scan
+
+        src = Path(reference)
+        scan_key = _key("store", str(src.resolve()), src.stat().st_mtime)
+        ref = Lane(ResultsStore(self.out / "reference.zarr"), data={"scan": open_scan(src)},
+                   keys={"scan": scan_key}, label="reference", main=lane)
+        normal = NormalData(reference=src, key=_key("reference", scan_key))
+
+        def training_features() -> Path:
+            self._resolve(ref, "preprocess", NormalData())
+            return ref.results.path / "preprocess"
+
+        def encoded():
+            return self.execute(self.registry["encode"], ref, normal)
+
+        normal.training_features, normal.encoded = training_features, encoded
+        return normal
+
+    # -- the run --------------------------------------------------------------------------------
 
     def _scan(self):
         """The scan store to read: the input store itself, or one generated or ingested into
         the output directory (cached by its description)."""
-        from emscale.store import open_scan, write_scan
+        from emscale.store import ChunkPolicy, open_scan, write_scan
 
         wf = self.wf
         path = self.out / "scan.zarr"
@@ -179,8 +270,6 @@ class Runner:
         self.echo(f"[scan] writing {path}")
         t0 = time.perf_counter()
         marker.unlink(missing_ok=True)
-        from emscale.store import ChunkPolicy
-
         policy = ChunkPolicy.of(wf.chunk_mib)
         if wf.synth is not None:
             s = wf.synth
@@ -216,100 +305,36 @@ class Runner:
                 raise
 
     def _run(self, results) -> RunResult:
-        from emscale.anomaly import AnomalyScorer, write_anomaly_stage
-        from emscale.encode import PCAProjection, write_encode_stage
-        from emscale.pca import PCA, write_pca_stage
-        from emscale.phases import PhaseClustering, write_phase_stage
-        from emscale.preprocess import Preprocessor, write_preprocess_stage
-        from emscale.train import ModelSpec, write_train_stage
-
         wf = self.wf
-        # a progress bar per stage on a terminal (distributed's, the tasks run on the cluster)
-        show = self.progress if self.progress is not None else sys.stderr.isatty()
-        started = _now()
+        started = utc_now()
         scan, scan_key = self._scan()
-        if wf.input is not None and wf.anomaly.reference is None:  # (the rest: by preflight)
-            from emscale.train import check_split
+        region, reference = _normal_settings(wf)
+        if wf.input is not None and reference is None and "train" in self.registry.names:
+            from emscale.train_stream import (
+                check_split,  # (the other cases: by preflight)
+            )
 
-            check_split(wf.train_config(normal_region=wf.anomaly.normal_region),
-                        tuple(scan["signal"].shape[:2]))
+            check_split(wf.train.tile, tuple(scan["signal"].shape[:2]), region)
         results.create({"provenance": {
-            "workflow": wf.model_dump(mode="json"), "workflow_hash": wf.section_hash(
-                "input", "synth", "preprocess", "pca", "train", "encode", "anomaly", "cluster"),
+            "workflow": wf.model_dump(mode="json"),
+            "workflow_hash": wf.section_hash("input", "synth", *self.registry.names),
             "input": {"path": str(wf.input) if wf.input else None,
                       "source": scan.attrs.get("source", {})},
             "versions": _versions(), "host": platform.node(), "python": platform.python_version(),
             "seed": wf.seed, "started": started, "cluster": self.cluster_info}})
+        lane = Lane(results, data={"scan": scan}, keys={"scan": scan_key})
+        normal = self._normal(lane)
+        for stage in self.registry:
+            self.execute(stage, lane, normal)
+            if stage.name == self.until:
+                return self.result
+        self._report(results, _key(*(lane.keys[s] for s in self.registry.names)))
+        results.update_attrs({"run": {"finished": utc_now(), "ran": self.result.ran,
+                                      "skipped": self.result.skipped,
+                                      "seconds": self.result.seconds}})
+        return self.result
 
-        def chain():
-            return Preprocessor(list(wf.preprocess.steps), nonfinite=wf.preprocess.nonfinite,
-                                negative=wf.preprocess.negative)
-
-        pre_key = _key(scan_key, wf.preprocess.model_dump(mode="json"))
-        features = self._stage(results, "preprocess", pre_key, lambda: write_preprocess_stage(
-            results, scan, chain(), overwrite=True, progress=show))
-        k = wf.train.latent_dim
-        pca_key = _key(pre_key, wf.pca.model_dump(mode="json"), k, wf.seed)
-        pca = self._stage(results, "pca", pca_key, lambda: write_pca_stage(
-            results, features, PCA(max(wf.pca.n_components, k), solver=wf.pca.solver,
-                                   seed=wf.seed), error_k=k, overwrite=True, progress=show))
-
-        # where the model learns what is normal: a reference scan, a declared region, or the scan
-        an = wf.anomaly
-        train_results, train_features, ref_key = results, features, pre_key
-        if an.reference is not None:
-            from emscale.results import ResultsStore
-            from emscale.store import open_scan
-
-            ref = ResultsStore(self.out / "reference.zarr")
-            ref_key = _key(str(Path(an.reference).resolve()), pre_key)
-            ref_scan = open_scan(an.reference)
-            train_features = self._stage(ref, "preprocess", ref_key, lambda: write_preprocess_stage(
-                ref, ref_scan, chain(), overwrite=True, progress=show))
-            train_results = ref
-        config = wf.train_config(normal_region=an.normal_region)
-        train_key = _key(ref_key, config.hash())
-        train = self._stage(results, "train", train_key, lambda: write_train_stage(
-            results, _train(train_results.path / "preprocess", config,
-                            self.out / "checkpoints" / train_key),
-            overwrite=True))
-        resumed = train.attrs["train"].get("resumed_from")
-        if "train" in self.result.ran and resumed is not None:
-            self.echo(f"[train] resumed from the checkpoint of epoch {resumed}")
-            log.info("training resumed from the checkpoint of epoch %d", resumed)
-        sig_shape = tuple(features["features"].shape[2:])
-        spec = ModelSpec.from_train_stage(train, sig_shape)
-        enc_key = _key(train_key, pca_key, wf.encode.model_dump(mode="json"))
-        encoded = self._stage(results, "encode", enc_key, lambda: write_encode_stage(
-            results, features, spec, pca=PCAProjection.from_pca_stage(pca, k),
-            denoised=wf.encode.denoised, error=wf.encode.error, overwrite=True, progress=show))
-
-        def score():
-            scorer = AnomalyScorer(an.method, an.calibration, an.quantile, an.false_alarm_rate)
-            if an.reference is not None:
-                ref_encoded = write_encode_stage(train_results, train_features, spec,
-                                                 error=wf.encode.error, overwrite=True)
-                scorer.fit(ref_encoded)
-            elif an.normal_region is not None:
-                y0, y1, x0, x1 = an.normal_region
-                mask = np.zeros(features["features"].shape[:2], bool)
-                mask[y0:y1, x0:x1] = True
-                scorer.fit(encoded, normal=mask)
-            else:
-                scorer.fit(encoded)
-            return write_anomaly_stage(results, encoded, scorer, overwrite=True, progress=show)
-
-        an_key = _key(enc_key, an.model_dump(mode="json"))
-        anomaly = self._stage(results, "anomaly", an_key, score)
-        cl = wf.cluster
-        clustering = PhaseClustering(cl.method, cl.n_clusters, tuple(cl.k_range), cl.k_choice,
-                                     cl.n_init, cl.max_iter, sample_size=cl.sample_size,
-                                     seed=wf.seed)
-        cl_key = _key(an_key, pca_key, cl.model_dump(mode="json"))
-        self._stage(results, "cluster", cl_key, lambda: write_phase_stage(
-            results, encoded, features, clustering, spec=spec, pca=pca,
-            exclude=anomaly["anomaly"], overwrite=True, progress=show))
-        report_key = _key(cl_key)
+    def _report(self, results, report_key: str) -> None:
         report_dir = self.out / "report"
         key_file = report_dir / "report.key"
         if "report" in self.redo or not (report_dir / "index.html").exists() \
@@ -326,15 +351,11 @@ class Runner:
             self.result.skipped.append("report")
             self.echo(f"[report] up to date ({report_dir / 'index.html'}), skipped")
         self.result.report = report_dir / "index.html"
-        results.update_attrs({"run": {"finished": _now(), "ran": self.result.ran,
-                                      "skipped": self.result.skipped,
-                                      "seconds": self.result.seconds}})
-        return self.result
 
     def _timings(self, results) -> dict[str, float]:
         """Seconds per stage: this run's, or the recorded ones of stages it skipped."""
         out = {"scan": self.result.seconds["scan"]} if "scan" in self.result.seconds else {}
-        for stage in STAGES[1:-1]:
+        for stage in self.registry.names:
             if stage in self.result.seconds:
                 out[stage] = self.result.seconds[stage]
             elif results.has_stage(stage):
@@ -351,23 +372,7 @@ def _is_scan_store(path: Path) -> bool:
     return (path / "signal" / "zarr.json").exists()
 
 
-def _train(stage_path, config, checkpoint_dir):
-    """Train on the cluster's worker with a GPU when a client is active, else here; the
-    checkpoints let a killed run resume."""
-    from emscale.train import train_autoencoder, train_on_cluster
-
-    try:
-        from distributed import get_client
-
-        client = get_client()
-    except (ImportError, ValueError):
-        client = None
-    if client is None:
-        return train_autoencoder(stage_path, config, checkpoint_dir=checkpoint_dir)
-    return train_on_cluster(client, stage_path, config, checkpoint_dir=str(checkpoint_dir))
-
-
-def run_workflow(workflow: Workflow, *, force: tuple[str, ...] = (), progress: bool | None = None,
-                 echo=print, cluster_info: dict | None = None) -> RunResult:
-    return Runner(workflow, force=force, progress=progress, echo=echo,
-                  cluster_info=cluster_info).run()
+def run_workflow(workflow: WorkflowBase, **kwargs) -> RunResult:
+    """Run a workflow (``Runner``'s keyword arguments: registry, force, progress, echo,
+    cluster_info, until)."""
+    return Runner(workflow, **kwargs).run()

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import dask
 import dask.array as da
 import numpy as np
 import xarray as xr
@@ -94,13 +93,6 @@ def navigation_chunks(
         return _balanced(ny, max(1, pixels // nx)), nx
     side = max(1, int(math.sqrt(pixels)))
     return _balanced(ny, side), _balanced(nx, max(1, pixels // side))
-
-
-def signal_dims(kind: str) -> tuple[str, ...]:
-    try:
-        return SIGNAL_DIMS[kind]
-    except KeyError:
-        raise StoreError(f"kind {kind!r} is not one of {sorted(SIGNAL_DIMS)}") from None
 
 
 def validate_scan(ds: xr.Dataset, source: str | os.PathLike = "<dataset>") -> str:
@@ -202,12 +194,9 @@ def write_scan(
 
 
 def _compute(*collections, progress: bool = False):
-    if progress:
-        from emscale.progress import progress_bar
+    from emscale.progress import compute
 
-        with progress_bar("writing"):
-            return dask.compute(*collections)
-    return dask.compute(*collections)
+    return compute(*collections, description="writing", enabled=progress)
 
 
 def feature_matrix(scan: xr.Dataset | xr.DataArray, variable: str = "signal") -> da.Array:

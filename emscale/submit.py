@@ -58,12 +58,12 @@ def batch_script(workflow: Path, cluster_file: Path, cfg, output: Path,
 
 
 def _memory_mb(text: str) -> int:
-    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]i?B?|B)?\s*", str(text), re.IGNORECASE)
-    if not m:
-        raise ConfigError(f"memory: cannot read {text!r} (e.g. 4GiB, 2000MB)")
-    unit = (m.group(2) or "B").upper().rstrip("B").rstrip("I")
-    factor = {"": 1 / 2**20, "K": 1 / 1024, "M": 1, "G": 1024, "T": 1024**2}[unit]
-    return max(1, int(float(m.group(1)) * factor))
+    from dask.utils import parse_bytes
+
+    try:
+        return max(1, parse_bytes(str(text)) >> 20)
+    except ValueError:
+        raise ConfigError(f"memory: cannot read {text!r} (e.g. 4GiB, 2000MB)") from None
 
 
 def submit(workflow: Path, cluster_file: Path, cfg, output: Path, begin: str | None = None) -> str:

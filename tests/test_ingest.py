@@ -4,14 +4,17 @@ import os
 import numpy as np
 import pytest
 import zarr
+from formats import (
+    diffraction_data,
+    hyperspy_diffraction,
+    hyperspy_spectrum,
+    py4dstem_file,
+    spectrum_data,
+)
 
 from emscale.errors import InputError, OutputExistsError
 from emscale.ingest import ingest, sha256_of
 from emscale.store import ChunkPolicy, open_scan, write_scan
-
-from formats import (
-    diffraction_data, hyperspy_diffraction, hyperspy_spectrum, py4dstem_file, spectrum_data,
-)
 
 SMALL = ChunkPolicy(target_mib=0.01)  # a few pixels per chunk: every test crosses chunk borders
 

@@ -6,7 +6,7 @@ from scipy.linalg import subspace_angles
 from sklearn.decomposition import PCA as SkPCA
 
 from emscale.errors import ConfigError
-from emscale.pca import PCA, pca_stage, scree_elbow
+from emscale.stages.pca import PCA, pca_stage, scree_elbow
 
 
 def low_rank_data(n=3000, f=64, rank=5, seed=0):
@@ -132,9 +132,9 @@ def test_pca_stage_on_patterns(sync_scheduler):
 def test_preprocess_then_pca_stages_on_local_cluster(local_client, tmp_path):
     """The two stages end to end on a real cluster: written, read back, and equal to scikit-learn
     on the same preprocessed features in memory."""
-    from emscale.pca import write_pca_stage
-    from emscale.preprocess import Preprocessor, write_preprocess_stage
     from emscale.results import ResultsStore
+    from emscale.stages.pca import write_pca_stage
+    from emscale.stages.preprocess import Preprocessor, write_preprocess_stage
     from emscale.store import ChunkPolicy
     from emscale.synth.eels import synth_eels
 

@@ -16,16 +16,23 @@ import torch
 from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
 
-from emscale.anomaly import AnomalyScorer, write_anomaly_stage
-from emscale.encode import PCAProjection, encode_stage, error_metric, write_encode_stage
 from emscale.errors import ConfigError
-from emscale.pca import PCA, write_pca_stage
-from emscale.phases import PhaseClustering, phase_stage, write_phase_stage
-from emscale.preprocess import Preprocessor, write_preprocess_stage
+from emscale.model_spec import ModelSpec
 from emscale.reduction import quantiles
 from emscale.results import ResultsStore
+from emscale.stages.anomaly import AnomalyScorer, write_anomaly_stage
+from emscale.stages.cluster import PhaseClustering, phase_stage, write_phase_stage
+from emscale.stages.encode import (
+    PCAProjection,
+    encode_stage,
+    error_metric,
+    write_encode_stage,
+)
+from emscale.stages.pca import PCA, write_pca_stage
+from emscale.stages.preprocess import Preprocessor, write_preprocess_stage
+from emscale.stages.train import TrainConfig, write_train_stage
 from emscale.synth.eels import synth_eels
-from emscale.train import ModelSpec, TrainConfig, train_autoencoder, write_train_stage
+from emscale.trainer import train_autoencoder
 
 SHAPE, CHANNELS, LATENT = (64, 64), 256, 4
 CHAIN = [{"step": "normalize", "method": "sum"}]
@@ -98,7 +105,7 @@ def test_chi_square_error_is_about_one_on_normal_pixels(pipeline):
 
 
 def test_encode_on_a_cluster_builds_the_model_once_per_worker(pipeline, local_client):
-    from emscale import train
+    from emscale import model_spec as train
 
     f = pipeline["features"]
     local_client.run(lambda: train._MODEL_CACHE.clear() or train.MODEL_BUILDS.__setitem__(0, 0))

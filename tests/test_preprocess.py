@@ -4,8 +4,9 @@ import pytest
 import xarray as xr
 
 from emscale.errors import ConfigError, InputError
-from emscale.preprocess import Preprocessor, shift_patterns, write_preprocess_stage
 from emscale.results import ResultsStore
+from emscale.stages.preprocess import Preprocessor, write_preprocess_stage
+from emscale.steps import shift_patterns
 
 
 def spectrum_scan(data, energy=None, chunks=(3, -1, -1)):

@@ -171,8 +171,8 @@ def test_a_workflow_killed_in_encode_redoes_only_unfinished_chunks(tmp_path):
     resumed = re.search(r"stage encode: resuming, (\d+) of (\d+) chunks already written", log)
     assert resumed and int(resumed[1]) == done and int(resumed[2]) % 16 == 0
     # the resumed stage equals the encoding computed now in one go
-    from emscale.encode import PCAProjection, encode_stage
-    from emscale.train import ModelSpec
+    from emscale.model_spec import ModelSpec
+    from emscale.stages.encode import PCAProjection, encode_stage
 
     store = ResultsStore(results)
     encoded, features = store.open_stage("encode"), store.open_stage("preprocess")

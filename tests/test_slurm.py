@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from emscale.cli import main
-from emscale.cluster import load_cluster_file
+from emscale.dask_cluster import load_cluster_file
 from emscale.results import ResultsStore
 
 ROOT = Path(__file__).parent.parent
@@ -48,7 +48,7 @@ def _small_workflow(tmp_path, seed):
 @pytest.mark.parametrize("path", sorted((ROOT / "cluster_configs").glob("*.yaml")),
                          ids=lambda p: p.name)
 def test_every_cluster_file_validates(path):
-    from emscale.cluster import CLUSTER_TYPES
+    from emscale.dask_cluster import CLUSTER_TYPES
 
     assert load_cluster_file(path).type in CLUSTER_TYPES
 
@@ -102,7 +102,7 @@ def test_submit_runs_a_workflow_as_a_slurm_job(slurm, tmp_path, capsys):
 
 
 def test_submit_refuses_an_address_cluster(tmp_path):
-    from emscale.cluster import load_cluster_file
+    from emscale.dask_cluster import load_cluster_file
     from emscale.errors import ConfigError
     from emscale.submit import batch_script
 

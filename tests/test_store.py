@@ -5,7 +5,13 @@ import zarr
 
 from emscale.errors import ConfigError, OutputExistsError, StoreError
 from emscale.store import (
-    ChunkPolicy, MIB, feature_matrix, navigation_chunks, open_scan, validate_scan, write_scan,
+    MIB,
+    ChunkPolicy,
+    feature_matrix,
+    navigation_chunks,
+    open_scan,
+    validate_scan,
+    write_scan,
 )
 
 

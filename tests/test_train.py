@@ -5,11 +5,14 @@ import xarray as xr
 from scipy.linalg import subspace_angles
 
 from emscale.errors import ConfigError, StoreError
-from emscale.preprocess import Preprocessor, write_preprocess_stage
+from emscale.model_spec import load_model
 from emscale.results import ResultsStore
+from emscale.stages.preprocess import Preprocessor, write_preprocess_stage
+from emscale.stages.train import TrainConfig, write_train_stage
 from emscale.store import ChunkPolicy
 from emscale.synth.eels import synth_eels
-from emscale.train import ChunkStream, TrainConfig, load_model, train_autoencoder, write_train_stage
+from emscale.train_stream import ChunkStream
+from emscale.trainer import train_autoencoder
 
 SMALL = dict(latent_dim=4, widths=(64, 32), threads=2)
 
@@ -101,7 +104,7 @@ def test_store_without_preprocess_stage_is_refused(tmp_path):
 
 
 def test_training_runs_in_one_worker_of_the_cluster(eels_stage, local_client):
-    from emscale.train import train_on_cluster
+    from emscale.trainer import train_on_cluster
 
     result = train_on_cluster(local_client, eels_stage, TrainConfig(epochs=2, **SMALL))
     assert len(result.history["train_loss"]) == 2 and result.device == "cpu"
@@ -160,7 +163,7 @@ def test_split_fraction_and_seed(tmp_path):
     results.write_stage("preprocess", feats)
     fractions, splits = [], []
     for seed in (0, 1):
-        stream = ChunkStream(results.path / "preprocess", TrainConfig(tile=8, val_fraction=0.25, seed=seed))
+        stream = ChunkStream(results.path / "preprocess", TrainConfig(tile=8, val_fraction=0.25), seed=seed)
         split = np.concatenate([stream.split(*c) for c in stream.chunks])
         fractions.append(split.mean())
         splits.append(split)
@@ -178,19 +181,28 @@ def test_resume_identical_when_the_scan_fits_in_the_buffer(eels_stage, tmp_path)
 
 
 @pytest.mark.parametrize("overrides, field", [
-    (dict(seed=-1), "seed"), (dict(seed=1.5), "seed"), (dict(noise_level="0.5"), "noise_level"),
+    (dict(noise_level="x"), "noise_level"), (dict(noise_level=float("nan")), "noise_level"),
     (dict(prefetch="yes"), "prefetch"), (dict(val_fraction=None), "val_fraction"),
-    (dict(normal_region=(10, 5, 0, 8)), "normal_region"), (dict(normal_region=(0, 8)), "normal_region"),
+    (dict(widths=(16, 0)), "widths"), (dict(loss="poisson", model="linear"), "loss"),
+    (dict(noise="poisson", noise_level=1.5), "noise_level"), (dict(seed=1), "seed"),
 ])
 def test_more_bad_settings(overrides, field):
-    with pytest.raises(ConfigError, match=f"train.{field}"):
-        TrainConfig(**overrides).check()
+    with pytest.raises(ConfigError, match=rf"train\.{field}"):
+        TrainConfig(**overrides)
+
+
+@pytest.mark.parametrize("region", [(10, 5, 0, 8), (0, 8), (-1, 4, 0, 4)])
+def test_a_bad_normal_region_is_refused_naming_it(region):
+    from emscale.stages.anomaly import AnomalyConfig
+
+    with pytest.raises(ConfigError, match=r"anomaly\.normal_region"):
+        AnomalyConfig(normal_region=region)
 
 
 def test_training_only_on_a_declared_normal_region(eels_stage):
     """Pixels outside ``normal_region`` are neither trained on nor validated on."""
-    config = TrainConfig(tile=8, normal_region=(0, 24, 0, 40), epochs=1, **SMALL)
-    stream = ChunkStream(eels_stage, config)
+    config = TrainConfig(tile=8, epochs=1, **SMALL)
+    stream = ChunkStream(eels_stage, config, normal_region=(0, 24, 0, 40))
     for (y0, y1, x0, x1) in stream.chunks:
         part = stream.split(y0, y1, x0, x1).reshape(y1 - y0, x1 - x0)
         yy = np.arange(y0, y1)[:, None] + np.zeros(x1 - x0, int)
@@ -198,22 +210,20 @@ def test_training_only_on_a_declared_normal_region(eels_stage):
         assert (part[yy < 24] < 2).all()
     n_train = sum(int(stream.selection(c, 0).sum()) for c in stream.chunks)
     assert 0 < n_train < 24 * 40
-    result = train_autoencoder(eels_stage, config)
+    result = train_autoencoder(eels_stage, config, normal_region=(0, 24, 0, 40))
     assert len(result.history["train_loss"]) == 1
     # a small region still gets validation tiles of its own, whatever the seed
     for seed in range(12):
-        small = TrainConfig(tile=4, normal_region=(0, 8, 0, 40), val_fraction=0.1,
-                            **{**SMALL, "seed": seed})
-        stream = ChunkStream(eels_stage, small)
+        small = TrainConfig(tile=4, val_fraction=0.1, **SMALL)
+        stream = ChunkStream(eels_stage, small, seed=seed, normal_region=(0, 8, 0, 40))
         n_val = sum(int(stream.selection(c, 1).sum()) for c in stream.chunks)
         n_train = sum(int(stream.selection(c, 0).sum()) for c in stream.chunks)
         assert n_val > 0 and n_train > n_val, seed
     # a region of two tiles gets one of each; a region within one tile is refused up front
     for seed in range(12):
-        two = TrainConfig(tile=8, normal_region=(0, 8, 0, 16), val_fraction=0.5,
-                          **{**SMALL, "seed": seed})
-        stream = ChunkStream(eels_stage, two)
+        two = TrainConfig(tile=8, val_fraction=0.5, **SMALL)
+        stream = ChunkStream(eels_stage, two, seed=seed, normal_region=(0, 8, 0, 16))
         parts = [sum(int(stream.selection(c, p).sum()) for c in stream.chunks) for p in (0, 1)]
         assert parts == [64, 64], (seed, parts)
     with pytest.raises(ConfigError, match="normal_region: .* a single train.tile tile"):
-        ChunkStream(eels_stage, TrainConfig(tile=8, normal_region=(0, 4, 0, 4), **SMALL))
+        ChunkStream(eels_stage, TrainConfig(tile=8, **SMALL), normal_region=(0, 4, 0, 4))

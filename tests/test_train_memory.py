@@ -3,14 +3,15 @@
 import dask
 
 from emscale.bench.memory import run_measured
-from emscale.preprocess import Preprocessor, write_preprocess_stage
 from emscale.results import ResultsStore
+from emscale.stages.preprocess import Preprocessor, write_preprocess_stage
 from emscale.store import ChunkPolicy
 from emscale.synth.eels import synth_eels
 
 SETUP = """
 import torch
-from emscale.train import TrainConfig, train_autoencoder
+from emscale.stages.train import TrainConfig
+from emscale.trainer import train_autoencoder
 torch.set_num_threads(2)
 """
 

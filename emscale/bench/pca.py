@@ -1,7 +1,7 @@
 """``emscale bench pca STORE``: every PCA method on the same store and workers, against its floor.
 
 In one run, on one LocalCluster (``n_workers`` processes x ``threads`` threads, emscale's worker
-environment, ``emscale.cluster``):
+environment, ``emscale.dask_cluster``):
 
 - the **floor**: a dask sum over the store's ``signal`` (read + decompress, nothing else), run
   twice, the first to warm the page cache for every method alike;
@@ -123,9 +123,9 @@ def run_pca_bench(store: str | os.PathLike, *, methods=ALL_METHODS, n_components
                   tuned: bool = True, preprocess: list | None = None) -> PCABench:
     from distributed import Client
 
-    from emscale.cluster import local_cluster, worker_environment
-    from emscale.pca import PCA, merge_scatter
+    from emscale.dask_cluster import local_cluster, worker_environment
     from emscale.reduction import tree_reduce
+    from emscale.stages.pca import PCA, merge_scatter
     from emscale.store import feature_matrix, open_scan
 
     unknown = sorted(set(methods) - set(ALL_METHODS))
@@ -138,7 +138,7 @@ def run_pca_bench(store: str | os.PathLike, *, methods=ALL_METHODS, n_components
     gb = int(np.prod(sig.shape)) * 4 / 1e9  # the raw store as float32
     chain = None
     if preprocess:
-        from emscale.preprocess import Preprocessor
+        from emscale.stages.preprocess import Preprocessor
 
         chain = Preprocessor(preprocess)
 

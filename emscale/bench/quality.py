@@ -39,7 +39,6 @@ figures: ARI of the phase maps against the ground truth.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import tempfile
 import time
@@ -48,6 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
+from emscale.config import json_safe
 from emscale.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -105,9 +105,8 @@ class QualityBench:
 
     def to_dict(self) -> dict:
         """The JSON: every figure at the top level, ``sweep``, ``large``, ``details``."""
-        return json.loads(json.dumps({**self.figures, "sweep": self.sweep, "large": self.large,
-                                      "settings": self.settings, "details": self.details},
-                                     default=float))
+        return json_safe({**self.figures, "sweep": self.sweep, "large": self.large,
+                          "settings": self.settings, "details": self.details})
 
     def table(self) -> str:
         f = self.figures
@@ -184,40 +183,58 @@ class QualityBench:
 # the lecture's experiment
 
 
-def _scan(path: Path, settings: LectureSettings, seed: int):
-    from emscale.store import open_scan, write_scan
+def _scan(path: Path, settings: LectureSettings, seed: int) -> Path:
+    from emscale.store import write_scan
     from emscale.synth.eels import synth_eels
 
     write_scan(synth_eels(settings.shape, channels=settings.channels, seed=seed, layout="bands"),
                path)
-    return open_scan(path)
+    return path
 
 
-def _features(workdir: Path, name: str, scan):
-    from emscale.preprocess import Preprocessor, write_preprocess_stage
+def _features(workdir: Path, name: str, scan_path: Path):
+    """The scan through ``emscale run``'s first stage (unit-sum normalisation)."""
     from emscale.results import ResultsStore
+    from emscale.runner import run_workflow
+    from emscale.workflow import validate_workflow
 
-    results = ResultsStore(workdir / f"{name}-results.zarr").create()
-    stage = write_preprocess_stage(results, scan, Preprocessor([{"step": "normalize",
-                                                                  "method": "sum"}]))
-    return results, stage
+    wf = validate_workflow({"input": str(scan_path), "output": str(workdir / name),
+                            "preprocess": {"steps": [{"step": "normalize", "method": "sum"}]}},
+                           source="bench quality")
+    run = run_workflow(wf, until="preprocess", echo=lambda msg: log.info("%s", msg),
+                       progress=False)
+    results = ResultsStore(run.results)
+    return results, results.open_stage("preprocess")
 
 
 def _train(results, settings: LectureSettings, k: int, normal_region=None, seed=None):
-    from emscale.train import ModelSpec, TrainConfig, train_autoencoder, write_train_stage
+    """The registry's ``train`` stage on ``results``' features, written there; its model."""
+    from emscale.model_spec import ModelSpec
+    from emscale.stages import REGISTRY, NormalData, run_stage
+    from emscale.stages.train import TrainConfig
 
     config = TrainConfig(model="mlp", latent_dim=k, widths=tuple(settings.widths),
                          epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr,
-                         weight_decay=settings.weight_decay,
-                         objective="denoise", noise="clean", tile=_tile(settings),
-                         patience=settings.epochs,
-                         seed=settings.seed if seed is None else seed, threads=settings.threads,
-                         normal_region=normal_region)
+                         weight_decay=settings.weight_decay, objective="denoise", noise="clean",
+                         tile=_tile(settings), patience=settings.epochs, threads=settings.threads,
+                         max_train_pixels=None)
+    normal = NormalData(region=normal_region,
+                        training_features=lambda: results.path / "preprocess")
     t0 = time.perf_counter()
-    result = train_autoencoder(results.path / "preprocess", config)
+    ds = run_stage(REGISTRY["train"], {"preprocess": results.open_stage("preprocess")}, config,
+                   seed=settings.seed if seed is None else seed, normal=normal)
     seconds = time.perf_counter() - t0
-    stage = write_train_stage(results, result, overwrite=True)
-    return ModelSpec.from_train_stage(stage, (settings.channels,)), seconds, result
+    stage = results.write_stage("train", ds, overwrite=True)
+    return ModelSpec.from_train_stage(stage, (settings.channels,)), seconds, stage
+
+
+def _encode(features, train, **config):
+    """The registry's ``encode`` stage of ``features`` with the model of ``train``."""
+    from emscale.stages import REGISTRY, run_stage
+    from emscale.stages.encode import EncodeConfig
+
+    return run_stage(REGISTRY["encode"], {"preprocess": features, "train": train},
+                     EncodeConfig(**config))
 
 
 def _tile(settings: LectureSettings) -> int:
@@ -229,7 +246,7 @@ def _silhouette(codes: np.ndarray, settings: LectureSettings) -> tuple[float, np
     import dask.array as da
     from sklearn.metrics import silhouette_score
 
-    from emscale.phases import PhaseClustering
+    from emscale.stages.cluster import PhaseClustering
 
     x = da.from_array(np.ascontiguousarray(codes, np.float32), chunks=(len(codes), codes.shape[1]))
     clustering = PhaseClustering("kmeans", n_clusters=N_PHASES, n_init=settings.n_init,
@@ -253,16 +270,15 @@ def _peak_scale(clean: np.ndarray) -> float:
 def _anomaly_experiment(settings: LectureSettings, train_results, train, test, scale2: float):
     """Phase D (the last band) left out of training; threshold at the 99th percentile of the
     normal training spectra's error; recall and false alarms on the test set."""
-    from emscale.anomaly import AnomalyScorer
-    from emscale.encode import encode_stage
+    from emscale.stages.anomaly import AnomalyScorer
 
     ny, nx = settings.shape
     normal_rows = ny * (N_PHASES - 1) // N_PHASES
-    spec, seconds, result = _train(train_results, settings, settings.latent_dim,
-                                   normal_region=(0, normal_rows, 0, nx))
+    spec, seconds, model = _train(train_results, settings, settings.latent_dim,
+                                  normal_region=(0, normal_rows, 0, nx))
     normal_train = np.zeros((ny, nx), bool)
     normal_train[:normal_rows] = True
-    train_encoded, test_encoded = encode_stage(train, spec), encode_stage(test, spec, denoised=True)
+    train_encoded, test_encoded = _encode(train, model), _encode(test, model, denoised=True)
     is_d = np.asarray(test["label"].values).ravel() == N_PHASES - 1
     out = {}
     for method in ("recon_error", "combined"):
@@ -273,7 +289,7 @@ def _anomaly_experiment(settings: LectureSettings, train_results, train, test, s
                        "false_alarm_rate": float(flagged[~is_d].mean()),
                        "threshold": scorer.threshold_}
     err = np.asarray(test_encoded["recon_error"].values).ravel()
-    mse = np.asarray(encode_stage(test, spec, error="mse")["recon_error"].values).ravel()
+    mse = np.asarray(_encode(test, model, error="mse")["recon_error"].values).ravel()
     rec = _flat(test_encoded["denoised"].values)
     misfit = ((rec - _flat(test["clean_features"].values)) ** 2).mean(axis=1) * scale2
     return {
@@ -288,7 +304,8 @@ def _anomaly_experiment(settings: LectureSettings, train_results, train, test, s
             "error_ratio_against_clean": float(misfit[is_d].mean() / misfit[~is_d].mean()),
             "mse_against_clean_normal": float(misfit[~is_d].mean()),
             "mse_against_clean_phase_d": float(misfit[is_d].mean()),
-            "by_method": out, "train_seconds": seconds, "best_epoch": result.best_epoch,
+            "by_method": out, "train_seconds": seconds,
+            "best_epoch": model.attrs["train"]["best_epoch"],
             "left_out_phase": "surface (amorphous)",
         }}
 
@@ -298,8 +315,8 @@ def run_lecture(settings: LectureSettings | None = None, workdir=None) -> dict:
     import dask
     from sklearn.metrics import adjusted_rand_score
 
-    from emscale.encode import PCAProjection, encode_stage
-    from emscale.pca import PCA
+    from emscale.stages.encode import PCAProjection
+    from emscale.stages.pca import PCA
 
     settings = settings or LectureSettings()
     settings.check()
@@ -309,6 +326,7 @@ def run_lecture(settings: LectureSettings | None = None, workdir=None) -> dict:
         train_results, train = _features(tmp, "train", _scan(tmp / "train.zarr", settings,
                                                               settings.seed))
         _, test = _features(tmp, "test", _scan(tmp / "test.zarr", settings, settings.seed + 1))
+        train, test = train.compute(), test.compute()  # 400 pixels each
         x_train = _flat(train["features"].values)
         x_test, clean_test = _flat(test["features"].values), _flat(test["clean_features"].values)
         label_test = np.asarray(test["label"].values).ravel()
@@ -319,8 +337,8 @@ def run_lecture(settings: LectureSettings | None = None, workdir=None) -> dict:
         for k in ks:
             proj = PCAProjection(pca.mean_, pca.components_, k)
             pca_scores = (x_test - pca.mean_) @ pca.components_[:k].T
-            spec, seconds, result = _train(train_results, settings, k)
-            encoded = encode_stage(test, spec, denoised=True).compute()
+            spec, seconds, model = _train(train_results, settings, k)
+            encoded = _encode(test, model, denoised=True).compute()
             codes = _flat(encoded["latent"].values)
             ae_sil, ae_labels = _silhouette(codes, settings)
             pca_sil, pca_labels = _silhouette(pca_scores, settings)
@@ -332,7 +350,7 @@ def run_lecture(settings: LectureSettings | None = None, workdir=None) -> dict:
                 "pca_silhouette": pca_sil, "ae_silhouette": ae_sil, "train_seconds": seconds})
             details["ari"][k] = {"ae": float(adjusted_rand_score(label_test, ae_labels)),
                                  "pca": float(adjusted_rand_score(label_test, pca_labels))}
-            details["best_epoch"][k] = result.best_epoch
+            details["best_epoch"][k] = model.attrs["train"]["best_epoch"]
             log.info("k=%d: %s", k, rows[-1])
         main = next(r for r in rows if r["k"] == settings.latent_dim)
         # the same model trained with other seeds (initial weights, split, batches): the spread
@@ -340,8 +358,8 @@ def run_lecture(settings: LectureSettings | None = None, workdir=None) -> dict:
         spread = {"seed": [settings.seed], "ae_mse": [main["ae_mse"]],
                   "ae_silhouette": [main["ae_silhouette"]]}
         for seed in range(settings.seed + 1, settings.seed + settings.repeats):
-            spec, _, _ = _train(train_results, settings, settings.latent_dim, seed=seed)
-            encoded = encode_stage(test, spec, denoised=True).compute()
+            _, _, model = _train(train_results, settings, settings.latent_dim, seed=seed)
+            encoded = _encode(test, model, denoised=True).compute()
             spread["seed"].append(seed)
             spread["ae_mse"].append(float(np.mean(
                 (_flat(encoded["denoised"].values) - clean_test) ** 2)) * scale2)
@@ -383,7 +401,7 @@ def run_lecture(settings: LectureSettings | None = None, workdir=None) -> dict:
 
 
 def _pca_reconstruct_block(block, mean, components):
-    from emscale.encode import PCAProjection
+    from emscale.stages.encode import PCAProjection
 
     by, bx = block.shape[:2]
     x = np.asarray(block, np.float32).reshape(by * bx, -1)
@@ -408,11 +426,11 @@ def run_large(shape=(256, 256), channels=1024, latent_dim=4, epochs=20, workers=
     calibrated on a reference scan of the same material without anomalies."""
     from distributed import Client
 
-    from emscale.cluster import local_cluster
+    from emscale.dask_cluster import local_cluster
     from emscale.evaluate import mse_against, truth_scores
-    from emscale.pca import PCA
     from emscale.results import ResultsStore
     from emscale.runner import run_workflow
+    from emscale.stages.pca import PCA
     from emscale.store import feature_matrix, write_scan
     from emscale.synth.eels import synth_eels
     from emscale.workflow import validate_workflow

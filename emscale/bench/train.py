@@ -73,10 +73,12 @@ def run_train_bench(shape=(256, 512), channels=1024, widths=(256, 64), latent=8,
     import dask
     import torch
 
-    from emscale.preprocess import Preprocessor, write_preprocess_stage
     from emscale.results import ResultsStore
+    from emscale.stages.preprocess import Preprocessor, write_preprocess_stage
+    from emscale.stages.train import TrainConfig
     from emscale.synth.eels import synth_eels
-    from emscale.train import ChunkStream, TrainConfig, train_autoencoder
+    from emscale.train_stream import ChunkStream
+    from emscale.trainer import train_autoencoder
 
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:

@@ -38,7 +38,13 @@ import xarray as xr
 from emscale.errors import ConfigError
 from emscale.store import ChunkPolicy
 from emscale.synth import count_dtype_for, lazy_scan, poisson_gaussian_counts
-from emscale.synth.layout import AnomalyBlobs, GrainLayout, SmoothField, block_coords, block_rng
+from emscale.synth.layout import (
+    AnomalyBlobs,
+    GrainLayout,
+    SmoothField,
+    block_coords,
+    block_rng,
+)
 
 PHASE_NAMES = ["vacuum", "amorphous", "cubic", "hexagonal"]
 VACUUM, AMORPHOUS = 0, 1

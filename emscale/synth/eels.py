@@ -27,8 +27,14 @@ from scipy.signal import fftconvolve
 from emscale.errors import ConfigError
 from emscale.store import ChunkPolicy
 from emscale.synth import count_dtype_for, lazy_scan, poisson_gaussian_counts
-from emscale.synth.layout import (AnomalyBlobs, BandLayout, GrainLayout, SmoothField, block_coords,
-                                  block_rng)
+from emscale.synth.layout import (
+    AnomalyBlobs,
+    BandLayout,
+    GrainLayout,
+    SmoothField,
+    block_coords,
+    block_rng,
+)
 
 PLASMON_EV = 22.0
 PLASMON_FWHM = 8.0

@@ -1,4 +1,4 @@
-"""Dask clusters for emscale's stages: the embedded LocalCluster (the default everywhere), and
+"""Dask clusters (where the stages run; the clustering *stage* is ``emscale.stages.cluster``) for emscale's stages: the embedded LocalCluster (the default everywhere), and
 the cluster files of ``emscale run --cluster`` (local, Slurm or PBS through dask-jobqueue, or an
 existing scheduler).
 
@@ -126,24 +126,16 @@ def _cluster_schema():
 
 def load_cluster_file(path):
     """A validated cluster file (YAML); errors name the file and the field."""
-    from pathlib import Path
-
-    import yaml
     from pydantic import ValidationError
 
+    from emscale.config import load_yaml, validation_message
     from emscale.errors import ConfigError
 
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: cannot read the cluster file ({exc})") from None
+    data = load_yaml(path, "cluster file")
     try:
         return _cluster_schema().model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        raise ConfigError(f"{path}: {where}: {err['msg'].removeprefix('Value error, ')}") from None
+        raise ConfigError(f"{path}: {validation_message(exc)}") from None
 
 
 def default_cluster_file():
@@ -169,11 +161,10 @@ class open_cluster:
         elif cfg.type == "address":
             self.client = Client(cfg.address, timeout=cfg.timeout)
         elif cfg.type == "slurm-runner":
-            from dask_jobqueue.slurm import SLURMRunner
-
             # every task runs this; only task 1 (the client) gets past __enter__, the scheduler
             # and worker tasks serve until the client closes, then exit
             from dask_jobqueue.runner import Role
+            from dask_jobqueue.slurm import SLURMRunner
 
             try:
                 self.cluster = SLURMRunner(

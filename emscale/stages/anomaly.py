@@ -1,4 +1,4 @@
-"""Anomaly scoring: reconstruction error, latent Mahalanobis distance, a combined score and a
+"""The ``anomaly`` stage: reconstruction error, latent Mahalanobis distance, a combined score and a
 calibrated threshold, all by tree reductions over an ``encode`` stage (nothing is collected).
 
 ``AnomalyScorer`` is an estimator. ``fit(encoded, normal=...)`` learns from the pixels declared
@@ -12,10 +12,10 @@ pixels, so a pixel is anomalous when either its spectrum is badly reconstructed 
 decoder cannot make) or its code lies far from the normal codes (known features in a new mix).
 
 Calibration:
-- ``"reference"`` (default): the threshold is the ``quantile`` (default 0.99) of the score over
-  the normal pixels, or ``1 - false_alarm_rate`` when that is given. The normal pixels must be
-  normal: declare a clean region, or fit on a reference scan and ``score`` another one.
-- ``"robust"``: for a scan with no declared reference, where anomalies are a minority: the
+- ``"reference"``: the threshold is the ``1 - false_alarm_rate`` quantile (or ``quantile``) of
+  the score over the normal pixels. The normal pixels must be normal: declare a clean region, or
+  fit on a reference scan and ``score`` another one.
+- ``"robust"`` (default): for a scan with no declared reference, where anomalies are a minority: the
   standardisation uses the median and the MAD (quantile sketches) instead of mean and standard
   deviation, and the threshold is the Gaussian tail of the false-alarm rate (default 1 %) on the
   standardised log scores.
@@ -27,20 +27,60 @@ calibration in its attrs) for that scan or any other encoded with the same model
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import ClassVar, Literal, Optional
 
 import dask
 import dask.array as da
 import numpy as np
 import xarray as xr
+from pydantic import Field, model_validator
 from scipy.stats import norm
+from sklearn.base import BaseEstimator
 
+from emscale.config import Section, defaults_of
 from emscale.errors import ConfigError
-from emscale.pca import merge_scatter
 from emscale.reduction import quantiles, tree_reduce
+from emscale.stages.base import Context, Output, Stage
+from emscale.stages.pca import merge_scatter
 from emscale.store import NAV_DIMS
 
-METHODS = ("combined", "recon_error", "mahalanobis")
-CALIBRATIONS = ("reference", "robust")
+DEFAULT_FALSE_ALARM_RATE = 0.01
+
+
+class AnomalyConfig(Section):
+    """The ``anomaly`` section: the score, its threshold, and where normal data come from (which
+    the ``train`` stage uses too)."""
+
+    name: ClassVar[str] = "anomaly"
+
+    method: Literal["combined", "recon_error", "mahalanobis"] = Field("combined", description=
+        'anomaly score: reconstruction error, latent Mahalanobis distance, or the larger of both')
+    calibration: Literal["reference", "robust"] = Field("robust", description=
+        'threshold: quantile of normal data (reference/region), or median/MAD of the scan itself')
+    false_alarm_rate: Optional[float] = Field(None, gt=0, le=0.5, description=(
+        "share of normal pixels flagged; null: 0.01 (or 1 - quantile)"))
+    quantile: Optional[float] = Field(None, ge=0.5, lt=1, description=
+        'the same as a quantile of normal scores (1 - false_alarm_rate); give one of the two')
+    normal_region: Optional[tuple[int, int, int, int]] = Field(
+        None, description="(y0, y1, x0, x1) declared normal: training and calibration use it")
+    reference: Optional[Path] = Field(
+        None, description="a scan store of normal data: the model is trained and calibrated on it")
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.normal_region is not None and self.reference is not None:
+            raise ValueError("give normal_region or reference, not both")
+        if self.quantile is not None and self.false_alarm_rate is not None:
+            raise ValueError("give false_alarm_rate or quantile (= 1 - false_alarm_rate), not both")
+        r = self.normal_region
+        if r is not None and not (min(r) >= 0 and r[0] < r[1] and r[2] < r[3]):
+            raise ValueError(f"normal_region: must be (y0, y1, x0, x1) with 0 <= y0 < y1 and "
+                             f"0 <= x0 < x1, got {list(r)}")
+        return self
+
+
+_DEFAULTS = defaults_of(AnomalyConfig)
 
 
 def _latent_block(latent, err, mask):
@@ -77,30 +117,26 @@ def _mahalanobis_block(latent, mean, precision):
     return np.sqrt(np.maximum(np.einsum("...i,ij,...j->...", d, precision, d), 0)).astype(np.float32)
 
 
-class AnomalyScorer:
-    def __init__(self, method: str = "combined", calibration: str = "reference",
-                 quantile: float = 0.99, false_alarm_rate: float | None = None):
+class AnomalyScorer(BaseEstimator):
+    def __init__(self, method: str = _DEFAULTS["method"],
+                 calibration: str = _DEFAULTS["calibration"],
+                 quantile: float | None = _DEFAULTS["quantile"],
+                 false_alarm_rate: float | None = _DEFAULTS["false_alarm_rate"]):
         self.method = method
         self.calibration = calibration
         self.quantile = quantile
         self.false_alarm_rate = false_alarm_rate
 
     def _check(self) -> None:
-        if self.method not in METHODS:
-            raise ConfigError(f"anomaly.method: must be one of {METHODS}, got {self.method!r}")
-        if self.calibration not in CALIBRATIONS:
-            raise ConfigError(f"anomaly.calibration: must be one of {CALIBRATIONS}, "
-                              f"got {self.calibration!r}")
-        if not (isinstance(self.quantile, (int, float)) and 0.5 <= self.quantile < 1):
-            raise ConfigError(f"anomaly.quantile: must be within [0.5, 1), got {self.quantile!r}")
-        far = self.false_alarm_rate
-        if far is not None and not (isinstance(far, (int, float)) and 0 < far <= 0.5):
-            raise ConfigError(f"anomaly.false_alarm_rate: must be within (0, 0.5], got {far!r}")
+        AnomalyConfig.of("anomaly", method=self.method, calibration=self.calibration,
+                         quantile=self.quantile, false_alarm_rate=self.false_alarm_rate)
 
     @property
     def target_rate(self) -> float:
         """The intended false-alarm rate on normal pixels."""
-        return self.false_alarm_rate if self.false_alarm_rate is not None else 1 - self.quantile
+        if self.false_alarm_rate is not None:
+            return self.false_alarm_rate
+        return 1 - self.quantile if self.quantile is not None else DEFAULT_FALSE_ALARM_RATE
 
     def fit(self, encoded: xr.Dataset, normal: xr.DataArray | np.ndarray | None = None) -> "AnomalyScorer":
         """Learn the normal codes and the threshold from ``encoded``'s pixels where ``normal``
@@ -212,6 +248,43 @@ def _robust(log_values: list[da.Array], mask: da.Array) -> list[tuple[float, flo
     mad = quantiles([abs(v - m) for v, m in zip(log_values, med)], 0.5, mask,
                     name="anomaly-mad")[:, 0]
     return [(float(m), max(1.4826 * float(d), 1e-12)) for m, d in zip(med, mad)]
+
+
+def fit_where_normal(scorer: AnomalyScorer, encoded: xr.Dataset, normal) -> AnomalyScorer:
+    """Fit ``scorer`` on the normal data of ``normal`` (``NormalData``): the reference scan
+    encoded with the same model, the declared region of ``encoded``, or all of ``encoded``."""
+    if normal.reference is not None:
+        return scorer.fit(normal.reference_encoded())
+    if normal.region is not None:
+        y0, y1, x0, x1 = normal.region
+        mask = np.zeros(encoded["latent"].shape[:2], bool)
+        mask[y0:y1, x0:x1] = True
+        return scorer.fit(encoded, normal=mask)
+    return scorer.fit(encoded)
+
+
+def _build(ctx: Context) -> xr.Dataset:
+    cfg = ctx.config
+    scorer = AnomalyScorer(cfg.method, cfg.calibration, cfg.quantile, cfg.false_alarm_rate)
+    encoded = ctx.input("encode")
+    return fit_where_normal(scorer, encoded, ctx.normal).score(encoded)
+
+
+STAGE = Stage(
+    name="anomaly", config=AnomalyConfig, reads=("encode",), build=_build, uses_normal=True,
+    library=AnomalyScorer,
+    not_in_library={"normal_region": "NormalData.region (fit_where_normal)",
+                    "reference": "NormalData.reference (fit_where_normal)"},
+    about="anomaly scores per pixel and the anomaly map at a calibrated threshold",
+    outputs={
+        "mahalanobis": Output(NAV_DIMS, "latent Mahalanobis distance to the normal codes"),
+        "anomaly_score": Output(NAV_DIMS, "the method's score, standardised log scale"),
+        "anomaly": Output(NAV_DIMS, "flagged pixels (score above the threshold); attrs "
+                          "threshold, method, calibration, target_false_alarm_rate, n_normal"),
+    },
+    attrs={"anomaly": "threshold, method, calibration, target_false_alarm_rate, n_normal, "
+                      "latent_mean, log_error_centre/spread, log_distance_centre/spread"},
+)
 
 
 def write_anomaly_stage(results, encoded: xr.Dataset, scorer: AnomalyScorer, *,

@@ -1,4 +1,4 @@
-"""Blockwise encoding: every pixel through the trained autoencoder, on the cluster.
+"""The ``encode`` stage: every pixel through the trained autoencoder, blockwise on the cluster.
 
 ``encode_stage(features, spec)`` gives, per pixel, the latent code (``latent``), the autoencoder's
 reconstruction error (``recon_error``: the chi-square per feature for scaled counts, else the
@@ -13,18 +13,37 @@ from __future__ import annotations
 
 import logging
 from functools import partial
+from typing import ClassVar, Literal
 
 import dask.array as da
 import numpy as np
 import xarray as xr
+from pydantic import Field
 
 from emscale.blockwise import map_nav_blocks
+from emscale.config import Section, defaults_of
 from emscale.errors import ConfigError
+from emscale.model_spec import ModelSpec
+from emscale.stages.base import SIGNAL, Context, Output, Stage
 from emscale.store import NAV_DIMS
-from emscale.train import ModelSpec
 
 log = logging.getLogger(__name__)
 
+
+
+class EncodeConfig(Section):
+    """The ``encode`` section."""
+
+    name: ClassVar[str] = "encode"
+
+    denoised: bool = Field(False, description=
+        'also write the denoised scan (as large as the features)')
+    error: Literal["auto", "poisson", "mse"] = Field("auto", description=
+        'reconstruction error; auto: Poisson chi-square while the features are scaled counts, '
+        'else MSE')
+
+
+_DEFAULTS = defaults_of(EncodeConfig)
 ERROR_NAMES = {"poisson": "chi-square per feature (squared residual over the Poisson variance)",
                "mse": "mean squared residual over the features"}
 INFERENCE_ROWS = 2048  # rows per forward pass: GEMM-efficient, temporaries of 8 MiB
@@ -72,8 +91,7 @@ def error_metric(features: xr.Dataset, error: str) -> str:
     counts = set(steps) <= COUNT_STEPS and "intensity" in features
     if error == "auto":
         return "poisson" if counts else "mse"
-    if error not in ("poisson", "mse"):
-        raise ConfigError(f"encode.error: must be 'auto', 'poisson' or 'mse', got {error!r}")
+    EncodeConfig.of("encode", error=error)
     if error == "poisson" and not counts:
         raise ConfigError(f"encode.error: 'poisson' needs features that are scaled counts (steps "
                           f"among {sorted(COUNT_STEPS)}), the chain has {steps}")
@@ -170,12 +188,10 @@ def _torch_forward(spec, x):
     import torch
 
     model = spec.model()
-    mean = torch.from_numpy(spec.mean)
     with torch.inference_mode():
         xb = torch.from_numpy(x)
-        z = model.encode((xb - mean).mul_(1.0 / spec.scale))
-        y = model.decode(z)
-        rec = torch.exp(y) if spec.poisson else y.mul_(spec.scale).add_(mean)
+        z = model.encode((xb - torch.from_numpy(spec.mean)).mul_(1.0 / spec.scale))
+        rec = spec.to_features(model.decode(z))
     return z.numpy(), rec.numpy()
 
 
@@ -187,7 +203,7 @@ def encode_block(block, valid, intensity, spec: ModelSpec, pca: PCAProjection | 
     x = np.ascontiguousarray(block, np.float32).reshape(n, -1)
     s_all = np.asarray(intensity, np.float32).ravel()
     dense = _runner(spec)
-    k = int(spec.config["latent_dim"])
+    k = spec.latent_dim
     latent = np.empty((n, k), np.float32)
     err = np.empty(n, np.float32)
     pca_err = np.empty(n, np.float32) if pca is not None else None
@@ -216,7 +232,8 @@ def encode_block(block, valid, intensity, spec: ModelSpec, pca: PCAProjection | 
 
 
 def encode_stage(features: xr.Dataset, spec: ModelSpec, *, pca: PCAProjection | None = None,
-                 denoised: bool = False, error: str = "auto") -> xr.Dataset:
+                 denoised: bool = _DEFAULTS["denoised"], error: str = _DEFAULTS["error"]
+                 ) -> xr.Dataset:
     """The ``encode`` stage Dataset (lazy) of a ``preprocess`` stage: ``latent`` (y, x,
     latent_dim), ``recon_error`` (y, x), ``pca_recon_error`` (y, x) when ``pca`` is given
     (compare at the same k: ``PCAProjection.from_pca_stage(pca_stage, latent_dim)``), and
@@ -233,7 +250,7 @@ def encode_stage(features: xr.Dataset, spec: ModelSpec, *, pca: PCAProjection | 
              else da.ones(feats.shape[:2], bool, chunks=nav_chunks))
     intensity = (features["intensity"].data if "intensity" in features
                  else da.ones(feats.shape[:2], np.float32, chunks=nav_chunks))
-    k = int(spec.config["latent_dim"])
+    k = spec.latent_dim
     outputs = [((k,), np.float32), ((), np.float32)]
     if pca is not None:
         outputs.append(((), np.float32))
@@ -264,10 +281,43 @@ def encode_stage(features: xr.Dataset, spec: ModelSpec, *, pca: PCAProjection | 
 
 
 def write_encode_stage(results, features: xr.Dataset, spec: ModelSpec, *,
-                       pca: PCAProjection | None = None, denoised: bool = False,
-                       error: str = "auto", overwrite: bool = False,
+                       pca: PCAProjection | None = None, denoised: bool = _DEFAULTS["denoised"],
+                       error: str = _DEFAULTS["error"], overwrite: bool = False,
                        progress: bool = False) -> xr.Dataset:
     """Encode the ``preprocess`` stage and write the ``encode`` stage group of ``results``."""
     ds = encode_stage(features, spec, pca=pca, denoised=denoised, error=error)
     return results.write_stage("encode", ds,
                                overwrite=overwrite, progress=progress)
+
+
+def _build(ctx: Context) -> xr.Dataset:
+    features, train, pca = ctx.input("preprocess"), ctx.input("train"), ctx.inputs.get("pca")
+    spec = ModelSpec.from_train_stage(train, tuple(features["features"].shape[2:]))
+    proj = None
+    if pca is not None:
+        n = pca.attrs["pca"]["n_components"]
+        if spec.latent_dim > n:
+            raise ConfigError(f"pca.n_components: {n} is fewer than train.latent_dim "
+                              f"({spec.latent_dim}): the comparison needs as many components")
+        proj = PCAProjection.from_pca_stage(pca, spec.latent_dim)
+    cfg = ctx.config
+    return encode_stage(features, spec, pca=proj, denoised=cfg.denoised, error=cfg.error)
+
+
+STAGE = Stage(
+    name="encode", config=EncodeConfig, reads=("preprocess", "train", "pca"), build=_build,
+    library=encode_stage,
+    about="every pixel through the autoencoder: latent codes and reconstruction errors, and "
+          "PCA's error at the same k",
+    outputs={
+        "latent": Output((*NAV_DIMS, "latent_dim"), "the autoencoder's code (NaN: invalid)"),
+        "recon_error": Output(NAV_DIMS, "autoencoder reconstruction error: chi-square per "
+                              "feature (Poisson) or mean squared residual; attrs long_name"),
+        "pca_recon_error": Output(NAV_DIMS, "PCA's error at the latent size, same metric; "
+                                  "attrs k", when="the pca stage is read (always in a run)"),
+        "denoised": Output((*NAV_DIMS, SIGNAL), "the decoder's output", when="denoised: true"),
+        "label": Output(NAV_DIMS, "ground-truth phase id (copied)", when="a synthetic scan"),
+    },
+    attrs={"encode": "model_token, latent_dim, model, loss, pca_k, error (poisson or mse), "
+                     "denoised"},
+)

@@ -1,4 +1,5 @@
-"""Phase clustering of compressed codes (autoencoder latents or PCA scores), on the cluster.
+"""The ``cluster`` stage: phase clustering of compressed codes (autoencoder latents or PCA
+scores), on the Dask cluster.
 
 ``PhaseClustering`` is an estimator over a (pixels, d) dask array of codes:
 - **K sweep** on a seeded, uniform sample of valid pixels (``sample_size``): for each K, k-means
@@ -21,21 +22,59 @@ from __future__ import annotations
 import logging
 import math
 from functools import partial
+from typing import ClassVar, Literal, Optional
 
 import dask
 import dask.array as da
 import numpy as np
 import xarray as xr
+from pydantic import Field, model_validator
+from sklearn.base import BaseEstimator
 
+from emscale.config import Section, defaults_of
 from emscale.errors import ConfigError
-from emscale.pca import kneedle
 from emscale.reduction import sum_parts, tree_reduce
+from emscale.stages.base import SIGNAL, Context, Output, Stage
+from emscale.stages.pca import kneedle
 from emscale.store import NAV_DIMS, feature_matrix
 
 log = logging.getLogger(__name__)
 
-METHODS = ("kmeans", "gmm")
-K_CHOICES = ("silhouette", "bic", "elbow")
+
+class ClusterConfig(Section):
+    """The ``cluster`` section: phases from the latent codes (and, for comparison, from the PCA
+    scores at the same k)."""
+
+    name: ClassVar[str] = "cluster"
+
+    method: Literal["kmeans", "gmm"] = Field("kmeans", description=
+        'k-means, or a Gaussian mixture (with phase probabilities)')
+    n_clusters: int | Literal["auto"] = Field("auto", description=
+        'number of phases, or auto: chosen over k_range')
+    k_range: tuple[int, int] = Field((2, 8), description='smallest and largest K tried')
+    k_choice: Optional[Literal["silhouette", "bic", "elbow"]] = Field(None, description=
+        'how K is chosen; null: elbow for kmeans, BIC for gmm')
+    n_init: int = Field(10, ge=1, description='restarts per K in the sweep (lowest inertia kept)')
+    max_iter: int = Field(50, ge=1, description='full-data Lloyd/EM iterations')
+    tol: float = Field(1e-4, gt=0, description=
+        'stop the full-data iterations when the centres move less than this (relative to the '
+        "data's spread)")
+    sample_size: int = Field(50_000, ge=10,
+        description='pixels of the seeded sample the K sweep runs on')
+    silhouette_size: int = Field(5_000, ge=10,
+        description='pixels of the sample the silhouette is computed on')
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        lo, hi = self.k_range
+        if not 2 <= lo <= hi:
+            raise ValueError(f"k_range: must be two integers 2 <= lo <= hi, got {list(self.k_range)}")
+        if self.n_clusters != "auto" and self.n_clusters < 1:
+            raise ValueError(f"n_clusters: must be 'auto' or a positive integer, got {self.n_clusters}")
+        return self
+
+
+_DEFAULTS = defaults_of(ClusterConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,11 +156,14 @@ def _class_sums_block(x, labels, *, k):
 # the estimator
 
 
-class PhaseClustering:
-    def __init__(self, method: str = "kmeans", n_clusters: int | str = "auto",
-                 k_range: tuple[int, int] = (2, 8), k_choice: str | None = None, n_init: int = 10,
-                 max_iter: int = 50, tol: float = 1e-4, sample_size: int = 50_000,
-                 silhouette_size: int = 5_000, seed: int = 0):
+class PhaseClustering(BaseEstimator):
+    def __init__(self, method: str = _DEFAULTS["method"],
+                 n_clusters: int | str = _DEFAULTS["n_clusters"],
+                 k_range: tuple[int, int] = _DEFAULTS["k_range"],
+                 k_choice: str | None = _DEFAULTS["k_choice"], n_init: int = _DEFAULTS["n_init"],
+                 max_iter: int = _DEFAULTS["max_iter"], tol: float = _DEFAULTS["tol"],
+                 sample_size: int = _DEFAULTS["sample_size"],
+                 silhouette_size: int = _DEFAULTS["silhouette_size"], seed: int = 0):
         self.method = method
         self.n_clusters = n_clusters
         self.k_range = k_range
@@ -133,33 +175,8 @@ class PhaseClustering:
         self.silhouette_size = silhouette_size
         self.seed = seed
 
-    def get_params(self) -> dict:
-        """The constructor's parameters (scikit-learn style)."""
-        import inspect
-
-        return {name: getattr(self, name)
-                for name in inspect.signature(type(self).__init__).parameters if name != "self"}
-
     def _check(self) -> None:
-        def bad(field, why):
-            raise ConfigError(f"cluster.{field}: {why}")
-
-        if self.method not in METHODS:
-            bad("method", f"must be one of {METHODS}, got {self.method!r}")
-        if self.k_choice is not None and self.k_choice not in K_CHOICES:
-            bad("k_choice", f"must be one of {K_CHOICES}, got {self.k_choice!r}")
-        lo, hi = (tuple(self.k_range) + (None, None))[:2]
-        if not (isinstance(lo, int) and isinstance(hi, int) and 2 <= lo <= hi):
-            bad("k_range", f"must be two integers 2 <= lo <= hi, got {self.k_range!r}")
-        if self.n_clusters != "auto" and not (isinstance(self.n_clusters, int)
-                                               and self.n_clusters >= 1):
-            bad("n_clusters", f"must be 'auto' or a positive integer, got {self.n_clusters!r}")
-        for field in ("n_init", "max_iter", "sample_size", "silhouette_size"):
-            v = getattr(self, field)
-            if not (isinstance(v, int) and v >= 1):
-                bad(field, f"must be a positive integer, got {v!r}")
-        if not (isinstance(self.tol, (int, float)) and self.tol > 0):
-            bad("tol", f"must be positive, got {self.tol!r}")
+        ClusterConfig.of("cluster", **{k: v for k, v in self.get_params().items() if k != "seed"})
 
     # -- sample and sweep ----------------------------------------------------------------------
 
@@ -393,7 +410,7 @@ def phase_stage(codes: xr.DataArray, features: xr.Dataset, clustering: PhaseClus
         variables[f"{p}phase_probability"] = ((*NAV_DIMS, "cluster"), _unflatten(proba, codes.data))
     if spec is not None:
         variables[f"{p}phase_centroid_signal"] = (("cluster", *sig_dims),
-                                                  decode(spec, clustering.cluster_centers_)
+                                                  spec.decode(clustering.cluster_centers_)
                                                   .reshape(k, *sig_shape))
     coords = {d: features[d] for d in (*NAV_DIMS, *sig_dims) if d in features.coords}
     ds = xr.Dataset(variables, coords={**coords, "cluster": np.arange(k)})
@@ -415,31 +432,72 @@ def _unflatten(flat: da.Array, like: da.Array) -> da.Array:
     return da.concatenate(rows, axis=0)
 
 
-def decode(spec, codes: np.ndarray) -> np.ndarray:
-    """The decoder's signals (n, features) for latent ``codes`` (n, latent_dim)."""
-    import torch
-
-    model = spec.model()
-    with torch.inference_mode():
-        y = model.decode(torch.as_tensor(np.asarray(codes, np.float32)))
-        rec = torch.exp(y) if spec.poisson else y * spec.scale + torch.from_numpy(spec.mean)
-    return rec.numpy()
-
-
-def write_phase_stage(results, encoded: xr.Dataset, features: xr.Dataset,
-                      clustering: PhaseClustering, *, spec=None, pca: xr.Dataset | None = None,
-                      pca_clustering: PhaseClustering | None = None,
-                      exclude: xr.DataArray | None = None, overwrite: bool = False,
-                      progress: bool = False) -> xr.Dataset:
-    """The ``cluster`` stage group: phases of the latent codes and, with the ``pca`` stage, of
-    the PCA scores at the same k (``pca_phase`` ...) for comparison; pixels where ``exclude``
-    (the anomaly map) are left out of both fits."""
+def phase_dataset(encoded: xr.Dataset, features: xr.Dataset, clustering: PhaseClustering, *,
+                  spec=None, pca: xr.Dataset | None = None,
+                  pca_clustering: PhaseClustering | None = None,
+                  exclude: xr.DataArray | None = None) -> xr.Dataset:
+    """The ``cluster`` stage: phases of the latent codes and, with the ``pca`` stage, of the PCA
+    scores at the same k (``pca_phase`` ...) for comparison; pixels where ``exclude`` (the
+    anomaly map) are left out of both fits."""
     ds = phase_stage(encoded["latent"], features, clustering, spec=spec, exclude=exclude)
     if pca is not None:
-        k = encoded.sizes["latent_dim"]
-        pc = pca_clustering or PhaseClustering(**{**clustering.get_params(), "n_clusters":
-                                                  clustering.n_clusters_})
+        k = encoded.attrs["encode"]["latent_dim"]
+        pc = pca_clustering or clustering.__class__(**{**clustering.get_params(), "n_clusters":
+                                                       clustering.n_clusters_})
         scores = pca["pca_scores"].isel(component=slice(0, k))
         ds = ds.merge(phase_stage(scores, features, pc, prefix="pca_", exclude=exclude),
                       compat="override")
-    return results.write_stage("cluster", ds, overwrite=overwrite, progress=progress)
+    return ds
+
+
+def write_phase_stage(results, encoded: xr.Dataset, features: xr.Dataset,
+                      clustering: PhaseClustering, *, overwrite: bool = False,
+                      progress: bool = False, **kwargs) -> xr.Dataset:
+    """``phase_dataset`` written as the ``cluster`` group of ``results``."""
+    return results.write_stage("cluster", phase_dataset(encoded, features, clustering, **kwargs),
+                               overwrite=overwrite, progress=progress)
+
+
+def _build(ctx: Context) -> xr.Dataset:
+    from emscale.model_spec import ModelSpec
+
+    features, encoded = ctx.input("preprocess"), ctx.input("encode")
+    spec = ModelSpec.from_train_stage(ctx.input("train"), tuple(features["features"].shape[2:]))
+    clustering = PhaseClustering(**ctx.config.model_dump(), seed=ctx.seed)
+    return phase_dataset(encoded, features, clustering, spec=spec, pca=ctx.input("pca"),
+                         exclude=ctx.input("anomaly")["anomaly"])
+
+
+def _phase_outputs(p: str, about: str) -> dict:
+    return {
+        f"{p}phase": Output(NAV_DIMS, f"phase id per pixel from {about} (-1: invalid pixel)"),
+        f"{p}phase_fraction": Output(("cluster",), "share of the labelled pixels in each phase"),
+        f"{p}phase_mean_signal": Output(("cluster", SIGNAL), "exact mean preprocessed signal of "
+                                        "each phase over all its pixels"),
+        f"{p}phase_centroid": Output(("cluster", f"{p and 'component' or 'latent_dim'}"),
+                                     "the cluster centres in code space"),
+        f"{p}phase_probability": Output((*NAV_DIMS, "cluster"), "GMM responsibilities",
+                                        when="method: gmm"),
+        f"{p}k_inertia": Output((f"{p}k_candidate",), "k-means inertia per K of the sweep",
+                                when="n_clusters: auto"),
+        f"{p}k_silhouette": Output((f"{p}k_candidate",), "silhouette per K (sampled)",
+                                   when="n_clusters: auto"),
+        f"{p}k_bic": Output((f"{p}k_candidate",), "GMM BIC per K", when="n_clusters: auto"),
+    }
+
+
+STAGE = Stage(
+    name="cluster", config=ClusterConfig, reads=("preprocess", "train", "pca", "encode", "anomaly"),
+    build=_build, library=PhaseClustering,
+    about="phases: k-means or GMM on the latent codes (and on the PCA scores at the same k), "
+          "anomalous pixels left out of the fit",
+    outputs={
+        **_phase_outputs("", "the latent codes"),
+        "phase_centroid_signal": Output(("cluster", SIGNAL), "the decoder's signal at each "
+                                        "centre"),
+        **_phase_outputs("pca_", "the PCA scores at the latent size"),
+    },
+    attrs={"phase": "method, n_clusters, chosen_by (elbow, bic, silhouette or fixed), n_iter, "
+                    "sample_size, counts, inertia or bic",
+           "pca_phase": "the same for the PCA scores"},
+)

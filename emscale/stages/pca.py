@@ -1,4 +1,4 @@
-"""PCA of (pixels x features) dask arrays, in scikit-learn estimator style, and the PCA stage.
+"""The ``pca`` stage: PCA of (pixels x features) dask arrays, in scikit-learn estimator style.
 
 Solvers:
 
@@ -21,21 +21,45 @@ from __future__ import annotations
 
 import functools
 import logging
+from typing import ClassVar, Literal, Optional
 
 import dask
 import dask.array as da
 import numpy as np
 import xarray as xr
-
 from dask.base import tokenize
+from pydantic import Field
+from sklearn.base import BaseEstimator
 
+from emscale.config import Section, defaults_of
 from emscale.errors import ConfigError
 from emscale.reduction import tree_reduce
+from emscale.stages.base import SIGNAL, Context, Output, Stage
 from emscale.store import NAV_DIMS, feature_matrix
 
 log = logging.getLogger(__name__)
 
-SOLVERS = ("gram", "randomized", "incremental")
+
+
+class PCAConfig(Section):
+    """The ``pca`` section (PCA is the baseline every run computes)."""
+
+    name: ClassVar[str] = "pca"
+
+    n_components: int = Field(16, ge=1, description=
+        'principal components kept (the scree is plotted over them; at least train.latent_dim, '
+        'which the autoencoder is compared with)')
+    solver: Literal["gram", "randomized", "incremental"] = Field("gram", description=
+        'exact Gram-matrix tree reduction, randomized SVD, or scikit-learn IncrementalPCA')
+    error_k: Optional[int] = Field(None, ge=1, description=
+        "components of the stage's own pca_recon_error map; null: the scree's elbow (the "
+        "comparison with the autoencoder at its latent size is in encode)")
+    n_power_iter: int = Field(4, ge=0, description='randomized: power iterations')
+    batch_rows: Optional[int] = Field(None, ge=1, description=
+        "incremental: rows per partial_fit; null: a navigation block's")
+
+
+_DEFAULTS = defaults_of(PCAConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,7 +183,7 @@ def _incremental_finish(state, *, n_components):
 # the estimator
 
 
-class PCA:
+class PCA(BaseEstimator):
     """Principal component analysis of a (pixels x features) dask array.
 
     Parameters follow scikit-learn's ``PCA``; learned state ends in an underscore:
@@ -169,8 +193,9 @@ class PCA:
     for ``gram``, ``n_components`` otherwise) with ``suggested_k_`` (the scree's elbow).
     """
 
-    def __init__(self, n_components: int = 8, solver: str = "gram", n_power_iter: int = 4,
-                 batch_rows: int | None = None, seed: int = 0):
+    def __init__(self, n_components: int = _DEFAULTS["n_components"],
+                 solver: str = _DEFAULTS["solver"], n_power_iter: int = _DEFAULTS["n_power_iter"],
+                 batch_rows: int | None = _DEFAULTS["batch_rows"], seed: int = 0):
         self.n_components = n_components
         self.solver = solver
         self.n_power_iter = n_power_iter
@@ -178,18 +203,14 @@ class PCA:
         self.seed = seed
 
     def _check(self, x) -> None:
-        if self.solver not in SOLVERS:
-            raise ConfigError(f"pca.solver: {self.solver!r} is not one of {SOLVERS}")
-        if not (isinstance(self.n_components, (int, np.integer)) and self.n_components >= 1):
-            raise ConfigError(f"pca.n_components: must be a positive integer, got {self.n_components!r}")
+        PCAConfig.of("pca", n_components=self.n_components, solver=self.solver,
+                     n_power_iter=self.n_power_iter, batch_rows=self.batch_rows)
         if self.n_components > x.shape[1]:
             raise ConfigError(f"pca.n_components: {self.n_components} is more than the "
                               f"{x.shape[1]} features")
-        if not (isinstance(self.n_power_iter, (int, np.integer)) and self.n_power_iter >= 0):
-            raise ConfigError(f"pca.n_power_iter: must be a non-negative integer, got {self.n_power_iter!r}")
-        if self.batch_rows is not None and not (isinstance(self.batch_rows, (int, np.integer))
-                                                and self.batch_rows >= self.n_components):
-            raise ConfigError(f"pca.batch_rows: must be an integer >= n_components, got {self.batch_rows!r}")
+        if self.batch_rows is not None and self.batch_rows < self.n_components:
+            raise ConfigError(f"pca.batch_rows: must be at least n_components "
+                              f"({self.n_components}), got {self.batch_rows!r}")
 
     def fit(self, x, valid=None) -> "PCA":
         """Fit on ``x`` (pixels x features, dask or numpy); ``valid`` (pixels,) bool skips pixels."""
@@ -455,3 +476,28 @@ def write_pca_stage(results, features: xr.Dataset, pca: PCA, *, error_k: int | N
     ``results`` (a ``ResultsStore``): the fit is one pass, the scores and errors a second."""
     return results.write_stage("pca", pca_stage(features, pca, error_k), overwrite=overwrite,
                                progress=progress)
+
+
+def _build(ctx: Context) -> xr.Dataset:
+    cfg = ctx.config
+    pca = PCA(cfg.n_components, cfg.solver, cfg.n_power_iter, cfg.batch_rows, seed=ctx.seed)
+    return pca_stage(ctx.input("preprocess"), pca, cfg.error_k)
+
+
+STAGE = Stage(
+    name="pca", config=PCAConfig, reads=("preprocess",), build=_build, library=PCA,
+    not_in_library={"error_k": "pca_stage(features, pca, error_k)"},
+    about="exact PCA of the features (the baseline): axes, scree, scores and error per pixel",
+    outputs={
+        "pca_components": Output(("component", SIGNAL), "principal axes (unit vectors)"),
+        "pca_mean": Output((SIGNAL,), "mean of the valid pixels' features"),
+        "pca_explained_variance": Output(("component",), "variance along each axis"),
+        "pca_explained_variance_ratio": Output(("component",), "share of the total variance"),
+        "pca_scree": Output(("rank",), "explained-variance ratio of every component the solver "
+                            "knows (all of them for gram)"),
+        "pca_scores": Output((*NAV_DIMS, "component"), "scores per pixel (NaN: invalid)"),
+        "pca_recon_error": Output(NAV_DIMS, "mean squared residual at error_k components"),
+    },
+    attrs={"pca": "solver, n_components, suggested_k (the scree's elbow), error_k, n_samples, "
+                  "noise_variance, total_variance"},
+)
