@@ -34,6 +34,9 @@ class Section(BaseModel):
         except ValidationError as exc:
             raise ConfigError(validation_message(exc, prefix=self.name)) from None
 
+    # pydantic calls a custom __init__ for nested sections too unless it is marked as its own
+    __init__.__pydantic_base_init__ = True  # type: ignore[attr-defined]
+
     @classmethod
     def of(cls: type[S], where: str, /, **values) -> S:
         """The section from keyword values, its errors as one ``ConfigError`` naming

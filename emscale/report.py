@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from emscale.stages.encode import latent_dim
+
 log = logging.getLogger(__name__)
 
 MAX_POINTS = 20_000
@@ -106,7 +108,7 @@ def _errors(add, plt, pca, train, enc, an, cl, timings) -> None:
         enc.attrs["encode"].get("error"), "error")
     axes[2].set(xlabel=metric, ylabel="pixels", title="error histogram")
     axes[2].legend()
-    k_lat = enc.attrs["encode"]["latent_dim"]
+    k_lat = latent_dim(enc)
     add("errors", f"Reconstruction error: autoencoder (latent size {k_lat}) and PCA "
         f"({k_lat} components)", fig, enc["recon_error"].attrs.get("long_name", ""))
 
@@ -132,7 +134,7 @@ def _phases(add, plt, pca, train, enc, an, cl, timings) -> None:
     k = cl.sizes["cluster"]
     cmap = plt.get_cmap("tab10" if k <= 10 else "tab20")
     if enc is not None:
-        z = _sample_map(enc["latent"].values).reshape(-1, enc.attrs["encode"]["latent_dim"])
+        z = _sample_map(enc["latent"].values).reshape(-1, latent_dim(enc))
         p = _sample_map(phase).ravel()
         ok = np.isfinite(z).all(1) & (p >= 0)
         z, p = z[ok], p[ok]

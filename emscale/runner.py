@@ -99,21 +99,29 @@ def _normal_settings(workflow: WorkflowBase):
     return anomaly.normal_region, anomaly.reference
 
 
+def _trains(registry: Registry, until: str | None) -> bool:
+    """Whether a run up to ``until`` reaches the train stage."""
+    names = stage_names(registry)
+    return "train" in names and (until is None or names.index(until) >= names.index("train"))
+
+
 def preflight(workflow: WorkflowBase, force: tuple[str, ...] = (),
-              registry: Registry = REGISTRY) -> None:
+              registry: Registry = REGISTRY, until: str | None = None) -> None:
     """What can be refused before a cluster starts or anything is written: unknown ``--force``
-    stages, a missing input or reference, a scan too small for the training split (the
-    generated scan, or the reference the model trains on)."""
+    or ``until`` stages, a missing input or reference, a scan too small for the training split
+    (the generated scan, or the reference the model trains on)."""
     from emscale.train_stream import check_split
 
     names = stage_names(registry)
     unknown = sorted(set(force) - set(names))
     if unknown:
         raise ConfigError(f"--force: unknown stage {unknown[0]!r} (stages: {', '.join(names)})")
+    if until is not None and until not in names:
+        raise ConfigError(f"until: unknown stage {until!r} (stages: {', '.join(names)})")
     if workflow.input is not None and not Path(workflow.input).exists():
         raise ConfigError(f"input: {workflow.input}: no such file or directory")
     region, reference = _normal_settings(workflow)
-    tile = workflow.train.tile if "train" in registry.names else None
+    tile = workflow.train.tile if _trains(registry, until) else None
     if reference is not None:
         from emscale.store import open_scan
 
@@ -140,12 +148,10 @@ class Runner:
     def __init__(self, workflow: WorkflowBase, *, registry: Registry = REGISTRY,
                  force: tuple[str, ...] = (), progress: bool | None = None, echo=print,
                  cluster_info: dict | None = None, until: str | None = None):
-        preflight(workflow, force, registry)
+        preflight(workflow, force, registry, until)
         self.wf = workflow
         self.registry = registry
         names = stage_names(registry)
-        if until is not None and until not in names:
-            raise ConfigError(f"until: unknown stage {until!r} (stages: {', '.join(names)})")
         first = min((names.index(s) for s in force), default=len(names))
         self.redo = set(names[first:])  # a forced stage and everything after it
         self.until = until
@@ -309,7 +315,7 @@ class Runner:
         started = utc_now()
         scan, scan_key = self._scan()
         region, reference = _normal_settings(wf)
-        if wf.input is not None and reference is None and "train" in self.registry.names:
+        if wf.input is not None and reference is None and _trains(self.registry, self.until):
             from emscale.train_stream import (
                 check_split,  # (the other cases: by preflight)
             )

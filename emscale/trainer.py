@@ -43,10 +43,10 @@ class TrainResult:
     scale: float
     config: TrainConfig
     device: str
-    seed: int = 0
-    normal_region: tuple[int, int, int, int] | None = None
     samples_per_s: float
     resumed_from: int | None = None
+    seed: int = 0
+    normal_region: tuple[int, int, int, int] | None = None
     extra: dict = field(default_factory=dict)
 
 

@@ -170,7 +170,7 @@ def test_anomalies_found_with_robust_calibration(pipeline):
 def test_reference_calibration_on_a_normal_scan_and_another_scan(pipeline):
     """Fit on the reference scan (declared normal): about 1 % of it is flagged at the 99th
     percentile, and the anomalies of the other scan are found."""
-    scorer = AnomalyScorer(quantile=0.99).fit(pipeline["ref_encoded"])
+    scorer = AnomalyScorer(calibration="reference", quantile=0.99).fit(pipeline["ref_encoded"])
     on_ref = scorer.score(pipeline["ref_encoded"])["anomaly"].values
     assert 0.005 <= on_ref.mean() <= 0.015
     scored = scorer.score(pipeline["encoded"])
@@ -187,7 +187,7 @@ def test_a_declared_normal_region(pipeline, tmp_path):
     region = np.zeros(label.shape, bool)
     region[:, :32] = True
     region &= label >= 0  # the user's clean region holds no anomaly
-    scorer = AnomalyScorer(false_alarm_rate=0.01).fit(e, normal=region)
+    scorer = AnomalyScorer(calibration="reference", false_alarm_rate=0.01).fit(e, normal=region)
     assert scorer.n_normal_ == region.sum()
     results = ResultsStore(tmp_path / "r.zarr").create()
     with dask.config.set(scheduler="threads"):

@@ -135,7 +135,7 @@ def test_a_workflow_killed_in_encode_redoes_only_unfinished_chunks(tmp_path):
     path.write_text(yaml.safe_dump(wf))
     # one thread, one task at a time, and each encode block slowed down: the kill lands mid-stage
     env = {**os.environ, "DASK_SCHEDULER": "synchronous", "EMSCALE_TEST_SLOW_ENCODE": "0.3"}
-    script = ("import os, time, emscale.encode as e\n"
+    script = ("import os, time, emscale.stages.encode as e\n"
               "slow, block = float(os.environ['EMSCALE_TEST_SLOW_ENCODE']), e.encode_block\n"
               "def encode_block(*a, **k):\n"
               "    time.sleep(slow)\n"

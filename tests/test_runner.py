@@ -126,11 +126,13 @@ def test_info_describes_a_results_store(first_run, capsys):
     _, result = first_run
     assert main(["info", str(result.results)]) == 0
     text = capsys.readouterr().out
-    assert "results of emscale run" in text and "latent(32, 32, 3)" in text
+    assert "results of emscale run" in text and "latent (y, x, latent_dim) 32x32x3 float32" in text
+    assert "the autoencoder's code" in text  # the meaning, from the stage's declaration
     assert text.index("preprocess") < text.index("cluster")  # in pipeline order
     assert main(["info", str(result.results), "--json"]) == 0
     desc = json.loads(capsys.readouterr().out)
     assert desc["stages"]["train"]["cache_key"] and "provenance" in desc
+    assert desc["stages"]["anomaly"]["variables"]["anomaly"]["dims"] == ["y", "x"]
 
 
 def test_the_report_scores_a_synthetic_scan_against_its_ground_truth(first_run):

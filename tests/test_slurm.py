@@ -71,7 +71,7 @@ def test_a_workflow_on_slurm_workers(slurm, tmp_path, capsys):
 def test_bad_cluster_files_name_the_field(tmp_path):
     from emscale.errors import ConfigError
 
-    for data, where in [({"type": "sge"}, "type"), ({"type": "address"}, "(top level)"),
+    for data, where in [({"type": "sge"}, "type"), ({"type": "address"}, "address"),
                         ({"type": "slurm", "jobs": 0}, "jobs"), ({"cores": 2, "colour": 1}, "colour")]:
         path = tmp_path / "c.yaml"
         path.write_text(yaml.safe_dump(data))

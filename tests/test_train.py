@@ -182,7 +182,7 @@ def test_resume_identical_when_the_scan_fits_in_the_buffer(eels_stage, tmp_path)
 
 @pytest.mark.parametrize("overrides, field", [
     (dict(noise_level="x"), "noise_level"), (dict(noise_level=float("nan")), "noise_level"),
-    (dict(prefetch="yes"), "prefetch"), (dict(val_fraction=None), "val_fraction"),
+    (dict(prefetch="sometimes"), "prefetch"), (dict(val_fraction=None), "val_fraction"),
     (dict(widths=(16, 0)), "widths"), (dict(loss="poisson", model="linear"), "loss"),
     (dict(noise="poisson", noise_level=1.5), "noise_level"), (dict(seed=1), "seed"),
 ])

@@ -11,13 +11,13 @@ EELS spectra, 4 phase groups of 100, Poisson + Gaussian noise, seed 42; a denois
   through ``preprocess`` (``normalize: sum``); the clean spectra go through the same chain. MSEs
   are reported after one global factor that brings the mean clean training spectrum to a peak
   of 1 (the lecture's "normalised spectra"; see ``_peak_scale``).
-- PCA (``emscale.pca.PCA``, exact) and the autoencoder (``emscale.train``, MLP with GELU,
+- PCA (``emscale.stages.pca.PCA``, exact) and the autoencoder (``emscale.trainer``, MLP with GELU,
   denoising against the clean spectra, Adam with the cosine schedule) are fitted on the training
   set only; everything is measured on the test set, as the lecture asks ("always train PCA and AE
   on the same training set and evaluate on the same test set").
 - MSE against the clean test spectra: of the noisy input, of the PCA reconstruction at rank k,
   of the autoencoder's output (``encode``'s ``denoised``).
-- Silhouette of k-means with K = 4 (``emscale.phases.PhaseClustering``) on the test codes: the
+- Silhouette of k-means with K = 4 (``emscale.stages.cluster.PhaseClustering``) on the test codes: the
   autoencoder's latent codes and the PCA scores at the same k.
 - Anomalies: a second autoencoder is trained on the training set's three normal phases only (the
   amorphous surface phase, phase D, is left out through ``normal_region``). Its threshold is the
@@ -326,7 +326,6 @@ def run_lecture(settings: LectureSettings | None = None, workdir=None) -> dict:
         train_results, train = _features(tmp, "train", _scan(tmp / "train.zarr", settings,
                                                               settings.seed))
         _, test = _features(tmp, "test", _scan(tmp / "test.zarr", settings, settings.seed + 1))
-        train, test = train.compute(), test.compute()  # 400 pixels each
         x_train = _flat(train["features"].values)
         x_test, clean_test = _flat(test["features"].values), _flat(test["clean_features"].values)
         label_test = np.asarray(test["label"].values).ravel()

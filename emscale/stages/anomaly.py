@@ -42,6 +42,7 @@ from emscale.config import Section, defaults_of
 from emscale.errors import ConfigError
 from emscale.reduction import quantiles, tree_reduce
 from emscale.stages.base import Context, Output, Stage
+from emscale.stages.encode import latent_dim
 from emscale.stages.pca import merge_scatter
 from emscale.store import NAV_DIMS
 
@@ -147,7 +148,7 @@ class AnomalyScorer(BaseEstimator):
         stats = dask.compute(tree_reduce(_latent_block, _merge_latent, latent, err, mask,
                                          name="anomaly-normal-codes"))[0]
         codes = stats["codes"]
-        if codes["n"] < latent.shape[-1] + 2:
+        if codes["n"] < latent_dim(encoded) + 2:
             raise ConfigError(f"anomaly: only {codes['n']} normal pixel(s) with finite codes; "
                               "declare a larger normal region")
         cov = codes["m2"] / (codes["n"] - 1)
@@ -210,9 +211,9 @@ class AnomalyScorer(BaseEstimator):
         if not hasattr(self, "threshold_"):
             raise ConfigError("anomaly: call fit before score")
         latent = encoded["latent"].data
-        if latent.shape[-1] != len(self.latent_mean_):
+        if latent_dim(encoded) != len(self.latent_mean_):
             raise ConfigError(f"anomaly: fitted on {len(self.latent_mean_)}-D codes, "
-                              f"the scan has {latent.shape[-1]}-D codes (another model?)")
+                              f"the scan has {latent_dim(encoded)}-D codes (another model?)")
         maha = self._mahalanobis(latent)
         score = self._score(encoded["recon_error"].data, maha)
         flagged = score > self.threshold_  # NaN (invalid pixels) compares False

@@ -121,20 +121,12 @@ def _em_block(x, valid=None, *, gmm):
             "loglik": float(norm.sum())}
 
 
-def _predict_block(x, valid, *, model, proba):
+def _proba_block(x, valid, *, model):
     x = np.asarray(x, np.float64)
-    keep = np.isfinite(x).all(axis=1)
-    if valid is not None:
-        keep &= np.asarray(valid, bool).ravel()
-    k = model.n_clusters_
-    if proba:
-        out = np.full((len(x), k), np.nan, np.float32)
-        if keep.any():
-            out[keep] = model._proba_rows(x[keep])
-        return out
-    out = np.full(len(x), -1, np.int32)
+    keep = np.isfinite(x).all(axis=1) & np.asarray(valid, bool).ravel()
+    out = np.full((len(x), model.n_components), np.nan, np.float32)
     if keep.any():
-        out[keep] = model._predict_rows(x[keep])
+        out[keep] = model.predict_proba(x[keep])
     return out
 
 
@@ -270,6 +262,7 @@ class PhaseClustering(BaseEstimator):
                 if shift < self.tol:
                     break
             self.cluster_centers_ = centres
+            self.kmeans_ = km  # the scikit-learn estimator that predicts (with these centres)
             # the inertia of the last assignment pass (the centres moved by < tol after it)
         else:
             gm = GaussianMixture(k, covariance_type="full", n_init=max(1, self.n_init // 3),
@@ -311,32 +304,39 @@ class PhaseClustering(BaseEstimator):
 
     # -- predict -------------------------------------------------------------------------------
 
-    def _predict_rows(self, x: np.ndarray) -> np.ndarray:
+    def _estimator(self):
+        """The fitted model as a scikit-learn estimator (k-means: with the refined centres)."""
         if self.method == "gmm":
-            return self.gmm_.predict(x)
-        return ((x[:, None, :] - self.cluster_centers_[None]) ** 2).sum(-1).argmin(1)
-
-    def _proba_rows(self, x: np.ndarray) -> np.ndarray:
-        return self.gmm_.predict_proba(x).astype(np.float32)
+            return self.gmm_
+        self.kmeans_.cluster_centers_ = np.ascontiguousarray(self.cluster_centers_, np.float64)
+        return self.kmeans_
 
     def predict(self, x: da.Array, valid: da.Array | None = None) -> da.Array:
-        """Cluster ids per pixel (-1 for invalid pixels), blockwise."""
-        return self._blockwise(x, valid, proba=False)
+        """Cluster ids per pixel (-1 for invalid pixels), blockwise: dask-ml's ``ParallelPostFit``
+        around the scikit-learn estimator, on rows where invalid pixels are zeros, then masked
+        (the same labels, time and memory as emscale's own block function had; README)."""
+        from dask_ml.wrappers import ParallelPostFit
+
+        keep = self._keep(x, valid)
+        filled = da.where(keep[:, None], x, 0).astype(np.float64)
+        labels = ParallelPostFit(self._estimator()).predict(filled).astype(np.int32)
+        return da.where(keep, labels, np.int32(-1))
 
     def predict_proba(self, x: da.Array, valid: da.Array | None = None) -> da.Array:
-        """GMM responsibilities per pixel (NaN for invalid pixels), blockwise."""
+        """GMM responsibilities per pixel (NaN for invalid pixels), blockwise (dask-ml's wrapper
+        gives probabilities of classifiers only: it needs ``classes_``)."""
         if self.method != "gmm":
             raise ConfigError("cluster.method: probabilities need method 'gmm'")
-        return self._blockwise(x, valid, proba=True)
-
-    def _blockwise(self, x, valid, proba):
-        fn = partial(_predict_block, model=self, proba=proba)
         if valid is None:
             valid = da.ones(x.shape[0], bool, chunks=(x.chunks[0],))
-        chunks = (x.chunks[0], (self.n_clusters_,)) if proba else (x.chunks[0],)
-        return da.map_blocks(fn, x, valid[:, None], dtype=np.float32 if proba else np.int32,
-                             chunks=chunks, drop_axis=None if proba else 1,
-                             token="phase-proba" if proba else "phase-predict")
+        return da.map_blocks(partial(_proba_block, model=self.gmm_), x, valid[:, None],
+                             dtype=np.float32, chunks=(x.chunks[0], (self.n_clusters_,)),
+                             token="phase-proba")
+
+    @staticmethod
+    def _keep(x: da.Array, valid: da.Array | None) -> da.Array:
+        keep = da.isfinite(x).all(axis=1)
+        return keep if valid is None else keep & valid.astype(bool)
 
     def summary(self) -> dict:
         out = {"method": self.method, "n_clusters": int(self.n_clusters_),
@@ -441,7 +441,9 @@ def phase_dataset(encoded: xr.Dataset, features: xr.Dataset, clustering: PhaseCl
     anomaly map) are left out of both fits."""
     ds = phase_stage(encoded["latent"], features, clustering, spec=spec, exclude=exclude)
     if pca is not None:
-        k = encoded.attrs["encode"]["latent_dim"]
+        from emscale.stages.encode import latent_dim
+
+        k = latent_dim(encoded)
         pc = pca_clustering or clustering.__class__(**{**clustering.get_params(), "n_clusters":
                                                        clustering.n_clusters_})
         scores = pca["pca_scores"].isel(component=slice(0, k))

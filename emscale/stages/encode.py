@@ -290,6 +290,11 @@ def write_encode_stage(results, features: xr.Dataset, spec: ModelSpec, *,
                                overwrite=overwrite, progress=progress)
 
 
+def latent_dim(encoded: xr.Dataset) -> int:
+    """The latent size of an ``encode`` stage (the one place it is read from: its attrs)."""
+    return int(encoded.attrs["encode"]["latent_dim"])
+
+
 def _build(ctx: Context) -> xr.Dataset:
     features, train, pca = ctx.input("preprocess"), ctx.input("train"), ctx.inputs.get("pca")
     spec = ModelSpec.from_train_stage(train, tuple(features["features"].shape[2:]))
