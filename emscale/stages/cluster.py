@@ -121,12 +121,20 @@ def _em_block(x, valid=None, *, gmm):
             "loglik": float(norm.sum())}
 
 
-def _proba_block(x, valid, *, model):
+def _predict_block(x, valid, *, model, proba):
     x = np.asarray(x, np.float64)
-    keep = np.isfinite(x).all(axis=1) & np.asarray(valid, bool).ravel()
-    out = np.full((len(x), model.n_components), np.nan, np.float32)
+    keep = np.isfinite(x).all(axis=1)
+    if valid is not None:
+        keep &= np.asarray(valid, bool).ravel()
+    k = model.n_clusters_
+    if proba:
+        out = np.full((len(x), k), np.nan, np.float32)
+        if keep.any():
+            out[keep] = model._proba_rows(x[keep])
+        return out
+    out = np.full(len(x), -1, np.int32)
     if keep.any():
-        out[keep] = model.predict_proba(x[keep])
+        out[keep] = model._predict_rows(x[keep])
     return out
 
 
@@ -262,7 +270,6 @@ class PhaseClustering(BaseEstimator):
                 if shift < self.tol:
                     break
             self.cluster_centers_ = centres
-            self.kmeans_ = km  # the scikit-learn estimator that predicts (with these centres)
             # the inertia of the last assignment pass (the centres moved by < tol after it)
         else:
             gm = GaussianMixture(k, covariance_type="full", n_init=max(1, self.n_init // 3),
@@ -304,39 +311,34 @@ class PhaseClustering(BaseEstimator):
 
     # -- predict -------------------------------------------------------------------------------
 
-    def _estimator(self):
-        """The fitted model as a scikit-learn estimator (k-means: with the refined centres)."""
+    def _predict_rows(self, x: np.ndarray) -> np.ndarray:
         if self.method == "gmm":
-            return self.gmm_
-        self.kmeans_.cluster_centers_ = np.ascontiguousarray(self.cluster_centers_, np.float64)
-        return self.kmeans_
+            return self.gmm_.predict(x)
+        # argmin of |x - c|^2 = |x|^2 - 2 x.c + |c|^2; |x|^2 is the same for every centre
+        c = self.cluster_centers_
+        return ((c * c).sum(axis=1) - 2 * (x @ c.T)).argmin(axis=1)
+
+    def _proba_rows(self, x: np.ndarray) -> np.ndarray:
+        return self.gmm_.predict_proba(x).astype(np.float32)
 
     def predict(self, x: da.Array, valid: da.Array | None = None) -> da.Array:
-        """Cluster ids per pixel (-1 for invalid pixels), blockwise: dask-ml's ``ParallelPostFit``
-        around the scikit-learn estimator, on rows where invalid pixels are zeros, then masked
-        (the same labels, time and memory as emscale's own block function had; README)."""
-        from dask_ml.wrappers import ParallelPostFit
-
-        keep = self._keep(x, valid)
-        filled = da.where(keep[:, None], x, 0).astype(np.float64)
-        labels = ParallelPostFit(self._estimator()).predict(filled).astype(np.int32)
-        return da.where(keep, labels, np.int32(-1))
+        """Cluster ids per pixel (-1 for invalid pixels), blockwise."""
+        return self._blockwise(x, valid, proba=False)
 
     def predict_proba(self, x: da.Array, valid: da.Array | None = None) -> da.Array:
-        """GMM responsibilities per pixel (NaN for invalid pixels), blockwise (dask-ml's wrapper
-        gives probabilities of classifiers only: it needs ``classes_``)."""
+        """GMM responsibilities per pixel (NaN for invalid pixels), blockwise."""
         if self.method != "gmm":
             raise ConfigError("cluster.method: probabilities need method 'gmm'")
+        return self._blockwise(x, valid, proba=True)
+
+    def _blockwise(self, x, valid, proba):
+        fn = partial(_predict_block, model=self, proba=proba)
         if valid is None:
             valid = da.ones(x.shape[0], bool, chunks=(x.chunks[0],))
-        return da.map_blocks(partial(_proba_block, model=self.gmm_), x, valid[:, None],
-                             dtype=np.float32, chunks=(x.chunks[0], (self.n_clusters_,)),
-                             token="phase-proba")
-
-    @staticmethod
-    def _keep(x: da.Array, valid: da.Array | None) -> da.Array:
-        keep = da.isfinite(x).all(axis=1)
-        return keep if valid is None else keep & valid.astype(bool)
+        chunks = (x.chunks[0], (self.n_clusters_,)) if proba else (x.chunks[0],)
+        return da.map_blocks(fn, x, valid[:, None], dtype=np.float32 if proba else np.int32,
+                             chunks=chunks, drop_axis=None if proba else 1,
+                             token="phase-proba" if proba else "phase-predict")
 
     def summary(self) -> dict:
         out = {"method": self.method, "n_clusters": int(self.n_clusters_),
