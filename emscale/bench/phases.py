@@ -89,6 +89,10 @@ def _timed(seconds: dict, name: str, fn):
     return out
 
 
+def _import_torch() -> None:
+    import torch  # noqa: F401
+
+
 def run_phase_bench(shape=(512, 512), channels=1024, latent_dim=4, epochs=20, workers=2,
                     seed=0, max_train_pixels=65536, workdir=None) -> PhaseBench:
     from distributed import Client
@@ -139,6 +143,7 @@ def run_phase_bench(shape=(512, 512), channels=1024, latent_dim=4, epochs=20, wo
         gb = feats.size * 4 / 1e9
         for _ in range(2):  # the first warms the page cache
             _timed(seconds, "floor", lambda: feats.sum().compute())
+        client.run(_import_torch)  # steady state: not the workers' first import of torch
         client.run(reset_peak)
         run(until="anomaly")  # encode, and anomaly (which encodes the reference too)
         peak = max(client.run(peak_bytes).values())
