@@ -91,7 +91,7 @@ def is_results_store(path: str | os.PathLike) -> bool:
 
 
 def describe_results(path: str | os.PathLike) -> dict[str, Any]:
-    """A results store (``emscale run``'s results.zarr), as ``docs/results-store.md`` lays it
+    """A results store (``emscale run``'s results.zarr), as ``docs/stores.md`` lays it
     out: its stages in run order, each with its variables (dims, shape, dtype, meaning, units,
     from the registry's declarations), cache key and times, and the run's provenance."""
     from emscale.results import ResultsStore
@@ -125,7 +125,7 @@ def format_results(d: dict[str, Any]) -> str:
     prov = d["provenance"]
     src = (prov.get("input") or {}).get("path") or "generated scan"
     lines = [f"{d['path']}: results of emscale run ({src}; workflow {prov.get('workflow_hash')}, "
-             f"started {prov.get('started')}); the layout: docs/results-store.md"]
+             f"started {prov.get('started')}); the layout: docs/stores.md"]
     for name, st in d["stages"].items():
         lines.append(f"  {name}: {st['about']}")
         lines.append(f"    key {st['cache_key'] or '-'}, {st['started'] or ''} .. "

@@ -243,6 +243,7 @@ LAYOUT_END = "<!-- end of the generated layout -->"
 COMMON_ATTRS = {
     "stage": "the stage's name", "started": "UTC time the write started (ISO 8601)",
     "finished": "UTC time it was complete",
+    "seconds": "wall time of the stage in the run that wrote it (its fit and its write)",
     "config_hash": "the cache key: a hash of the stage's section, the seed, the keys of the "
                    "stages it reads (and of the normal data where it uses them); a rerun with "
                    "the same key skips the stage"}

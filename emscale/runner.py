@@ -22,7 +22,6 @@ anomaly stage has it encoded with this run's model, through the same registry an
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import hashlib
 import json
 import logging
@@ -112,6 +111,10 @@ def preflight(workflow: WorkflowBase, force: tuple[str, ...] = (),
     (the generated scan, or the reference the model trains on)."""
     from emscale.train_stream import check_split
 
+    missing = [s.name for s in registry if s.name not in type(workflow).model_fields]
+    if missing:
+        raise ConfigError(f"{missing[0]}: the workflow has no section for this stage: validate it "
+                          "with the same registry (load_workflow(path, registry=...))")
     names = stage_names(registry)
     unknown = sorted(set(force) - set(names))
     if unknown:
@@ -213,12 +216,13 @@ class Runner:
             check_outputs(stage, ds)
             out = results.write_stage(stage.name, ds, overwrite=True, finalize=stage.finalize,
                                       progress=self.show_progress)
-        results.update_attrs({"config_hash": key}, stage=stage.name)
+        seconds = time.perf_counter() - t0
+        results.update_attrs({"config_hash": key, "seconds": seconds}, stage=stage.name)
         if stage.name in results.resumed:
             found, total = results.resumed.pop(stage.name)
             note(f"resumed an interrupted write: {found} of {total} chunks were on disk, "
                  f"{total - found} computed")
-        self.result.seconds[label] = time.perf_counter() - t0
+        self.result.seconds[label] = seconds
         self.result.ran.append(label)
         log.info("stage %s done in %.1f s (cache key %s)", label, self.result.seconds[label], key)
         lane.data[stage.name] = out
@@ -359,18 +363,14 @@ class Runner:
         self.result.report = report_dir / "index.html"
 
     def _timings(self, results) -> dict[str, float]:
-        """Seconds per stage: this run's, or the recorded ones of stages it skipped."""
+        """Seconds per stage (build and write): this run's, or those recorded by the run that
+        wrote a stage this one skipped."""
         out = {"scan": self.result.seconds["scan"]} if "scan" in self.result.seconds else {}
         for stage in self.registry.names:
             if stage in self.result.seconds:
                 out[stage] = self.result.seconds[stage]
-            elif results.has_stage(stage):
-                a = results.stage_attrs(stage)
-                try:
-                    out[stage] = (_dt.datetime.fromisoformat(a["finished"])
-                                  - _dt.datetime.fromisoformat(a["started"])).total_seconds()
-                except (KeyError, ValueError):
-                    pass
+            elif results.has_stage(stage) and "seconds" in results.stage_attrs(stage):
+                out[stage] = float(results.stage_attrs(stage)["seconds"])
         return out
 
 

@@ -79,8 +79,9 @@ def check_split(tile: int, nav_shape: tuple[int, int], region=None) -> None:
     training and validation need a tile each, inside the declared normal ``region`` if any."""
     ny, nx = nav_shape
     t = tile
-    if region is not None and (region[0] >= ny or region[2] >= nx):
-        raise ConfigError(f"normal_region: {list(region)} lies outside the {ny} x {nx} scan")
+    if region is not None and (region[1] > ny or region[3] > nx):
+        raise ConfigError(f"normal_region: {list(region)} reaches outside the {ny} x {nx} scan "
+                          "(y0, y1, x0, x1 with y1 <= ny and x1 <= nx)")
     if len(split_tiles(tile, nav_shape, region)) < 2:
         if region is None:
             raise ConfigError(f"train.tile: {t} leaves the {ny} x {nx} scan a single tile; "

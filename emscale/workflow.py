@@ -151,12 +151,25 @@ def defaults_yaml(registry: Registry = REGISTRY) -> str:
     return "\n".join(_describe(workflow_model(registry), 0)) + "\n"
 
 
+def _choices(annotation) -> list:
+    """The values of a ``Literal`` field (or of an ``Optional`` one); none for other types."""
+    if typing.get_origin(annotation) is Literal:
+        return list(typing.get_args(annotation))
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if len(args) == 1 and typing.get_origin(args[0]) is Literal:
+        return list(typing.get_args(args[0]))
+    return []
+
+
 def _describe(model: type[BaseModel], depth: int) -> list[str]:
     lines, pad = [], "  " * depth
     for name, field in model.model_fields.items():
         kind = next((t for t in (field.annotation, *typing.get_args(field.annotation))
                      if isinstance(t, type) and issubclass(t, Section)), None)
         about = f"  # {field.description}" if field.description else ""
+        choices = _choices(field.annotation)
+        if choices and about:
+            about += f" (one of: {', '.join(map(str, choices))})"
         default = field.get_default(call_default_factory=True)
         if kind is not None and default is not None:
             lines.append(f"{pad}{name}:{about}")

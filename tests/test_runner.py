@@ -55,6 +55,8 @@ def test_a_workflow_runs_every_stage_and_writes_the_report(first_run):
     for stage in ("preprocess", "cluster"):
         attrs = results.stage_attrs(stage)
         assert attrs["config_hash"] and attrs["started"] <= attrs["finished"]
+    cluster = results.stage_attrs("cluster")
+    assert cluster["pca_phase"]["n_clusters"] == cluster["phase"]["n_clusters"]
     assert "stage cluster done" in (result.output / "emscale.log").read_text()
 
 
@@ -64,6 +66,9 @@ def test_a_rerun_skips_what_is_done_and_force_redoes_from_a_stage(first_run, loc
     assert again.ran == [] and "train" in again.skipped
     forced = run_workflow(wf, force=("anomaly",), echo=lambda *a: None)
     assert forced.ran == ["anomaly", "cluster", "report"]
+    # the report's timings of the skipped stages are those their own run recorded
+    recorded = ResultsStore(forced.results).stage_attrs("train")["seconds"]
+    assert recorded > 0.1 and f"train {recorded:.1f} s" in forced.report.read_text()
 
 
 def test_a_changed_section_reruns_only_what_depends_on_it(first_run, local_client):
@@ -113,6 +118,8 @@ def test_what_cannot_run_is_refused_before_the_cluster_starts(tmp_path, capsys):
          "train.tile: 8 leaves the 8 x 8 scan a single tile"),
         ({**SMALL, "anomaly": {"reference": str(tmp_path / "ref.zarr")}, "output": str(out)}, [],
          "anomaly.reference: "),
+        ({**SMALL, "anomaly": {"normal_region": [0, 48, 0, 16]}, "output": str(out)}, [],
+         "normal_region: [0, 48, 0, 16] reaches outside the 32 x 32 scan"),
     ]
     for data, extra, message in cases:
         data = {k: v for k, v in data.items() if v is not None}

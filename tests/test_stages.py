@@ -152,6 +152,10 @@ def test_an_extra_stage_runs_through_the_runner_like_the_others(tmp_path, local_
     assert registry.names[-1] == "phase_anomaly" and "phase_anomaly" not in REGISTRY.names
     with pytest.raises(ConfigError, match="phase_anomaly"):  # not a section of emscale's own
         validate_workflow({**SMALL, "phase_anomaly": {}})
+    with pytest.raises(ConfigError, match="phase_anomaly: the workflow has no section"):
+        run_workflow(validate_workflow({**SMALL, "output": str(tmp_path / "no")}),
+                     registry=registry)  # refused before anything runs
+    assert not (tmp_path / "no").exists()
     data = {**SMALL, "output": str(tmp_path / "out"), "phase_anomaly": {"min_fraction": 0.05}}
     wf = validate_workflow(data, registry=registry)
     assert "phase_anomaly:" in defaults_yaml(registry)

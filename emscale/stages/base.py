@@ -2,7 +2,7 @@
 
 A stage is a name, a configuration section (the workflow file's section of the same name, which
 the stage's library class takes too), the stages it reads, the variables it writes (names, dims,
-meaning: the results-store contract, ``docs/results-store.md`` is generated from them) and one
+meaning: the results-store contract, ``docs/stores.md`` is generated from them) and one
 function, ``build(context)``, that makes its outputs (an ``xr.Dataset``, lazy where it is large)
 from the datasets of the stages it reads. A build may fit something first (a reduction on the
 cluster, a training run); it never writes, creates clusters, reads config files or prints: the

@@ -449,8 +449,9 @@ def phase_dataset(encoded: xr.Dataset, features: xr.Dataset, clustering: PhaseCl
         pc = pca_clustering or clustering.__class__(**{**clustering.get_params(), "n_clusters":
                                                        clustering.n_clusters_})
         scores = pca["pca_scores"].isel(component=slice(0, k))
-        ds = ds.merge(phase_stage(scores, features, pc, prefix="pca_", exclude=exclude),
-                      compat="override")
+        pca_ds = phase_stage(scores, features, pc, prefix="pca_", exclude=exclude)
+        ds = ds.merge(pca_ds, compat="override")
+        ds.attrs.update(pca_ds.attrs)  # (merge keeps the first dataset's attrs only)
     return ds
 
 
@@ -472,7 +473,7 @@ def _build(ctx: Context) -> xr.Dataset:
                          exclude=ctx.input("anomaly")["anomaly"])
 
 
-def _phase_outputs(p: str, about: str) -> dict:
+def _phase_outputs(p: str, about: str, sweep: str = "n_clusters: auto") -> dict:
     return {
         f"{p}phase": Output(NAV_DIMS, f"phase id per pixel from {about} (-1: invalid pixel)"),
         f"{p}phase_fraction": Output(("cluster",), "share of the labelled pixels in each phase"),
@@ -483,10 +484,10 @@ def _phase_outputs(p: str, about: str) -> dict:
         f"{p}phase_probability": Output((*NAV_DIMS, "cluster"), "GMM responsibilities",
                                         when="method: gmm"),
         f"{p}k_inertia": Output((f"{p}k_candidate",), "k-means inertia per K of the sweep",
-                                when="n_clusters: auto"),
+                                when=sweep),
         f"{p}k_silhouette": Output((f"{p}k_candidate",), "silhouette per K (sampled)",
-                                   when="n_clusters: auto"),
-        f"{p}k_bic": Output((f"{p}k_candidate",), "GMM BIC per K", when="n_clusters: auto"),
+                                   when=sweep),
+        f"{p}k_bic": Output((f"{p}k_candidate",), "GMM BIC per K", when=sweep),
     }
 
 
@@ -499,7 +500,8 @@ STAGE = Stage(
         **_phase_outputs("", "the latent codes"),
         "phase_centroid_signal": Output(("cluster", SIGNAL), "the decoder's signal at each "
                                         "centre"),
-        **_phase_outputs("pca_", "the PCA scores at the latent size"),
+        **_phase_outputs("pca_", "the PCA scores at the latent size",
+                         sweep="never in a run: the PCA scores are clustered at the codes' K"),
     },
     attrs={"phase": "method, n_clusters, chosen_by (elbow, bic, silhouette or fixed), n_iter, "
                     "sample_size, counts, inertia or bic",
