@@ -22,6 +22,7 @@ anomaly stage has it encoded with this run's model, through the same registry an
 from __future__ import annotations
 
 import contextlib
+import datetime as _dt
 import hashlib
 import json
 import logging
@@ -369,8 +370,13 @@ class Runner:
         for stage in self.registry.names:
             if stage in self.result.seconds:
                 out[stage] = self.result.seconds[stage]
-            elif results.has_stage(stage) and "seconds" in results.stage_attrs(stage):
-                out[stage] = float(results.stage_attrs(stage)["seconds"])
+            elif results.has_stage(stage):
+                a = results.stage_attrs(stage)
+                if "seconds" in a:
+                    out[stage] = float(a["seconds"])
+                elif "started" in a and "finished" in a:  # a store written before "seconds"
+                    out[stage] = (_dt.datetime.fromisoformat(a["finished"])
+                                  - _dt.datetime.fromisoformat(a["started"])).total_seconds()
         return out
 
 
