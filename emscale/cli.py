@@ -43,6 +43,23 @@ CHUNK_HELP = ("Target navigation-block size in MiB of float32 (policy: 32-128 Mi
               "smaller values give more chunks on small scans).")
 
 
+DASHBOARD_HELP = ("Where the Dask dashboard listens, HOST:PORT or :PORT (default: the cluster "
+                  "file's, else :8787; a busy port is replaced by a free one); 'none' turns it "
+                  "off. From a laptop: ssh -L 8787:NODE:PORT LOGIN_NODE, then open "
+                  "http://localhost:8787/status.")
+
+
+def _dashboard_line(client, cfg) -> str:
+    return f"dashboard: {client.dashboard_link if cfg.dashboard_address is not None else 'off'}"
+
+
+def _dashboard(cfg, address: str | None):
+    """The cluster file with ``--dashboard-address`` applied."""
+    if address is None:
+        return cfg
+    return cfg.model_copy(update={"dashboard_address": None if address == "none" else address})
+
+
 @app.callback()
 def _global(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress messages (INFO)."),
@@ -194,6 +211,8 @@ def run_cmd(
     force: list[str] = typer.Option([], "--force", help="Recompute this stage and everything "
                                     "after it (scan, preprocess, pca, train, encode, anomaly, "
                                     "cluster, report); repeatable."),
+    dashboard_address: Optional[str] = typer.Option(None, "--dashboard-address",
+                                                    help=DASHBOARD_HELP),
 ) -> None:
     """Run a workflow: scan, preprocess, PCA, training, encoding, anomaly scoring, phase
     clustering and the report, on a LocalCluster (default) or the cluster of --cluster. Stages
@@ -215,8 +234,9 @@ def run_cmd(
     else:
         cfg = default_cluster_file().model_copy(update={"workers": workers, "threads": threads,
                                                          "memory": memory_limit})
+    cfg = _dashboard(cfg, dashboard_address)
     with open_cluster(cfg) as (cluster, client):
-        typer.echo(f"dashboard: {client.dashboard_link}")
+        typer.echo(_dashboard_line(client, cfg))
         info = {"type": cfg.type, "workers": worker_jobs(client)}
         result = run_workflow(wf, force=tuple(force), echo=typer.echo, cluster_info=info)
     typer.echo(f"ran: {', '.join(result.ran) or 'nothing'}; skipped: "
@@ -268,6 +288,8 @@ def batch_cmd(
                                           "(default: the workflow's output); one directory each."),
     ledger: Optional[Path] = typer.Option(None, "--ledger", help="The ledger (default: "
                                           "OUTPUT/ledger.sqlite)."),
+    dashboard_address: Optional[str] = typer.Option(None, "--dashboard-address",
+                                                    help=DASHBOARD_HELP),
 ) -> None:
     """Run a workflow on many scans, one after another on one cluster, with a persistent ledger:
     done scans are skipped on a rerun, a failing scan is recorded and the others go on; a summary
@@ -280,8 +302,9 @@ def batch_cmd(
     )
 
     cfg = load_cluster_file(cluster_file) if cluster_file else default_cluster_file()
+    cfg = _dashboard(cfg, dashboard_address)
     with open_cluster(cfg) as (_cluster, client):
-        typer.echo(f"dashboard: {client.dashboard_link}")
+        typer.echo(_dashboard_line(client, cfg))
         outcome = run_batch(source, workflow, output_root=output, ledger_path=ledger,
                             echo=typer.echo)
     if outcome["failed"]:

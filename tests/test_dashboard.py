@@ -1,0 +1,35 @@
+"""Issue 15 (watched live, first part): the Dask dashboard works out of the box (bokeh is a
+dependency) and ``--dashboard-address`` chooses where it listens."""
+
+from __future__ import annotations
+
+import urllib.request
+
+import yaml
+
+from emscale.cli import main
+from emscale.dask_cluster import default_cluster_file, open_cluster
+
+
+def test_the_dashboard_answers_on_a_local_cluster():
+    cfg = default_cluster_file().model_copy(update={"workers": 1,
+                                                    "dashboard_address": "127.0.0.1:0"})
+    with open_cluster(cfg) as (_cluster, client):
+        link = client.dashboard_link
+        assert link.startswith("http://127.0.0.1:")
+        page = urllib.request.urlopen(link, timeout=60).read().decode()
+    assert "Dask needs bokeh" not in page and "Dask Diagnostic UI" in page
+
+
+def test_emscale_run_takes_the_dashboard_address(tmp_path, capsys):
+    wf = {"synth": {"kind": "eels", "shape": [16, 16], "channels": 64, "seed": 1},
+          "train": {"latent_dim": 2, "widths": [16], "epochs": 1, "tile": 4, "threads": 1},
+          "pca": {"n_components": 2},
+          "cluster": {"k_range": [2, 2], "n_init": 1, "sample_size": 200},
+          "output": str(tmp_path / "out")}
+    path = tmp_path / "wf.yaml"
+    path.write_text(yaml.safe_dump(wf))
+    assert main(["run", str(path), "--workers", "1", "--dashboard-address", "127.0.0.1:0"]) == 0
+    assert "dashboard: http://127.0.0.1:" in capsys.readouterr().out
+    assert main(["run", str(path), "--workers", "1", "--dashboard-address", "none"]) == 0
+    assert "dashboard: off" in capsys.readouterr().out
