@@ -19,6 +19,8 @@ import json
 import logging
 import os
 import shutil
+import threading
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -37,6 +39,7 @@ from emscale.store import default_compressor
 log = logging.getLogger(__name__)
 
 RESUME_MARK = f"{PARTIAL_MARK}resume-"
+PROGRESS_EVERY = 30.0  # seconds between progress lines of a stage write (``lines``)
 DONE_DIR = ".emscale-done"  # chunk markers inside a temporary stage group, removed at commit
 
 
@@ -98,6 +101,8 @@ class ResultsStore:
         finalize: Callable[[xr.Dataset], dict[str, Any]] | None = None,
         progress: bool = False,
         resume_key: str | None = None,
+        lines: Callable[[str], None] | None = None,
+        every: float = PROGRESS_EVERY,
     ) -> xr.Dataset:
         """Compute ``ds`` chunk by chunk into the stage group ``name``, atomically.
 
@@ -115,7 +120,7 @@ class ResultsStore:
                               keep_on_error=resume_key is not None) as tmp:
             if resume_key:
                 self.discard_partials(name, keep=tmp)
-            found = _write_chunks(name, ds, tmp, progress=progress)
+            found = _write_chunks(name, ds, tmp, progress=progress, lines=lines, every=every)
             if found:
                 self.resumed[name] = found
             shutil.rmtree(tmp / DONE_DIR)  # all chunks are on disk: the markers have served
@@ -167,8 +172,9 @@ def _layout(ds: xr.Dataset) -> dict[str, Any]:
             for k, v in ds.variables.items()}
 
 
-def _write_chunks(name: str, ds: xr.Dataset, tmp: Path, *,
-                  progress: bool) -> tuple[int, int] | None:
+def _write_chunks(name: str, ds: xr.Dataset, tmp: Path, *, progress: bool,
+                  lines: Callable[[str], None] | None = None,
+                  every: float = PROGRESS_EVERY) -> tuple[int, int] | None:
     """Write ``ds`` into the group ``tmp``: the metadata and in-memory variables at once, then one
     task per dask chunk that stores it and leaves its marker. Chunks that already have a marker
     (from an interrupted write of the same layout into ``tmp``) are left out of the graph; when
@@ -217,13 +223,44 @@ def _write_chunks(name: str, ds: xr.Dataset, tmp: Path, *,
     final = f"{name}-written-{tokenize(tmp.name, todo_keys)}"
     graph = HighLevelGraph({**graph.layers, final: {final: (len, todo_keys)}},
                            {**graph.dependencies, final: set(graph.layers)})
-    if progress:
-        from emscale.progress import compute
+    nbytes = sum(v.nbytes for v in ds.variables.values() if isinstance(v.data, da.Array))
+    with _progress_lines(name, done, n_chunks, n_chunks - len(todo_keys), nbytes, lines, every):
+        if progress:
+            from emscale.progress import compute
 
-        compute(Delayed(final, graph), description=name)
-    else:
-        dask.compute(Delayed(final, graph))
+            compute(Delayed(final, graph), description=name)
+        else:
+            dask.compute(Delayed(final, graph))
     return found
+
+
+@contextlib.contextmanager
+def _progress_lines(name: str, done: Path, total: int, before: int, nbytes: int,
+                    lines: Callable[[str], None] | None, every: float):
+    """While the write runs, every ``every`` seconds: chunks written of all (their markers on
+    disk), GB/s of the stage's output and the time left, to ``lines`` (a batch job's log has no
+    progress bar) and the log."""
+    if lines is None:
+        yield
+        return
+    stop, t0 = threading.Event(), time.monotonic()
+
+    def report():
+        while not stop.wait(every):
+            n = sum(len(os.listdir(p)) for p in done.iterdir() if p.is_dir())
+            new, elapsed = n - before, time.monotonic() - t0
+            rate = new / elapsed if elapsed > 0 else 0.0
+            left = f"about {(total - n) / rate:.0f} s left" if rate > 0 else "time left unknown"
+            lines(f"{n} of {total} chunks written, {nbytes * rate / total / 1e9:.2f} GB/s, "
+                  f"{left}")
+
+    thread = threading.Thread(target=report, name=f"progress-{name}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _store_chunk(block: np.ndarray, target: str, marks: str, region: tuple[slice, ...]) -> np.ndarray:

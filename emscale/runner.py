@@ -216,7 +216,8 @@ class Runner:
             ds = stage.build(ctx)
             check_outputs(stage, ds)
             out = results.write_stage(stage.name, ds, overwrite=True, finalize=stage.finalize,
-                                      progress=self.show_progress)
+                                      progress=self.show_progress,
+                                      lines=None if self.show_progress else note)
         seconds = time.perf_counter() - t0
         results.update_attrs({"config_hash": key, "seconds": seconds}, stage=stage.name)
         if stage.name in results.resumed:

@@ -182,3 +182,27 @@ def test_a_workflow_killed_in_encode_redoes_only_unfinished_chunks(tmp_path):
     for name in ("latent", "recon_error", "pca_recon_error", "denoised"):
         # (equal up to BLAS summation order: the killed run had other threads)
         np.testing.assert_allclose(encoded[name].values, fresh[name].values, rtol=1e-4, atol=1e-5)
+
+
+def _slow_block(block):
+    import time
+
+    time.sleep(0.05)
+    return block + 1
+
+
+def test_a_stage_write_reports_progress_lines_for_a_batch_log(tmp_path):
+    """Without a terminal (no progress bar), a stage write says how many chunks are on disk, at
+    what rate and how long is left, every ``every`` seconds (30 by default)."""
+    import dask.array as da
+    import xarray as xr
+
+    data = da.zeros((64, 8), chunks=(4, 8), dtype=np.float32).map_blocks(_slow_block)
+    said = []
+    with dask.config.set(scheduler="synchronous"):
+        written = ResultsStore(tmp_path / "r.zarr").write_stage(
+            "s", xr.Dataset({"v": (("a", "b"), data)}), lines=said.append, every=0.1)
+    assert (written["v"].values == 1).all()
+    assert said, "no progress line in 0.8 s of writing"
+    counts = [int(re.match(r"(\d+) of 16 chunks written, [\d.]+ GB/s, ", s)[1]) for s in said]
+    assert counts == sorted(counts) and counts[-1] <= 16
