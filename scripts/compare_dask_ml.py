@@ -347,32 +347,28 @@ def report(res):
               "| method | seconds | peak worker MiB | peak worker over base MiB | client peak over base MiB |",
               "|---|---|---|---|---|"]
     for name, runs in pf["runs"].items():
-        ok = [r for r in runs if "error" not in r]
-        if ok:
-            lines.append(f"| {name} | {ms([r['seconds'] for r in ok], '{:.3f}')} | "
-                         f"{ms([r['worker_peak_mib'] for r in ok], '{:.0f}')} | "
-                         f"{ms([r['worker_peak_over_base_mib'] for r in ok], '{:.0f}')} | "
-                         f"{ms([r['client_peak_over_base_mib'] for r in ok], '{:.0f}')} |")
-        for r in runs:
-            if "error" in r:
-                lines.append(f"| {name} | FAILED: {r['error']} |")
+        lines += _rows(name, runs, [("seconds", "{:.3f}")] + MEMORY_COLUMNS)
     c = res["config"]
     lines += ["", f"### 3. PCA, k=8, {c['pca_n']:,} x {c['pca_f']} float32 (rank-8 signal + noise), "
               f"chunks {c['pca_chunk']} rows; {c['pca_reps']} reps", "",
               "| method | fit s | peak worker MiB | peak worker over base MiB | client peak over base MiB "
               "| max principal angle (rad) vs exact f64 |", "|---|---|---|---|---|---|"]
     for name, runs in res["pca"].items():
-        ok = [r for r in runs if "error" not in r]
-        if ok:
-            lines.append(f"| {name} | {ms([r['seconds'] for r in ok])} | "
-                         f"{ms([r['worker_peak_mib'] for r in ok], '{:.0f}')} | "
-                         f"{ms([r['worker_peak_over_base_mib'] for r in ok], '{:.0f}')} | "
-                         f"{ms([r['client_peak_over_base_mib'] for r in ok], '{:.0f}')} | "
-                         f"{ms([r['max_angle_rad'] for r in ok], '{:.3e}')} |")
-        for r in runs:
-            if "error" in r:
-                lines.append(f"| {name} | FAILED: {r['error']} |")
+        lines += _rows(name, runs, [("seconds", "{:.2f}")] + MEMORY_COLUMNS
+                       + [("max_angle_rad", "{:.3e}")])
     return "\n".join(lines)
+
+
+MEMORY_COLUMNS = [("worker_peak_mib", "{:.0f}"), ("worker_peak_over_base_mib", "{:.0f}"),
+                  ("client_peak_over_base_mib", "{:.0f}")]
+
+
+def _rows(name, runs, columns):
+    """A table row of mean +- sd per column over the runs that worked, and a row per failure."""
+    ok = [r for r in runs if "error" not in r]
+    rows = [f"| {name} | " + " | ".join(ms([r[key] for r in ok], fmt) for key, fmt in columns)
+            + " |"] if ok else []
+    return rows + [f"| {name} | FAILED: {r['error']} |" for r in runs if "error" in r]
 
 
 # ------------------------------------------------------------------------------------------------
