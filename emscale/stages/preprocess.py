@@ -324,25 +324,24 @@ def _build(ctx: Context) -> xr.Dataset:
                                                             cfg.negative))
 
 
-NAV = NAV_DIMS
 STAGE = Stage(
     name="preprocess", config=PreprocessConfig, reads=("scan",), build=_build,
     library=Preprocessor,
     finalize=_value_counts,
     about="the scan's signal through the chain of steps: float32 features, navigation kept",
     outputs={
-        "features": Output((*NAV, SIGNAL), "the preprocessed signal (float32); the signal "
+        "features": Output((*NAV_DIMS, SIGNAL), "the preprocessed signal (float32); the signal "
                            "dims are the scan's (energy, or ky kx) after crop/bin"),
-        "valid": Output(NAV, "false for pixels left out (non-finite input under nonfinite: mask)"),
-        "nonfinite_count": Output(NAV, "NaN/inf values of the pixel's raw signal", "values"),
-        "negative_count": Output(NAV, "negative values of the pixel's raw signal", "values"),
-        "nonfinite_after_steps": Output(NAV, "values that became non-finite in the chain",
+        "valid": Output(NAV_DIMS, "false for pixels left out (non-finite input under nonfinite: mask)"),
+        "nonfinite_count": Output(NAV_DIMS, "NaN/inf values of the pixel's raw signal", "values"),
+        "negative_count": Output(NAV_DIMS, "negative values of the pixel's raw signal", "values"),
+        "nonfinite_after_steps": Output(NAV_DIMS, "values that became non-finite in the chain",
                                         "values"),
-        "intensity": Output(NAV, "divisor of the normalize step per pixel (1 without one): the "
+        "intensity": Output(NAV_DIMS, "divisor of the normalize step per pixel (1 without one): the "
                             "features times it are back on the scale before it", "counts"),
-        "clean_features": Output((*NAV, SIGNAL), "the clean (noise-free) signal through the "
+        "clean_features": Output((*NAV_DIMS, SIGNAL), "the clean (noise-free) signal through the "
                                  "same fitted chain", when="a synthetic scan (it has clean)"),
-        "label": Output(NAV, "ground-truth phase id, -1 anomalous", when="a synthetic scan"),
+        "label": Output(NAV_DIMS, "ground-truth phase id, -1 anomalous", when="a synthetic scan"),
     },
     attrs={"preprocess": "the fitted chain (steps with parameters, fitted statistics) and the "
                          "value policy", "source": "the raw file's path, size and sha256",
