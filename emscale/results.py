@@ -103,13 +103,15 @@ class ResultsStore:
         resume_key: str | None = None,
         lines: Callable[[str], None] | None = None,
         every: float = PROGRESS_EVERY,
+        registry=None,
     ) -> xr.Dataset:
         """Compute ``ds`` chunk by chunk into the stage group ``name``, atomically.
 
         ``finalize(written)`` may return attributes to add once the data are on disk (totals read
         back from small written maps, for instance) or raise to reject the stage. ``resume_key``
         (default: the one set by ``resumable``) keeps the chunks of a failed or killed write for
-        the next write with the same key. Returns the stage as read back from disk (lazy).
+        the next write with the same key. Returns the stage as read back from disk (lazy; as
+        ``open_stage`` with ``registry``).
         """
         if not (self.path / "zarr.json").exists():
             self.create()
@@ -128,7 +130,7 @@ class ResultsStore:
             extra = finalize(_open(tmp)) if finalize else {}
             group.attrs.update({**(extra or {}), "stage": name, "started": started, "finished": utc_now()})
         log.info("wrote stage %s of %s", name, self.path)
-        return self.open_stage(name)
+        return self.open_stage(name, registry)
 
     def discard_partials(self, name: str, keep: Path | None = None) -> None:
         """Remove what interrupted writes of ``name`` left, except ``keep`` (the one resumed)."""
@@ -145,10 +147,16 @@ class ResultsStore:
         where = self.path if stage is None else self.path / stage
         zarr.open_group(str(where), mode="a", zarr_format=3).attrs.update(attrs)
 
-    def open_stage(self, name: str) -> xr.Dataset:
+    def open_stage(self, name: str, registry=None) -> xr.Dataset:
+        """A stage group as its readers see it (lazy; through the stage's ``reopen`` of
+        ``registry``, default the pipeline's: e.g. preprocess features recomputed from the scan)."""
         if not self.has_stage(name):
             raise StoreError(f"{self.path}: no stage {name!r} (stages: {self.stages()})")
-        return _open(self.path / name)
+        if registry is None:
+            from emscale.stages import REGISTRY as registry
+        ds = _open(self.path / name)
+        stage = registry.get(name)
+        return stage.reopen(ds) if stage is not None and stage.reopen is not None else ds
 
 
 def _open(path: Path) -> xr.Dataset:

@@ -201,7 +201,7 @@ class Runner:
             self.echo(f"[{label}] up to date (cache key {key}), skipped")
             results.discard_partials(stage.name)  # e.g. of a forced rerun that was killed
             log.info("stage %s skipped: cache key %s", label, key)
-            lane.data[stage.name] = results.open_stage(stage.name)
+            lane.data[stage.name] = results.open_stage(stage.name, self.registry)
             return lane.data[stage.name]
         self.echo(f"[{label}] running")
         t0 = time.perf_counter()
@@ -217,7 +217,8 @@ class Runner:
             check_outputs(stage, ds)
             out = results.write_stage(stage.name, ds, overwrite=True, finalize=stage.finalize,
                                       progress=self.show_progress,
-                                      lines=None if self.show_progress else note)
+                                      lines=None if self.show_progress else note,
+                                      registry=self.registry)
         seconds = time.perf_counter() - t0
         results.update_attrs({"config_hash": key, "seconds": seconds}, stage=stage.name)
         if stage.name in results.resumed:
@@ -235,7 +236,7 @@ class Runner:
         region, reference = _normal_settings(self.wf)
         if reference is None:
             return NormalData(region=region, key=_key(region),
-                              training_features=lambda: lane.results.path / "preprocess")
+                              training_features=lambda: lane.data["preprocess"])
         from emscale.results import ResultsStore
         from emscale.store import open_scan
 
@@ -245,9 +246,8 @@ class Runner:
                    keys={"scan": scan_key}, label="reference", main=lane)
         normal = NormalData(reference=src, key=_key("reference", scan_key))
 
-        def training_features() -> Path:
-            self._resolve(ref, "preprocess", NormalData())
-            return ref.results.path / "preprocess"
+        def training_features():
+            return self._resolve(ref, "preprocess", NormalData())[0]
 
         def encoded():
             return self.execute(self.registry["encode"], ref, normal)

@@ -124,6 +124,9 @@ def validate_scan(ds: xr.Dataset, source: str | os.PathLike = "<dataset>") -> st
     return kind
 
 
+SCAN_STORE = "scan_store"  # the key of a scan's store path in the Dataset's encoding
+
+
 def open_scan(path: str | os.PathLike, validate: bool = True) -> xr.Dataset:
     """Open a scan store lazily (dask-backed, chunks as stored) and check its contract."""
     path = Path(path)
@@ -142,6 +145,7 @@ def open_scan(path: str | os.PathLike, validate: bool = True) -> xr.Dataset:
         raise StoreError(f"{path}: cannot open as an xarray dataset ({exc})") from None
     if validate:
         validate_scan(ds, path)
+    ds.encoding[SCAN_STORE] = str(path.resolve())  # where stages can read it again
     return ds
 
 

@@ -1,5 +1,10 @@
 """The training data: a ``preprocess`` stage's pixels streamed chunk by chunk from Zarr.
 
+``gather_training_set`` first copies the pixels training can use into a small store of their
+own, once (one pass over the scan on the cluster; the preprocessing chain runs on those pixels
+alone): every pixel of a small scan, a regular grid of about ``max_train_pixels`` on a large one.
+Epochs then read that store, so training costs the same on a 1 GB and on a 100 GB scan.
+
 ``ChunkStream`` reads the features with zarr (no dask: training runs in one process), holding at
 most ``buffer_chunks`` navigation chunks: the chunks' order is shuffled every epoch and the pixels
 of each group of chunks are shuffled together (a shuffle buffer), so memory depends on chunk size,
@@ -91,6 +96,74 @@ def check_split(tile: int, nav_shape: tuple[int, int], region=None) -> None:
                           "or declare a larger region)")
 
 
+def sample_stride(nav_shape: tuple[int, int], config: "TrainConfig", region=None) -> int:
+    """Every how many pixels along y and x training samples: the grid that keeps about
+    ``max_train_pixels`` training pixels (of the normal ``region`` when declared)."""
+    if not config.max_train_pixels:
+        return 1
+    ny, nx = nav_shape
+    if region is not None:
+        ny, nx = region[1] - region[0], region[3] - region[2]
+    n_train = ny * nx * (1 - config.val_fraction)
+    return max(1, math.ceil(math.sqrt(n_train / config.max_train_pixels)))
+
+
+def wants_clean(config: "TrainConfig") -> bool:
+    """Whether training reads the clean target (a denoising objective that may use it)."""
+    return config.objective == "denoise" and config.noise in ("auto", "clean")
+
+
+def gather_training_set(stage, config: "TrainConfig", path: str | os.PathLike, *,
+                        normal_region=None, progress: bool = False) -> Path:
+    """The pixels training can use, from a ``preprocess`` stage (``features_of`` it: its stored
+    features, or the chain rerun on the scan) into a store at ``path`` (kept: a store already
+    there is reused). Every ``sample_stride``-th pixel along y and x of the normal region (the
+    whole scan without one): a grid of about ``max_train_pixels`` training pixels plus the
+    validation tiles' share. The store looks like a preprocess stage (``features``, ``valid``,
+    ``clean_features`` if training uses it) with the grid in attrs ``sample_origin`` and
+    ``sample_stride``, so ``ChunkStream`` splits it by the scan's tiles.
+    Its size: about ``max_train_pixels / (1 - val_fraction)`` pixels of float32 features."""
+    from emscale.atomic import atomic_directory
+    from emscale.progress import compute
+    from emscale.stages.preprocess import features_of
+    from emscale.store import MIB, ChunkPolicy, default_compressor, navigation_chunks
+
+    path = Path(path)
+    if (path / "zarr.json").exists():
+        return path
+    ny, nx = stage.sizes["y"], stage.sizes["x"]
+    region = tuple(int(v) for v in normal_region) if normal_region is not None else None
+    if region is not None:
+        check_split(config.tile, (ny, nx), region)
+        stage = stage.isel(y=slice(region[0], region[1]), x=slice(region[2], region[3]))
+    stride = sample_stride((ny, nx), config, region)
+    chunk_pixels = int(np.prod([c[0] for c in stage["valid"].chunks])) if stage["valid"].chunks \
+        else stage["valid"].size
+    grid = features_of(stage, stride)
+    names = ["features", "valid"] + (["clean_features"] if wants_clean(config)
+                                     and "clean_features" in grid else [])
+    grid = grid[names]
+    signal_shape = grid["features"].shape[2:]
+    # chunks of about the scan's chunk in pixels: the stream's buffers stay the same size
+    feature_mib = chunk_pixels * int(np.prod(signal_shape)) * 4 / MIB
+    cy, cx = navigation_chunks(grid["valid"].shape, signal_shape,
+                               ChunkPolicy.of(max(1.0, feature_mib)))
+    grid = grid.chunk({"y": cy, "x": cx})
+    for v in grid.variables.values():
+        v.encoding = {}
+    grid.attrs = {"sample_stride": stride, "sample_origin": [region[0], region[2]] if region
+                  else [0, 0], "scan_shape": [ny, nx],
+                  "preprocess": stage.attrs.get("preprocess"), "source": stage.attrs.get("source")}
+    encoding = {n: {"compressors": (default_compressor(np.dtype(grid[n].dtype).itemsize),)}
+                for n in names}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_directory(path, overwrite=True) as tmp:
+        delayed = grid.to_zarr(str(tmp), mode="w-", zarr_format=3, consolidated=False,
+                               encoding=encoding, compute=False)
+        compute(delayed, description="training set", enabled=progress)
+    return path
+
+
 class ChunkStream:
     """Training and validation pixels of a ``preprocess`` stage, streamed chunk by chunk; the
     split and the shuffles are drawn from ``seed``; only pixels inside ``normal_region`` (y0, y1,
@@ -105,19 +178,25 @@ class ChunkStream:
         self.features = group["features"]
         self.valid = group["valid"] if "valid" in group else None
         # the clean target is read only when the objective uses it
-        wants_clean = config.objective == "denoise" and config.noise in ("auto", "clean")
-        self.clean = group["clean_features"] if wants_clean and "clean_features" in group else None
+        self.clean = group["clean_features"] if wants_clean(config) and "clean_features" in group \
+            else None
         self.config = config
         self.seed = seed
         self.region = tuple(normal_region) if normal_region is not None else None
         self.prefetch = bool(config.prefetch) if config.prefetch is not None else cuda_in_use(config)
+        # a gathered training set: pixel (i, j) is the scan's (origin + stride * (i, j))
+        self.origin = tuple(group.attrs.get("sample_origin", (0, 0)))
+        self.step = int(group.attrs.get("sample_stride", 1))
+        gathered = "sample_stride" in group.attrs
         ny, nx = self.features.shape[:2]
+        scan_shape = tuple(group.attrs.get("scan_shape", (ny, nx)))
         self.signal_shape = tuple(self.features.shape[2:])
         self.n_features = int(np.prod(self.signal_shape))
         cy, cx = self.features.chunks[:2]
         self.chunks = [(y0, min(y0 + cy, ny), x0, min(x0 + cx, nx))
                        for y0 in range(0, ny, cy) for x0 in range(0, nx, cx)]
         self.nav_shape = (ny, nx)
+        self.scan_shape = scan_shape
         self.path = path
         self._selections: dict = {}
         self._resident: dict = {}
@@ -125,17 +204,15 @@ class ChunkStream:
         # tiles are validation below a hash threshold, drawn over the candidate tiles (those of
         # a declared region, which must get validation tiles of its own); at least one tile
         # goes to each part
-        check_split(config.tile, (ny, nx), self.region)
+        check_split(config.tile, scan_shape, self.region)
         t = config.tile
-        n_tiles = (ny // t + 1) * (nx // t + 1)
+        n_tiles = (scan_shape[0] // t + 1) * (scan_shape[1] // t + 1)
         u_all = _uniform_hash(np.arange(n_tiles, dtype=np.uint64), seed)
-        u_real = np.sort(u_all[split_tiles(t, (ny, nx), self.region)])
+        u_real = np.sort(u_all[split_tiles(t, scan_shape, self.region)])
         n_val = int(np.clip((u_real < config.val_fraction).sum(), 1, len(u_real) - 1))
         self._val_threshold = u_real[n_val - 1]
-        self.stride = 1
-        if config.max_train_pixels:
-            n_train = ny * nx * (1 - config.val_fraction)
-            self.stride = max(1, math.ceil(math.sqrt(n_train / config.max_train_pixels)))
+        # the sample grid, unless the set was gathered on one already
+        self.stride = 1 if gathered else sample_stride(scan_shape, config, self.region)
 
     def signature(self) -> str:
         """The training data's identity for checkpoints: shape, chunks and the stage's attrs."""
@@ -148,7 +225,8 @@ class ChunkStream:
         outside ``normal_region``)."""
         t = self.config.tile
         yy, xx = np.mgrid[y0:y1, x0:x1]
-        tile_id = (yy // t) * (self.nav_shape[1] // t + 1) + xx // t
+        yy, xx = self.origin[0] + self.step * yy, self.origin[1] + self.step * xx  # the scan's
+        tile_id = (yy // t) * (self.scan_shape[1] // t + 1) + xx // t
         # a fixed hash of (seed, tile): the same tiles are validation in every epoch and run
         u = _uniform_hash(tile_id.astype(np.uint64), self.seed)
         out = (u <= self._val_threshold).astype(np.int8)

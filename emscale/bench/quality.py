@@ -218,8 +218,7 @@ def _train(results, settings: LectureSettings, k: int, normal_region=None, seed=
                          weight_decay=settings.weight_decay, objective="denoise", noise="clean",
                          tile=_tile(settings), patience=settings.epochs, threads=settings.threads,
                          max_train_pixels=None)
-    normal = NormalData(region=normal_region,
-                        training_features=lambda: results.path / "preprocess")
+    normal = NormalData(region=normal_region)
     t0 = time.perf_counter()
     ds = run_stage(REGISTRY["train"], {"preprocess": results.open_stage("preprocess")}, config,
                    seed=settings.seed if seed is None else seed, normal=normal)

@@ -39,6 +39,9 @@ class Registry:
                 return stage
         raise KeyError(name)
 
+    def get(self, name: str) -> Stage | None:
+        return next((s for s in self.stages if s.name == name), None)
+
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(s.name for s in self.stages)

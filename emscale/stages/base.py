@@ -43,6 +43,8 @@ class Stage:
     attrs: Mapping[str, str] = field(default_factory=dict)  # attrs it writes: name -> meaning
     uses_normal: bool = False                  # its result depends on where normal data come from
     finalize: Callable[[xr.Dataset], dict] | None = None  # attrs from the written data
+    # the written group as its readers see it (e.g. with variables recomputed lazily)
+    reopen: Callable[[xr.Dataset], xr.Dataset] | None = None
     # the library class or function that takes the section's fields as keyword parameters
     # (same names, same defaults), and the fields it does not take, with where they go instead
     library: Callable | None = None
@@ -59,7 +61,7 @@ class NormalData:
     region: tuple[int, int, int, int] | None = None
     reference: Path | None = None
     key: str = ""                              # enters the cache key of stages that use it
-    training_features: Callable[[], Path] | None = None  # the preprocess group to train on
+    training_features: Callable[[], xr.Dataset] | None = None  # the preprocess stage to train on
     encoded: Callable[[], xr.Dataset] | None = None   # the reference scan, encoded
 
     def reference_encoded(self) -> xr.Dataset:

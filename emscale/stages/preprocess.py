@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import dask.array as da
@@ -35,11 +36,18 @@ from sklearn.base import BaseEstimator
 
 from emscale.blockwise import map_nav_blocks
 from emscale.config import Section, defaults_of, json_safe
-from emscale.errors import ConfigError, InputError
+from emscale.errors import ConfigError, InputError, StoreError
 from emscale.reduction import tree_reduce
 from emscale.stages.base import SIGNAL, Context, Output, Stage
 from emscale.steps import STEPS, Coords, Step, make_step
-from emscale.store import COMPUTE_DTYPE, NAV_DIMS, SIGNAL_DIMS, validate_scan
+from emscale.store import (
+    COMPUTE_DTYPE,
+    NAV_DIMS,
+    SCAN_STORE,
+    SIGNAL_DIMS,
+    open_scan,
+    validate_scan,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +66,9 @@ class PreprocessConfig(Section):
         'NaN/inf pixels: leave them out (mask), set them to 0, or stop')
     negative: Literal["clip", "keep", "error"] = Field("clip", description=
         'negative counts: clip to 0, keep, or stop')
+    store_features: bool = Field(False, description=
+        'keep a float32 copy of the features on disk (as large as the scan in float32); '
+        'false: each stage that reads them reruns the chain on the scan inside its own pass')
 
 
 _DEFAULTS = defaults_of(PreprocessConfig)
@@ -173,21 +184,29 @@ class Preprocessor(BaseEstimator):
                               "Poisson noise; choose one")
         return steps
 
-    def fit(self, scan: xr.Dataset) -> "Preprocessor":
+    def fit(self, scan: xr.Dataset, statistics: dict | None = None) -> "Preprocessor":
+        """Prepare the steps and fit the stateful ones; ``statistics`` (a fitted chain's
+        ``statistics_``, e.g. from a stage's provenance) restores those fits without a pass."""
         kind = validate_scan(scan)
         steps = self._check(kind)
         sig = scan["signal"]
         coords = {d: np.asarray(sig[d].values) if d in sig.coords else np.arange(sig.sizes[d],
                   dtype=np.float64) for d in SIGNAL_DIMS[kind]}
         fitted: list[Step] = []
-        for step in steps:
+        self.statistics_ = {}
+        for i, step in enumerate(steps):
             step.prepare(coords)
             if step.stateful:
-                features, valid, *_ = self._lazy(scan, fitted, coords)
-                stats = tree_reduce(functools.partial(_statistics_block, step=step), step.merge,
-                                    features, valid, *_positions(scan),
-                                    name=f"preprocess-fit-{step.name}")
-                step.fit(stats.compute())
+                if statistics is not None and str(i) in statistics:
+                    stats = {k: np.asarray(v) if isinstance(v, list) else v
+                             for k, v in statistics[str(i)].items()}
+                else:
+                    features, valid, *_ = self._lazy(scan, fitted, coords)
+                    stats = tree_reduce(functools.partial(_statistics_block, step=step),
+                                        step.merge, features, valid, *_positions(scan),
+                                        name=f"preprocess-fit-{step.name}").compute()
+                step.fit(stats)
+                self.statistics_[str(i)] = stats
                 log.info("fitted %s: %s", step.where, step.state())
             coords = step.output_coords()
             fitted.append(step)
@@ -198,7 +217,14 @@ class Preprocessor(BaseEstimator):
                                   for d in SIGNAL_DIMS[kind]}
         return self
 
-    def _lazy(self, scan: xr.Dataset, steps: list[Step], out_coords: Coords):
+    @classmethod
+    def restore(cls, provenance: dict, scan: xr.Dataset) -> "Preprocessor":
+        """The fitted chain of a stage's ``preprocess`` provenance, for ``scan``, without a pass."""
+        chain = cls([dict(s) for s in provenance["steps"]], provenance["nonfinite"],
+                    provenance["negative"])
+        return chain.fit(scan, statistics=provenance.get("statistics", {}))
+
+    def _lazy(self, scan: xr.Dataset, steps: list[Step], out_coords: Coords, stride: int = 1):
         """The chain as dask arrays: features, valid, the three count maps and the intensity.
 
         One task per navigation block runs the chain and returns a tuple; each output's block is
@@ -209,6 +235,13 @@ class Preprocessor(BaseEstimator):
         sig = scan["signal"]
         data = sig.data if isinstance(sig.data, da.Array) else da.from_array(sig.data, chunks=-1)
         yy, xx = _positions(scan)
+        if stride > 1:  # every stride-th pixel each way: the chain runs on those alone, in
+            # blocks merged back to about the stored chunks' size (not one tiny task per chunk)
+            limit = max(data.dtype.itemsize * int(np.prod([c[0] for c in data.chunks])), 1 << 20)
+            data = data[::stride, ::stride]
+            data = data.rechunk(("auto", "auto", *(-1,) * (data.ndim - 2)),
+                                block_size_limit=limit)
+            yy, xx = (a[::stride, ::stride].rechunk(data.chunks[:2]) for a in (yy, xx))
         fn = functools.partial(_run_chain, steps=tuple(steps), nonfinite=self.nonfinite,
                                negative=self.negative)
         tail = tuple(v.size for v in out_coords.values())
@@ -216,15 +249,16 @@ class Preprocessor(BaseEstimator):
                    ((), np.int64), ((), COMPUTE_DTYPE)]
         return tuple(map_nav_blocks(fn, [data, yy, xx], outputs, name="preprocess"))
 
-    def transform(self, scan: xr.Dataset) -> xr.Dataset:
-        """The lazy stage output: ``features``, ``valid`` and per-pixel value counts."""
+    def transform(self, scan: xr.Dataset, stride: int = 1) -> xr.Dataset:
+        """The lazy stage output: ``features``, ``valid`` and per-pixel value counts; of every
+        ``stride``-th pixel along y and x only, when given (a sample grid)."""
         if not hasattr(self, "steps_"):
             raise ConfigError("preprocess: call fit before transform")
         if validate_scan(scan) != self.kind_:
             raise ConfigError(f"preprocess: fitted on a {self.kind_} scan, got a {scan.attrs['kind']}")
-        features, valid, n_bad, n_neg, n_after, intensity = self._lazy(scan, self.steps_,
-                                                                       self.signal_coords_)
-        nav = {d: scan[d] for d in NAV_DIMS if d in scan.coords}
+        features, valid, n_bad, n_neg, n_after, intensity = self._lazy(
+            scan, self.steps_, self.signal_coords_, stride)
+        nav = {d: scan[d][::stride] for d in NAV_DIMS if d in scan.coords}
         sig_dims = tuple(self.signal_coords_)
         coords = {**nav, **{d: (d, v, scan[d].attrs if d in scan.coords else {})
                             for d, v in self.signal_coords_.items()}}
@@ -251,6 +285,7 @@ class Preprocessor(BaseEstimator):
         return {
             "steps": [_step_config(s) for s in self.steps_],
             "fitted": [{"step": s.name, **s.state()} for s in self.steps_ if s.state()],
+            "statistics": json_safe(self.statistics_),  # what restore() fits from
             "nonfinite": self.nonfinite,
             "negative": self.negative,
         }
@@ -285,17 +320,26 @@ def summarize_counts(ds: xr.Dataset) -> dict[str, int]:
                      "invalid_pixels"), (int(t) for t in totals)))
 
 
-def preprocess_stage(scan: xr.Dataset, preprocessor: Preprocessor) -> xr.Dataset:
+def preprocess_stage(scan: xr.Dataset, preprocessor: Preprocessor,
+                     store_features: bool = True) -> xr.Dataset:
     """Fit (if needed) the chain on ``scan`` and return the lazy ``preprocess`` stage: features,
     valid map, value counts and per-pixel ``intensity``. A synthetic scan's ``clean`` signal goes
     through the same fitted chain into ``clean_features`` (the denoising target) and its
-    ``label`` map is copied."""
+    ``label`` map is copied.
+
+    Without ``store_features`` (and for a scan read from a store, ``open_scan``) the features are
+    left out: the stage keeps the per-pixel maps, the fitted chain and the scan store's path, and
+    ``features_of`` reruns the chain on the scan wherever they are read, inside that pass."""
     if not hasattr(preprocessor, "steps_"):
         preprocessor.fit(scan)
     ds = preprocessor.transform(scan)
-    if "clean" in scan:  # synthetic ground truth, through the same fitted chain: denoising targets
-        clean = preprocessor.transform(scan.assign(signal=scan["clean"]))
-        ds["clean_features"] = clean["features"]
+    store = scan.encoding.get(SCAN_STORE)
+    if store_features or store is None:
+        if "clean" in scan:  # synthetic ground truth, through the same fitted chain
+            ds["clean_features"] = preprocessor.transform(scan.assign(signal=scan["clean"]))["features"]
+    else:
+        ds = ds.drop_vars("features")
+        ds.attrs["scan_store"] = store
     if "label" in scan:
         ds["label"] = scan["label"]
         ds["label"].attrs = dict(scan["label"].attrs)
@@ -304,6 +348,38 @@ def preprocess_stage(scan: xr.Dataset, preprocessor: Preprocessor) -> xr.Dataset
         ds[name] = ds[name].astype(np.int32)
     ds.attrs = json_safe(ds.attrs)
     return ds
+
+
+def features_of(stage: xr.Dataset, stride: int = 1) -> xr.Dataset:
+    """A ``preprocess`` stage as its readers see it: with ``features`` (and ``clean_features``
+    for a synthetic scan), read from the group if it stores them, else recomputed lazily from the
+    scan store by the fitted chain (no pass until computed). With ``stride``: every
+    ``stride``-th pixel along y and x, the chain run on those alone (training's sample grid)."""
+    if "features" in stage:
+        return stage if stride == 1 else stage.isel(y=slice(None, None, stride),
+                                                    x=slice(None, None, stride))
+    path = stage.attrs.get("scan_store")
+    if path is None:
+        raise StoreError("preprocess: the stage has neither features nor the scan store they are "
+                         "computed from")
+    if not Path(path).exists():
+        raise StoreError(f"preprocess: the features are computed from the scan store {path}, "
+                         "which is gone: restore it, or rerun with --force preprocess")
+    scan = open_scan(path)
+    chain = Preprocessor.restore(stage.attrs["preprocess"], scan)
+    out = stage if stride == 1 else stage.isel(y=slice(None, None, stride),
+                                               x=slice(None, None, stride))
+    lazy = chain.transform(scan, stride)
+    out = out.assign(features=lazy["features"].chunk(dict(zip(NAV_DIMS, _nav_chunks(out)))))
+    if "clean" in scan:
+        clean = chain.transform(scan.assign(signal=scan["clean"]), stride)["features"]
+        out["clean_features"] = clean.chunk(dict(zip(NAV_DIMS, _nav_chunks(out))))
+    return out
+
+
+def _nav_chunks(ds: xr.Dataset):
+    """The navigation chunks of a stage's maps (what recomputed features must line up with)."""
+    return ds["valid"].chunks if ds["valid"].chunks else ds["valid"].shape
 
 
 def write_preprocess_stage(results, scan: xr.Dataset, preprocessor: Preprocessor, *,
@@ -321,17 +397,21 @@ def _value_counts(written: xr.Dataset) -> dict:
 def _build(ctx: Context) -> xr.Dataset:
     cfg = ctx.config
     return preprocess_stage(ctx.input("scan"), Preprocessor(list(cfg.steps), cfg.nonfinite,
-                                                            cfg.negative))
+                                                            cfg.negative), cfg.store_features)
 
 
 STAGE = Stage(
     name="preprocess", config=PreprocessConfig, reads=("scan",), build=_build,
     library=Preprocessor,
-    finalize=_value_counts,
-    about="the scan's signal through the chain of steps: float32 features, navigation kept",
+    finalize=_value_counts, reopen=features_of,
+    not_in_library={"store_features": "preprocess_stage(scan, chain, store_features)"},
+    about="the scan's signal through the chain of steps: float32 features, navigation kept "
+          "(stored, or recomputed from the scan store by each stage that reads them)",
     outputs={
         "features": Output((*NAV_DIMS, SIGNAL), "the preprocessed signal (float32); the signal "
-                           "dims are the scan's (energy, or ky kx) after crop/bin"),
+                           "dims are the scan's (energy, or ky kx) after crop/bin; without it "
+                           "the stage's readers rerun the chain on the scan (features_of)",
+                           when="preprocess.store_features, or a scan not read from a store"),
         "valid": Output(NAV_DIMS, "false for pixels left out (non-finite input under nonfinite: mask)"),
         "nonfinite_count": Output(NAV_DIMS, "NaN/inf values of the pixel's raw signal", "values"),
         "negative_count": Output(NAV_DIMS, "negative values of the pixel's raw signal", "values"),
@@ -340,11 +420,13 @@ STAGE = Stage(
         "intensity": Output(NAV_DIMS, "divisor of the normalize step per pixel (1 without one): the "
                             "features times it are back on the scale before it", "counts"),
         "clean_features": Output((*NAV_DIMS, SIGNAL), "the clean (noise-free) signal through the "
-                                 "same fitted chain", when="a synthetic scan (it has clean)"),
+                                 "same fitted chain", when="a synthetic scan (it has clean), "
+                                 "where features are stored"),
         "label": Output(NAV_DIMS, "ground-truth phase id, -1 anomalous", when="a synthetic scan"),
     },
     attrs={"preprocess": "the fitted chain (steps with parameters, fitted statistics) and the "
                          "value policy", "source": "the raw file's path, size and sha256",
            "value_counts": "totals: nonfinite_values, negative_values, nonfinite_after_steps, "
-                           "invalid_pixels", "kind": "spectrum or diffraction"},
+                           "invalid_pixels", "kind": "spectrum or diffraction",
+           "scan_store": "the scan store the features are recomputed from (when not stored)"},
 )

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from pathlib import Path
 from typing import ClassVar, Literal, Optional
 
 import numpy as np
@@ -20,7 +21,6 @@ import xarray as xr
 from pydantic import Field, model_validator
 
 from emscale.config import Section, json_safe
-from emscale.errors import ConfigError
 from emscale.stages.base import Context, Output, Stage
 
 
@@ -125,18 +125,50 @@ def write_train_stage(results, result, *, overwrite: bool = False) -> xr.Dataset
 
 
 def _build(ctx: Context) -> xr.Dataset:
+    import contextlib
+    import tempfile
+
     from emscale.trainer import train_where_the_data_are
 
     normal = ctx.normal
-    if normal.training_features is None:
-        raise ConfigError("train: no preprocess stage on disk to train on")
-    path = normal.training_features()
-    checkpoints = None if ctx.workdir is None else ctx.workdir / "checkpoints" / ctx.key
-    result = train_where_the_data_are(path, ctx.config, seed=ctx.seed,
-                                      normal_region=normal.region, checkpoint_dir=checkpoints)
+    stage = normal.training_features() if normal.training_features is not None \
+        else ctx.input("preprocess")
+    with contextlib.ExitStack() as stack:
+        # the training set and checkpoints live in the run's directory (kept for resume), or,
+        # for a stage run alone, in a temporary one
+        workdir = ctx.workdir if ctx.workdir is not None \
+            else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="emscale-train-")))
+        checkpoints = workdir / "checkpoints" / ctx.key
+        path = _training_set(ctx, stage, checkpoints / "train_set.zarr")
+        result = train_where_the_data_are(path, ctx.config, seed=ctx.seed,
+                                          normal_region=normal.region,
+                                          checkpoint_dir=checkpoints)
     if result.resumed_from is not None:
         ctx.note(f"resumed from the checkpoint of epoch {result.resumed_from}")
     return train_dataset(result)
+
+
+def _training_set(ctx: Context, stage: xr.Dataset, path: Path) -> Path:
+    """Gather the training pixels once (kept next to the checkpoints, reused on resume)."""
+    import time
+
+    from emscale.train_stream import gather_training_set
+
+    if (path / "zarr.json").exists():
+        return path
+    t0 = time.perf_counter()
+    gather_training_set(stage, ctx.config, path, normal_region=ctx.normal.region,
+                        progress=ctx.progress)
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    ctx.note(f"training set gathered in {time.perf_counter() - t0:.1f} s: {_pixels(path)} "
+             f"pixels, {size / 1e9:.2f} GB on disk ({path})")
+    return path
+
+
+def _pixels(path) -> int:
+    import zarr
+
+    return int(np.prod(zarr.open_array(str(path / "valid"), mode="r").shape))
 
 
 STAGE = Stage(
