@@ -99,6 +99,9 @@ def synth_eels_cmd(
                                "boundaries and a surface band; bands: four equal bands of pure "
                                "pixels, one phase each (groups of known phase)."),
     chunk_mib: float = typer.Option(64.0, "--chunk-mib", help=CHUNK_HELP),
+    store_clean: bool = typer.Option(False, "--store-clean", help="Keep the float32 clean signal "
+                                     "in the store (about 3x the disk of the counts); without it "
+                                     "it is regenerated from the generator's parameters when read."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
 ) -> None:
     """Synthetic iron-oxide core-loss EELS: O-K and Fe-L2,3 edges, four phases (Fe2O3, FeO, Fe3O4,
@@ -109,7 +112,8 @@ def synth_eels_cmd(
 
     check_output_free(out, overwrite, OVERWRITE_REMEDY)
     ds = synth_eels(shape, channels=channels, anomaly=anomaly, seed=seed, dose=dose,
-                    read_noise=read_noise, layout=layout, policy=_policy(chunk_mib))
+                    read_noise=read_noise, layout=layout, policy=_policy(chunk_mib),
+                    store_clean=store_clean)
     write_scan(ds, out, policy=_policy(chunk_mib), overwrite=overwrite, progress=_progress())
     typer.echo(f"wrote {out}: spectrum image {shape[0]} x {shape[1]} x {channels}")
 
@@ -123,6 +127,9 @@ def synth_4dstem_cmd(
     seed: int = typer.Option(0, "--seed", help="Random seed: the same seed gives the same scan."),
     dose: Optional[float] = typer.Option(None, "--dose", help="Mean electrons per pattern."),
     chunk_mib: float = typer.Option(64.0, "--chunk-mib", help=CHUNK_HELP),
+    store_clean: bool = typer.Option(False, "--store-clean", help="Keep the float32 clean signal "
+                                     "in the store (about 3x the disk of the counts); without it "
+                                     "it is regenerated from the generator's parameters when read."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
 ) -> None:
     """Synthetic 4D-STEM: a polycrystal of grains (two crystal phases, many orientations) with
@@ -134,7 +141,7 @@ def synth_4dstem_cmd(
     check_output_free(out, overwrite, OVERWRITE_REMEDY)
     kwargs = {} if dose is None else {"dose": dose}
     ds = synth_diffraction(shape, pattern=pattern, anomaly=anomaly, seed=seed,
-                           policy=_policy(chunk_mib), **kwargs)
+                           policy=_policy(chunk_mib), store_clean=store_clean, **kwargs)
     write_scan(ds, out, policy=_policy(chunk_mib), overwrite=overwrite, progress=_progress())
     typer.echo(f"wrote {out}: 4D-STEM {shape[0]} x {shape[1]} scan of {pattern[0]} x {pattern[1]} patterns")
 

@@ -288,11 +288,13 @@ class Runner:
             if s.kind == "eels":
                 from emscale.synth.eels import synth_eels
 
-                ds = synth_eels(s.shape, channels=s.channels, anomaly=s.anomaly, seed=s.seed)
+                ds = synth_eels(s.shape, channels=s.channels, anomaly=s.anomaly, seed=s.seed,
+                                store_clean=s.store_clean)
             else:
                 from emscale.synth.diffraction import synth_diffraction
 
-                ds = synth_diffraction(s.shape, pattern=s.pattern, anomaly=s.anomaly, seed=s.seed)
+                ds = synth_diffraction(s.shape, pattern=s.pattern, anomaly=s.anomaly, seed=s.seed,
+                                        store_clean=s.store_clean)
             write_scan(ds, path, policy=policy, overwrite=True)
         else:
             from emscale.ingest import ingest

@@ -54,6 +54,9 @@ class SynthConfig(Section):
     anomaly: bool = Field(True, description=
         'add anomalous regions (labelled -1 in the ground truth)')
     seed: int = Field(42, ge=0, description="seed of the generated scan")
+    store_clean: bool = Field(False, description=
+        'keep the float32 clean signal in the scan store (about 3x the counts); false: it is '
+        'regenerated from the generator when read')
 
 
 class WorkflowBase(Section):

@@ -5,6 +5,11 @@ float32, shape ``(rows, cols, *signal_shape)``), ``truth_block(y0, y1, x0, x1)``
 ``anomaly_kind`` int8, shape ``(rows, cols)``) and ``noisy_block(clean, y0, x0)`` (integer counts).
 ``lazy_scan`` turns one into a dask-backed Dataset whose every chunk is computed on its own, so a
 100 GB scan is written with the memory of a few chunks.
+
+The clean signal is float32 and compresses poorly (about 3x the disk of the integer counts), so a
+store keeps it only when asked (``store_clean``); otherwise ``open_scan`` regenerates it on demand
+from the generator's parameters in the store's attrs (``GeneratedClean``: for exactly the pixels
+read, so a training sample grid costs only its own pixels).
 """
 
 from __future__ import annotations
@@ -49,8 +54,14 @@ def _truth(gen, which, block_info=None):
     return gen.truth_block(*_nav_range(block_info))[which]
 
 
-def lazy_scan(gen: Generator, policy: ChunkPolicy | None = None) -> xr.Dataset:
-    """A lazy scan Dataset (``signal``, ``clean``, ``label``, ``anomaly_kind``) from a generator."""
+CLEAN_ON_DEMAND = "clean_on_demand"  # the attr of a store whose clean signal is regenerated
+
+
+def lazy_scan(gen: Generator, policy: ChunkPolicy | None = None,
+              store_clean: bool = False) -> xr.Dataset:
+    """A lazy scan Dataset (``signal``, ``clean``, ``label``, ``anomaly_kind``) from a generator.
+    Without ``store_clean``, ``clean`` is marked to be left out of the store (attr
+    ``clean_on_demand``: ``write_scan`` drops it, ``open_scan`` regenerates it)."""
     ny, nx = gen.shape
     cy, cx = navigation_chunks(gen.shape, gen.signal_shape, policy)
     nav_chunks = (da.core.normalize_chunks(cy, (ny,))[0], da.core.normalize_chunks(cx, (nx,))[0])
@@ -62,6 +73,9 @@ def lazy_scan(gen: Generator, policy: ChunkPolicy | None = None) -> xr.Dataset:
     label = da.map_blocks(_truth, gen, 0, chunks=nav_chunks, dtype=np.int16, token="synth-label")
     anomaly = da.map_blocks(_truth, gen, 1, chunks=nav_chunks, dtype=np.int8, token="synth-anomaly")
     dims = NAV_DIMS + SIGNAL_DIMS[gen.kind]
+    attrs = gen.attrs()
+    if not store_clean:
+        attrs[CLEAN_ON_DEMAND] = True
     return xr.Dataset(
         {
             "signal": (dims, signal, {"long_name": "counts", "units": "counts"}),
@@ -70,8 +84,61 @@ def lazy_scan(gen: Generator, policy: ChunkPolicy | None = None) -> xr.Dataset:
             "anomaly_kind": (NAV_DIMS, anomaly, {"long_name": "ground-truth anomaly kind (0: none)"}),
         },
         coords=gen.coords(),
-        attrs=gen.attrs(),
+        attrs=attrs,
     )
+
+
+def generator_from_attrs(attrs: dict) -> Generator:
+    """The generator that made a synthetic scan, from its store's ``generator`` attrs."""
+    params = dict(attrs["generator"])
+    name = params.pop("name")
+    if name == "eels":
+        from emscale.synth.eels import EELSGenerator
+
+        return EELSGenerator(**params)
+    from emscale.synth.diffraction import DiffractionGenerator
+
+    return DiffractionGenerator(**params)
+
+
+class GeneratedClean:
+    """The clean signal of a synthetic scan as a lazy array: indexing generates the selected
+    pixels (a strided slice along y and x generates only those), nothing is stored."""
+
+    def __init__(self, gen: Generator):
+        self.gen = gen
+        self.shape = (*gen.shape, *gen.signal_shape)
+        self.dtype = np.dtype(np.float32)
+        self.ndim = len(self.shape)
+
+    def __getitem__(self, key) -> np.ndarray:
+        key = key if isinstance(key, tuple) else (key,)
+        key = key + (slice(None),) * (self.ndim - len(key))
+        nav = [np.arange(self.shape[i])[k] for i, k in enumerate(key[:2])]
+        rows, cols = (np.atleast_1d(v) for v in nav)
+        yy, xx = np.meshgrid(rows.astype(np.float64), cols.astype(np.float64), indexing="ij")
+        out = self.gen.clean_at(yy.ravel(), xx.ravel())
+        out = out.reshape(len(rows), len(cols), *self.gen.signal_shape)[(slice(None),) * 2 + key[2:]]
+        # an integer index drops its axis, as numpy does
+        return out[tuple(0 if np.ndim(v) == 0 else slice(None) for v in nav)]
+
+    def __dask_tokenize__(self):
+        from dask.base import tokenize
+
+        return ("GeneratedClean", tokenize(self.gen.attrs()))
+
+
+def with_generated_clean(ds: xr.Dataset) -> xr.Dataset:
+    """``ds`` with its ``clean`` signal regenerated lazily when its store left it out
+    (chunked like ``signal``)."""
+    if "clean" in ds or not ds.attrs.get(CLEAN_ON_DEMAND) or "generator" not in ds.attrs:
+        return ds
+    gen = generator_from_attrs(ds.attrs)
+    sig = ds["signal"]
+    clean = da.from_array(GeneratedClean(gen), chunks=sig.chunks or sig.shape,
+                          name=f"synth-clean-{gen.kind}-" + GeneratedClean(gen).__dask_tokenize__()[1])
+    return ds.assign(clean=(sig.dims, clean, {"long_name": "expected counts (noise free), "
+                                              "regenerated", "units": "counts"}))
 
 
 def poisson_gaussian_counts(clean: np.ndarray, rng: np.random.Generator, read_noise: float,

@@ -279,7 +279,10 @@ class DiffractionGenerator:
 
     def clean_block(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         """Expected counts, float32 ``(rows, cols, ky, kx)``: coefficients @ basis images."""
-        y, x = block_coords(y0, y1, x0, x1)
+        return self.clean_at(*block_coords(y0, y1, x0, x1)).reshape(y1 - y0, x1 - x0, *self.pattern)
+
+    def clean_at(self, y: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """Expected counts at scan positions ``y``, ``x`` (flat), float32 ``(n, ky, kx)``."""
         n = len(y)
         w, g1, g2, mix = self.layout.evaluate(y, x)
         t = self.thickness(y, x)
@@ -331,7 +334,7 @@ class DiffractionGenerator:
         basis = np.concatenate(bases) if len(bases) > 1 else bases[0]
         coef = (np.clip(coef, 0.0, None) * self.dose).astype(np.float32)
         out = coef @ basis  # float32 GEMM: one pass over the block's memory
-        return out.reshape(y1 - y0, x1 - x0, *self.pattern)
+        return out.reshape(n, *self.pattern)
 
     def noisy_block(self, clean: np.ndarray, y0: int, x0: int) -> np.ndarray:
         rng = block_rng(self.seed, y0, x0)
@@ -388,8 +391,10 @@ def synth_diffraction(
     dose: float = 20000.0,
     read_noise: float = 0.0,
     policy: ChunkPolicy | None = None,
+    store_clean: bool = False,
 ) -> xr.Dataset:
-    """A lazy synthetic 4D-STEM scan (``signal``, ``clean``, ``label``, ``anomaly_kind``)."""
+    """A lazy synthetic 4D-STEM scan (``signal``, ``clean``, ``label``, ``anomaly_kind``;
+    ``store_clean``: keep the clean signal in the store, else it is regenerated when read)."""
     gen = DiffractionGenerator(shape=shape, pattern=pattern, anomaly=anomaly, seed=seed, dose=dose,
                                read_noise=read_noise)
-    return lazy_scan(gen, policy)
+    return lazy_scan(gen, policy, store_clean)

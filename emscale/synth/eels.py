@@ -166,7 +166,9 @@ class EELSGenerator:
 
     # --- the Generator protocol -------------------------------------------------------------
     def _pixels(self, y0: int, y1: int, x0: int, x1: int):
-        y, x = block_coords(y0, y1, x0, x1)
+        return self._at(*block_coords(y0, y1, x0, x1))
+
+    def _at(self, y: np.ndarray, x: np.ndarray):
         weights, grain, _g2, _mix = self.phase_layout.evaluate(y, x)
         t = 0.8 + 0.45 * self.thickness(y, x)  # t/lambda in 0.35 .. 1.25
         shift = 0.35 * self.shift(y, x) + self.grain_shift[grain]
@@ -174,13 +176,17 @@ class EELSGenerator:
         return weights, t, shift, kind
 
     def clean_block(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-        weights, t, shift, kind = self._pixels(y0, y1, x0, x1)
+        return self.clean_at(*block_coords(y0, y1, x0, x1)).reshape(y1 - y0, x1 - x0, self.channels)
+
+    def clean_at(self, y: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """Expected counts at scan positions ``y``, ``x`` (flat), float32 ``(n, channels)``."""
+        weights, t, shift, kind = self._at(y, x)
         out = np.empty((len(t), self.channels), dtype=np.float32)
         # in slabs of pixels: the model's temporaries stay a few MB whatever the block size
         for i in range(0, len(t), SLAB_PIXELS):
             s = slice(i, i + SLAB_PIXELS)
             out[s] = self._mixed_spectra(weights[s], t[s], shift[s], kind[s])
-        return out.reshape(y1 - y0, x1 - x0, self.channels)
+        return out
 
     def _mixed_spectra(self, weights, t, shift, kind) -> np.ndarray:
         # Mixed pixels are linear mixtures of spectra (the beam sees both grains), not of parameters.
@@ -264,8 +270,9 @@ PHASE_KEYS = ("fe", "o", "l3", "shoulder", "shoulder_w", "ratio", "width", "o_pr
 
 def synth_eels(shape=(64, 64), channels: int = 1024, anomaly: bool = False, seed: int = 0,
                dose: float = 50.0, read_noise: float = 1.0, policy: ChunkPolicy | None = None,
-               **kwargs) -> xr.Dataset:
-    """A lazy synthetic EELS spectrum image; write it with ``emscale.store.write_scan``."""
+               store_clean: bool = False, **kwargs) -> xr.Dataset:
+    """A lazy synthetic EELS spectrum image; write it with ``emscale.store.write_scan``
+    (``store_clean``: keep the clean signal in the store, else it is regenerated when read)."""
     gen = EELSGenerator(shape=tuple(shape), channels=channels, anomaly=anomaly, seed=seed, dose=dose,
                         read_noise=read_noise, **kwargs)
-    return lazy_scan(gen, policy)
+    return lazy_scan(gen, policy, store_clean)
