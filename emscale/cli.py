@@ -388,6 +388,56 @@ def bench_pca_cmd(
         write_json(result, json_path)
 
 
+@bench_app.command("scale")
+def bench_scale_cmd(
+    sizes: str = typer.Option("1,4,16", "--sizes", help="Scan sizes in GB of the signal as "
+                              "float32, comma-separated (e.g. 1,4,16,100)."),
+    kind: str = typer.Option("eels,4dstem", "--kind", help="eels, 4dstem or both (comma-separated)."),
+    workdir: Path = typer.Option(Path("bench-scale"), "--dir", help="Where the scans are generated "
+                                 "(reused by later runs) and the runs write (removed after each)."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the figures to this file."),
+    plot_path: Optional[Path] = typer.Option(None, "--plot", help="A PNG of seconds per stage and "
+                                             "peak memory against size."),
+    cluster: Optional[Path] = typer.Option(None, "--cluster", help="A cluster file (default: the "
+                                           "LocalCluster emscale run starts)."),
+    settings: list[str] = typer.Option([], "--set", help="Override a workflow field, e.g. "
+                                       "--set train.epochs=5 (repeatable; values as YAML)."),
+) -> None:
+    """Run the shipped workflow of each kind end to end on synthetic scans of each size and
+    print, per stage, seconds, GB/s, the stage's limit measured in the same run (passes over
+    the store at the codec's read+decode floor plus its arithmetic at the workers' rates), peak
+    worker and client memory, tasks and disk. Checks df first: a 100 GB EELS scan needs about
+    25 GB of disk. Figures to read, not assertions."""
+    import yaml
+
+    from emscale.bench.scale import KINDS, plot, run_scale_bench, table, write_json
+    from emscale.dask_cluster import load_cluster_file
+    from emscale.errors import ConfigError
+
+    kinds = [k.strip() for k in kind.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in KINDS]
+    if bad:
+        raise ConfigError(f"--kind: {bad[0]!r} is not one of {KINDS}")
+    try:
+        size_list = [float(v) for v in sizes.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"--sizes: numbers separated by commas, got {sizes!r}") from None
+    overrides = {}
+    for item in settings:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ConfigError(f"--set: SECTION.FIELD=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        overrides[key] = yaml.safe_load(value)
+    cfg = load_cluster_file(cluster) if cluster else None
+    runs = run_scale_bench(size_list, kinds, workdir, cluster_cfg=cfg, overrides=overrides,
+                           echo=typer.echo)
+    typer.echo(table(runs))
+    if json_path:
+        write_json(runs, json_path)
+    if plot_path:
+        plot(runs, plot_path)
+
+
 @bench_app.command("train")
 def bench_train_cmd(
     shape: tuple[int, int] = typer.Option((256, 512), "--shape", help="Navigation size of the "

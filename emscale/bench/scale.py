@@ -1,0 +1,454 @@
+"""``emscale bench scale``: the shipped workflow end to end on synthetic scans of growing size.
+
+For each kind (``eels``, ``4dstem``) and size (GB of the signal as float32) it generates a scan
+(or reuses one in ``--dir``), runs the shipped workflow of that kind (``workflows/``) on the
+LocalCluster that ``emscale run`` starts, and records per stage, measured in the same run:
+
+- ``seconds`` (the stage's build and write), ``gb_per_s`` (its input: the scan as float32),
+- ``passes``: how many times the stage read the scan store (the bytes the workers and this
+  process read through system calls during the stage, page-cache hits included, over the
+  store's size), ``tasks`` (tasks that finished during the stage),
+- ``peak_worker_mem_gb`` / ``peak_client_mem_gb``: the largest RSS of any worker (from the
+  scheduler's heartbeats) and of this process (scheduler and client), sampled every 0.5 s while
+  the stage runs,
+- ``disk_gb``: what the stage left on disk (its results group; for ``train`` also the gathered
+  training set),
+- ``limit_seconds``: what the stage would take at this machine's limits: its passes times the
+  store's read+decode **floor** (the codec decoding every chunk on all cores, no Dask), plus its
+  arithmetic at the rates measured on the workers (PCA: the scatter matrix ``X^T X`` per block;
+  encode: the trained model's forward pass; cluster: reading the features for the phase means).
+
+Per run: the floor, the end-to-end ratio of the summed stage limits (training excluded: its
+cost is set by ``epochs`` and ``max_train_pixels``, not by the scan) to the seconds, and the disk
+used. Timings are figures to read, never assertions.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+KINDS = ("eels", "4dstem")
+EELS_CHANNELS = 1024
+PATTERN = (128, 128)
+GB = 1e9
+
+
+def scan_shape(kind: str, size_gb: float) -> tuple[int, int]:
+    """A square-ish navigation grid whose float32 signal is ``size_gb`` GB."""
+    per_pixel = 4 * (EELS_CHANNELS if kind == "eels" else PATTERN[0] * PATTERN[1])
+    pixels = size_gb * GB / per_pixel
+    ny = max(16, int(math.sqrt(pixels)))
+    return ny, max(16, int(round(pixels / ny)))
+
+
+def _du(path: Path) -> int:
+    if not path.exists():
+        return 0
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+# ---------------------------------------------------------------------------------------------
+# the machine's limits, measured in the run
+
+
+def codec_floor(store: Path, threads: int | None = None) -> tuple[float, int]:
+    """Seconds to read and decode every chunk of the store's ``signal`` with the codec on all
+    cores (a thread per core, Blosc's own threads off, no Dask), and the chunk count."""
+    import numcodecs.blosc
+    import zarr
+
+    arr = zarr.open_array(str(store / "signal"), mode="r")
+    grid = [range(math.ceil(n / c)) for n, c in zip(arr.shape, arr.chunks)]
+    keys = [tuple(ix) for ix in np.ndindex(*(len(g) for g in grid))]
+    out_dtype = arr.dtype
+
+    def decode(ix):
+        path = store / "signal" / "c" / "/".join(str(i) for i in ix)
+        raw = path.read_bytes()
+        return np.frombuffer(numcodecs.blosc.decompress(raw), out_dtype).size
+
+    old = numcodecs.blosc.use_threads
+    numcodecs.blosc.use_threads = False
+    try:
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(threads or os.cpu_count()) as pool:
+            list(pool.map(decode, keys))
+        return time.perf_counter() - t0, len(keys)
+    finally:
+        numcodecs.blosc.use_threads = old
+
+
+def _syrk_rate(n_features: int, rows: int = 8192, repeats: int = 3) -> float:
+    """Pixel rows per second of ``X^T X`` (float32) in this worker's threads."""
+    x = np.random.default_rng(0).random((rows, n_features), dtype=np.float32)
+    x.T @ x
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        x.T @ x
+    return rows * repeats / (time.perf_counter() - t0)
+
+
+def _encode_rate(results: str, rows: int = 8192, repeats: int = 3) -> float:
+    """Pixels per second of the encode stage's arithmetic in this worker: ``encode_block`` (the
+    model's encoder and decoder, the errors, PCA's reconstruction at the same k) on a block in
+    memory."""
+    from emscale.model_spec import ModelSpec
+    from emscale.results import ResultsStore
+    from emscale.stages.encode import PCAProjection, encode_block
+
+    store = ResultsStore(results)
+    pre = store.open_stage("preprocess")
+    shape = tuple(pre["features"].shape[2:])
+    spec = ModelSpec.from_train_stage(store.open_stage("train"), shape)
+    proj = PCAProjection.from_pca_stage(store.open_stage("pca"), spec.latent_dim)
+    x = np.random.default_rng(0).random((1, rows, *shape), dtype=np.float32) / np.prod(shape)
+    valid, intensity = np.ones((1, rows), bool), np.ones((1, rows), np.float32)
+    encode_block(x, valid, intensity, spec, proj)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        encode_block(x, valid, intensity, spec, proj)
+    return rows * repeats / (time.perf_counter() - t0)
+
+
+def _read_chars() -> int:
+    """Bytes this process has read through system calls (page-cache hits included)."""
+    import psutil
+
+    return psutil.Process().io_counters().read_chars
+
+
+def _on_all_workers(client, fn, *args) -> float:
+    """The summed rate of ``fn`` run on every worker at once (as a stage runs)."""
+    return float(sum(client.run(fn, *args).values()))
+
+
+# ---------------------------------------------------------------------------------------------
+# sampling during the run
+
+
+def _task_counter():
+    """A scheduler plugin that counts finished tasks."""
+    from distributed.diagnostics.plugin import SchedulerPlugin
+
+    class TaskCounter(SchedulerPlugin):
+        name = TASK_COUNTER
+
+        def __init__(self):
+            self.done = 0
+
+        def transition(self, key, start, finish, *args, **kwargs):
+            if finish == "memory":
+                self.done += 1
+
+    return TaskCounter()
+
+
+TASK_COUNTER = "emscale-task-counter"
+
+
+class _Sampler:
+    """Peak RSS of the workers and of this process per stage, every ``every`` seconds; the
+    current stage is set by the runner's messages."""
+
+    def __init__(self, client, every: float = 0.5):
+        import psutil
+
+        self.client, self.every = client, every
+        self.proc = psutil.Process()
+        self.stage = None
+        self.peaks: dict[str, dict[str, float]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def sample(self) -> None:
+        stage = self.stage
+        if stage is None:
+            return
+        workers = self.client.scheduler_info(n_workers=-1)["workers"].values()
+        wmem = max((w.get("metrics", {}).get("memory", 0) for w in workers), default=0)
+        peak = self.peaks.setdefault(stage, {"worker": 0.0, "client": 0.0})
+        peak["worker"] = max(peak["worker"], wmem / GB)
+        peak["client"] = max(peak["client"], self.proc.memory_info().rss / GB)
+
+    def _loop(self):
+        while not self._stop.wait(self.every):
+            try:
+                self.sample()
+            except Exception as exc:  # noqa: BLE001 - a missed sample must not stop the run
+                log.debug("sample failed: %s", exc)
+
+
+# ---------------------------------------------------------------------------------------------
+# one run
+
+
+@dataclass
+class StageFigures:
+    seconds: float
+    gb_per_s: float
+    limit_seconds: float | None
+    ratio_to_limit: float | None
+    passes: float
+    tasks: int
+    peak_worker_mem_gb: float
+    peak_client_mem_gb: float
+    disk_gb: float
+
+
+@dataclass
+class ScaleRun:
+    kind: str
+    size_gb: float
+    shape: list
+    store_gb: float
+    synth_seconds: float | None
+    floor_seconds: float
+    floor_gb_per_s: float
+    end_to_end_seconds: float
+    end_to_end_ratio_to_floor: float
+    end_to_end_ratio_to_limit: float
+    disk_gb: float
+    rates: dict
+    stages: dict = field(default_factory=dict)
+
+
+def generate(kind: str, size_gb: float, path: Path, seed: int = 0, echo=print) -> float | None:
+    """Write the synthetic scan (anomalies on) unless it is there; seconds taken (None: reused)."""
+    from emscale.store import write_scan
+
+    if (path / "zarr.json").exists():
+        return None
+    shape = scan_shape(kind, size_gb)
+    echo(f"[bench scale] generating {path}: {kind} {shape[0]} x {shape[1]}")
+    if kind == "eels":
+        from emscale.synth.eels import synth_eels
+
+        ds = synth_eels(shape, channels=EELS_CHANNELS, anomaly=True, seed=seed)
+    else:
+        from emscale.synth.diffraction import synth_diffraction
+
+        ds = synth_diffraction(shape, pattern=PATTERN, anomaly=True, seed=seed)
+    t0 = time.perf_counter()
+    write_scan(ds, path, overwrite=True)
+    return time.perf_counter() - t0
+
+
+def _workflow(kind: str, scan: Path, out: Path, overrides: dict):
+    from emscale.workflow import load_workflow
+
+    name = "eels-phase-mapping.yaml" if kind == "eels" else "4dstem-phase-mapping.yaml"
+    wf = load_workflow(Path(__file__).parents[2] / "workflows" / name)
+    data = wf.model_dump(mode="json")
+    data.update(input=str(scan), output=str(out))
+    for dotted, value in overrides.items():
+        section, key = dotted.split(".")
+        data[section][key] = value
+    return type(wf).model_validate(data)
+
+
+def run_one(kind: str, size_gb: float, workdir: Path, *, cluster_cfg=None, overrides=None,
+            keep: bool = False, echo=print) -> ScaleRun:
+    """Generate (or reuse) the scan, run the shipped workflow on it, measure."""
+    from emscale.dask_cluster import default_cluster_file, open_cluster
+    from emscale.runner import Runner
+    from emscale.store import open_scan
+
+    scan = workdir / f"{kind}-{size_gb:g}gb.zarr"
+    out = workdir / f"{kind}-{size_gb:g}gb-run"
+    synth_seconds = generate(kind, size_gb, scan, echo=echo)
+    shutil.rmtree(out, ignore_errors=True)
+    signal = open_scan(scan)["signal"]
+    store_bytes = _du(scan / "signal")
+    n_pixels = int(signal.shape[0] * signal.shape[1])
+    input_gb = n_pixels * int(np.prod(signal.shape[2:])) * 4 / GB
+    wf = _workflow(kind, scan, out, overrides or {})
+    cfg = cluster_cfg or default_cluster_file()
+    with open_cluster(cfg) as (_cluster, client):
+        floor_s, n_chunks = codec_floor(scan)
+        echo(f"[bench scale] {kind} {size_gb:g} GB ({input_gb:.2f} GB float32, {n_chunks} "
+             f"chunks): read+decode floor {floor_s:.1f} s = {input_gb / floor_s:.2f} GB/s")
+        client.run_on_scheduler(_install_counter)
+        marks: list[tuple[str, float, int, int]] = []
+
+        def snapshot():
+            read = sum(client.run(_read_chars).values()) + _read_chars()
+            return client.run_on_scheduler(_read_counter), read
+
+        sampler = _Sampler(client)
+
+        def hook(message: str) -> None:
+            echo(message)
+            if message.startswith("[") and ("] running" in message or "] writing" in message):
+                stage = message[1:message.index("]")]
+                done, reads = snapshot()
+                marks.append((stage, time.perf_counter(), done, reads))
+                sampler.stage = stage
+
+        t0 = time.perf_counter()
+        with sampler:
+            result = Runner(wf, echo=hook, progress=False).run()
+        total = time.perf_counter() - t0
+        done, reads = snapshot()
+        marks.append(("end", time.perf_counter(), done, reads))
+        n_features = int(np.prod(_features_shape(result.results)))
+        rates = {"syrk_rows_per_s": _on_all_workers(client, _syrk_rate, n_features),
+                 "encode_pixels_per_s": _on_all_workers(client, _encode_rate,
+                                                         str(result.results))}
+    stages: dict[str, StageFigures] = {}
+    for (name, t_start, d0, r0), (_n, t_end, d1, r1) in zip(marks, marks[1:]):
+        if name in ("scan", "report"):
+            continue
+        seconds = float(result.seconds.get(name, t_end - t_start))
+        passes = (r1 - r0) / store_bytes
+        compute = {"pca": n_pixels / rates["syrk_rows_per_s"],
+                   "encode": n_pixels / rates["encode_pixels_per_s"]}.get(name, 0.0)
+        limit = None if name == "train" else round(passes, 2) * floor_s + compute
+        disk = _du(result.results / name) + (sum(_du(p) for p in (out / "checkpoints").glob(
+            "*/train_set.zarr")) if name == "train" else 0)
+        peak = sampler.peaks.get(name, {"worker": float("nan"), "client": float("nan")})
+        stages[name] = StageFigures(
+            seconds=seconds, gb_per_s=input_gb / seconds, limit_seconds=limit,
+            ratio_to_limit=None if limit is None else limit / seconds, passes=round(passes, 2),
+            tasks=d1 - d0, peak_worker_mem_gb=peak["worker"], peak_client_mem_gb=peak["client"],
+            disk_gb=disk / GB)
+    timed = {n: s for n, s in stages.items() if n != "train"}
+    run_seconds = sum(s.seconds for s in timed.values())
+    limits = sum(s.limit_seconds for s in timed.values() if s.limit_seconds)
+    store_gb = _du(scan) / GB
+    run = ScaleRun(
+        kind=kind, size_gb=size_gb, shape=list(signal.shape), store_gb=store_gb,
+        synth_seconds=synth_seconds, floor_seconds=floor_s, floor_gb_per_s=input_gb / floor_s,
+        end_to_end_seconds=total,
+        end_to_end_ratio_to_floor=floor_s / run_seconds if run_seconds else float("nan"),
+        end_to_end_ratio_to_limit=limits / run_seconds if run_seconds else float("nan"),
+        disk_gb=(_du(out) + _du(scan)) / GB, rates=rates,
+        stages={n: asdict(s) for n, s in stages.items()})
+    if not keep:
+        shutil.rmtree(out, ignore_errors=True)
+    return run
+
+
+def _install_counter(dask_scheduler=None):
+    dask_scheduler.add_plugin(_task_counter(), name=TASK_COUNTER, idempotent=False)
+
+
+def _read_counter(dask_scheduler=None):
+    return dask_scheduler.plugins[TASK_COUNTER].done
+
+
+def _features_shape(results: Path) -> tuple[int, ...]:
+    from emscale.results import ResultsStore
+
+    return tuple(ResultsStore(results).open_stage("preprocess")["features"].shape[2:])
+
+
+# ---------------------------------------------------------------------------------------------
+# several runs
+
+
+def run_scale_bench(sizes, kinds=KINDS, workdir: str | os.PathLike = "bench-scale", *,
+                    cluster_cfg=None, overrides=None, keep_scans: bool = True,
+                    echo=print) -> list[ScaleRun]:
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    runs = []
+    for kind in kinds:
+        for size in sizes:
+            runs.append(run_one(kind, float(size), workdir, cluster_cfg=cluster_cfg,
+                                overrides=overrides, echo=echo))
+            echo(table([runs[-1]]))
+            if not keep_scans:
+                shutil.rmtree(workdir / f"{kind}-{size:g}gb.zarr", ignore_errors=True)
+    return runs
+
+
+def table(runs: list[ScaleRun]) -> str:
+    lines = []
+    for r in runs:
+        lines.append(f"{r.kind} {r.size_gb:g} GB {r.shape}: store {r.store_gb:.2f} GB, floor "
+                     f"{r.floor_gb_per_s:.2f} GB/s, end to end {r.end_to_end_seconds:.0f} s, "
+                     f"{100 * r.end_to_end_ratio_to_limit:.0f} % of the summed limits (training "
+                     f"out), disk {r.disk_gb:.2f} GB")
+        lines.append(f"  {'stage':<11}{'s':>8}{'GB/s':>7}{'limit s':>9}{'% lim':>7}{'passes':>7}"
+                     f"{'tasks':>8}{'worker GB':>10}{'client GB':>10}{'disk GB':>9}")
+        for name, s in r.stages.items():
+            lim = "" if s["limit_seconds"] is None else f"{s['limit_seconds']:.1f}"
+            pct = "" if s["ratio_to_limit"] is None else f"{100 * s['ratio_to_limit']:.0f}"
+            lines.append(f"  {name:<11}{s['seconds']:>8.1f}{s['gb_per_s']:>7.2f}{lim:>9}{pct:>7}"
+                         f"{s['passes']:>7.2f}{s['tasks']:>8}{s['peak_worker_mem_gb']:>10.2f}"
+                         f"{s['peak_client_mem_gb']:>10.2f}{s['disk_gb']:>9.3f}")
+    return "\n".join(lines)
+
+
+def environment() -> dict:
+    import platform
+
+    import psutil
+
+    from emscale.dask_cluster import worker_environment
+
+    return {"host": platform.node(), "cpus": os.cpu_count(),
+            "memory_gb": round(psutil.virtual_memory().total / GB, 1),
+            "worker_environment": worker_environment(),
+            "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE")}
+
+
+def write_json(runs: list[ScaleRun], path: Path) -> None:
+    path.write_text(json.dumps({"environment": environment(),
+                                "runs": [asdict(r) for r in runs]}, indent=2))
+
+
+def plot(runs: list[ScaleRun], path: Path) -> None:
+    """Seconds per stage and peak memory against scan size, one column per kind."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = sorted({r.kind for r in runs})
+    fig, axes = plt.subplots(2, len(kinds), figsize=(6 * len(kinds), 7), squeeze=False)
+    for col, kind in enumerate(kinds):
+        rs = sorted((r for r in runs if r.kind == kind), key=lambda r: r.size_gb)
+        sizes = [r.size_gb for r in rs]
+        ax = axes[0, col]
+        for name in rs[0].stages:
+            ax.plot(sizes, [r.stages.get(name, {}).get("seconds", np.nan) for r in rs], "o-",
+                    label=name)
+        ax.plot(sizes, [r.end_to_end_seconds for r in rs], "k--", label="end to end")
+        ax.set(xscale="log", yscale="log", xlabel="scan size (GB as float32)", ylabel="seconds",
+               title=f"{kind}: time per stage")
+        ax.legend(fontsize=8)
+        ax = axes[1, col]
+        ax.plot(sizes, [max(s["peak_worker_mem_gb"] for s in r.stages.values()) for r in rs],
+                "o-", label="peak worker RSS")
+        ax.plot(sizes, [max(s["peak_client_mem_gb"] for s in r.stages.values()) for r in rs],
+                "s-", label="peak client RSS")
+        ax.set(xscale="log", xlabel="scan size (GB as float32)", ylabel="GB",
+               title=f"{kind}: peak memory", ylim=(0, None))
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
