@@ -402,6 +402,8 @@ def bench_scale_cmd(
                                            "LocalCluster emscale run starts)."),
     settings: list[str] = typer.Option([], "--set", help="Override a workflow field, e.g. "
                                        "--set train.epochs=5 (repeatable; values as YAML)."),
+    chunk_mib: float = typer.Option(64.0, "--chunk-mib", help="Chunk size of the generated scans "
+                                    "(MiB of float32)."),
 ) -> None:
     """Run the shipped workflow of each kind end to end on synthetic scans of each size and
     print, per stage, seconds, GB/s, the stage's limit measured in the same run (passes over
@@ -430,7 +432,7 @@ def bench_scale_cmd(
         overrides[key] = yaml.safe_load(value)
     cfg = load_cluster_file(cluster) if cluster else None
     runs = run_scale_bench(size_list, kinds, workdir, cluster_cfg=cfg, overrides=overrides,
-                           echo=typer.echo)
+                           chunk_mib=chunk_mib, echo=typer.echo)
     typer.echo(table(runs))
     if json_path:
         write_json(runs, json_path)

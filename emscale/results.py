@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import logging
 import os
 import shutil
@@ -34,7 +35,7 @@ from dask.base import tokenize
 from emscale.atomic import PARTIAL_MARK, atomic_directory
 from emscale.config import utc_now
 from emscale.errors import StoreError
-from emscale.store import default_compressor
+from emscale.store import SIGNAL_DIMS, default_compressor
 
 log = logging.getLogger(__name__)
 
@@ -159,8 +160,30 @@ class ResultsStore:
         return stage.reopen(ds) if stage is not None and stage.reopen is not None else ds
 
 
+READ_BLOCK_MIB = 64  # a stage group's maps are read in blocks of about this size
+
+
 def _open(path: Path) -> xr.Dataset:
-    return xr.open_zarr(str(path), consolidated=False, chunks={}, zarr_format=3)
+    """A stage group, lazily. Per-pixel maps are small (a few bytes a pixel), so their stored
+    chunks (those of the scan) are read several at a time, in blocks of about
+    ``READ_BLOCK_MIB`` for the largest variable: a pass over them is a handful of tasks, not
+    thousands (the scheduler spends milliseconds per task). A group holding signals per pixel
+    (features, denoised) is read as stored."""
+    ds = xr.open_zarr(str(path), consolidated=False, chunks={}, zarr_format=3)
+    nav = [v for v in ds.data_vars.values() if v.dims[:2] == ("y", "x") and v.chunks]
+    signal_dims = {d for dims in SIGNAL_DIMS.values() for d in dims}
+    if not nav or any(signal_dims & set(v.dims) for v in nav):  # signals: as stored
+        return ds
+    cy, cx = nav[0].chunks[0][0], nav[0].chunks[1][0]
+    pixel_bytes = max(v.dtype.itemsize * int(np.prod(v.shape[2:])) for v in nav)
+    factor = int(READ_BLOCK_MIB * 2**20 // (pixel_bytes * cy * cx))
+    if factor < 2:
+        return ds
+    ny, nx = ds.sizes["y"], ds.sizes["x"]
+    fy = min(math.ceil(ny / cy), factor)
+    fx = min(math.ceil(nx / cx), max(1, factor // fy))
+    return xr.open_zarr(str(path), consolidated=False, chunks={"y": cy * fy, "x": cx * fx},
+                        zarr_format=3)
 
 
 def _encoding(ds: xr.Dataset) -> dict[str, dict[str, Any]]:
@@ -198,9 +221,16 @@ def _write_chunks(name: str, ds: xr.Dataset, tmp: Path, *, progress: bool,
                    encoding=_encoding(ds), compute=False)
         done.mkdir()
         (done / "layout.json").write_text(json.dumps(layout))
-    writes, todo_keys, n_chunks = [], [], 0
+    writes, todo_keys, n_chunks, n_todo = [], [], 0, 0
+    together = _nav_blocked(ds)
+    if together:  # a block not marked done is rewritten whole: all its variables' chunks
+        write, keys, total = _nav_block_writes(name, ds, together, tmp, done)
+        writes.append(write)
+        todo_keys += keys
+        n_chunks += total
+        n_todo += len(keys) * len(together)
     for var_name, var in ds.variables.items():
-        if not isinstance(var.data, da.Array):
+        if not isinstance(var.data, da.Array) or var_name in together:
             continue
         arr = var.data
         marks = done / str(var_name)
@@ -215,24 +245,26 @@ def _write_chunks(name: str, ds: xr.Dataset, tmp: Path, *, progress: bool,
             n_chunks += 1
             if ".".join(map(str, idx)) not in finished:
                 todo_keys.append((written.name, *idx))
+                n_todo += 1
     if resuming:
         log.info("stage %s: resuming, %d of %d chunks already written", name,
-                 n_chunks - len(todo_keys), n_chunks)
-    found = (n_chunks - len(todo_keys), n_chunks) if resuming else None
+                 n_chunks - n_todo, n_chunks)
+    found = (n_chunks - n_todo, n_chunks) if resuming else None
     if not todo_keys:
         return found
     from dask.delayed import Delayed
     from dask.highlevelgraph import HighLevelGraph
 
     # only the unfinished chunks' tasks (and what they need) go into the graph
-    graph = da.Array.__dask_optimize__(HighLevelGraph.merge(*[w.dask for w in writes]), todo_keys)
+    graph = da.Array.__dask_optimize__(HighLevelGraph.merge(*[w.__dask_graph__() for w in writes]),
+                                       todo_keys)
     if not isinstance(graph, HighLevelGraph):
         graph = HighLevelGraph.from_collections(f"{name}-write-graph", graph)
     final = f"{name}-written-{tokenize(tmp.name, todo_keys)}"
     graph = HighLevelGraph({**graph.layers, final: {final: (len, todo_keys)}},
                            {**graph.dependencies, final: set(graph.layers)})
     nbytes = sum(v.nbytes for v in ds.variables.values() if isinstance(v.data, da.Array))
-    with _progress_lines(name, done, n_chunks, n_chunks - len(todo_keys), nbytes, lines, every):
+    with _progress_lines(name, done, n_chunks, n_chunks - n_todo, nbytes, lines, every):
         if progress:
             from emscale.progress import compute
 
@@ -269,6 +301,68 @@ def _progress_lines(name: str, done: Path, total: int, before: int, nbytes: int,
     finally:
         stop.set()
         thread.join()
+
+
+def _nav_blocked(ds: xr.Dataset) -> list[str]:
+    """The dask variables written together, one task per navigation block: those on (y, x, ...)
+    with the navigation chunks of the first of them and their other dims in one chunk."""
+    nav, names = None, []
+    for var_name, var in ds.variables.items():
+        arr = var.data
+        if not isinstance(arr, da.Array) or var.dims[:2] != ("y", "x") \
+                or any(len(c) > 1 for c in arr.chunks[2:]):
+            continue
+        nav = arr.chunks[:2] if nav is None else nav
+        if arr.chunks[:2] == nav:
+            names.append(str(var_name))
+    return names
+
+
+def _nav_block_writes(name: str, ds: xr.Dataset, names: list[str], tmp: Path, done: Path):
+    """One task per navigation block that stores the block of every variable in ``names`` and
+    then leaves each one's marker (fewer tasks than a store per variable and chunk: the
+    scheduler's overhead per task is milliseconds). Returns (a collection, the keys of the
+    blocks still to write, the number of chunks)."""
+    from dask.highlevelgraph import HighLevelGraph
+
+    arrays = [ds[n].data for n in names]
+    nav = arrays[0].chunks[:2]
+    starts = [np.concatenate([[0], np.cumsum(c)]) for c in nav]
+    finished = []
+    for n in names:
+        (done / n).mkdir(exist_ok=True)
+        finished.append(set(os.listdir(done / n)))
+    layer = f"{name}-write-{tokenize(tmp.name, *[a.name for a in arrays])}"
+    dsk, todo = {}, []
+    targets = [str(tmp / n) for n in names]
+    marks = [str(done / n) for n in names]
+    for i, j in np.ndindex(len(nav[0]), len(nav[1])):
+        region = (slice(int(starts[0][i]), int(starts[0][i + 1])),
+                  slice(int(starts[1][j]), int(starts[1][j + 1])))
+        indices = [".".join(map(str, (i, j, *(0,) * (a.ndim - 2)))) for a in arrays]
+        blocks = [(a.name, i, j, *(0,) * (a.ndim - 2)) for a in arrays]
+        dsk[(layer, i, j)] = (_store_nav_block, region, targets, marks, indices, *blocks)
+        if any(ix not in f for ix, f in zip(indices, finished)):
+            todo.append((layer, i, j))
+    deps = {lay for a in arrays for lay in a.__dask_layers__()}
+    graph = HighLevelGraph.merge(*[a.__dask_graph__() for a in arrays])
+    graph = HighLevelGraph({**graph.layers, layer: dsk}, {**graph.dependencies, layer: deps})
+
+    class _Write:  # the collection protocol's one method the caller uses
+        def __dask_graph__(self):
+            return graph
+
+    return _Write(), todo, len(dsk) * len(arrays)
+
+
+def _store_nav_block(region, targets, marks, indices, *blocks) -> int:
+    """Store one navigation block of several variables, then mark each done."""
+    for target, block in zip(targets, blocks):
+        z = zarr.open_array(target, mode="r+", zarr_format=3)
+        z[region] = np.asarray(block).astype(z.dtype, copy=False)
+    for mark, index in zip(marks, indices):
+        Path(mark, index).touch()
+    return 1
 
 
 def _store_chunk(block: np.ndarray, target: str, marks: str, region: tuple[slice, ...]) -> np.ndarray:

@@ -235,9 +235,10 @@ class ScaleRun:
     stages: dict = field(default_factory=dict)
 
 
-def generate(kind: str, size_gb: float, path: Path, seed: int = 0, echo=print) -> float | None:
+def generate(kind: str, size_gb: float, path: Path, seed: int = 0, chunk_mib: float = 64.0,
+             echo=print) -> float | None:
     """Write the synthetic scan (anomalies on) unless it is there; seconds taken (None: reused)."""
-    from emscale.store import write_scan
+    from emscale.store import ChunkPolicy, write_scan
 
     if (path / "zarr.json").exists():
         return None
@@ -252,7 +253,7 @@ def generate(kind: str, size_gb: float, path: Path, seed: int = 0, echo=print) -
 
         ds = synth_diffraction(shape, pattern=PATTERN, anomaly=True, seed=seed)
     t0 = time.perf_counter()
-    write_scan(ds, path, overwrite=True)
+    write_scan(ds, path, overwrite=True, policy=ChunkPolicy.of(chunk_mib))
     return time.perf_counter() - t0
 
 
@@ -270,7 +271,7 @@ def _workflow(kind: str, scan: Path, out: Path, overrides: dict):
 
 
 def run_one(kind: str, size_gb: float, workdir: Path, *, cluster_cfg=None, overrides=None,
-            keep: bool = False, echo=print) -> ScaleRun:
+            keep: bool = False, chunk_mib: float = 64.0, echo=print) -> ScaleRun:
     """Generate (or reuse) the scan, run the shipped workflow on it, measure."""
     from emscale.dask_cluster import default_cluster_file, open_cluster
     from emscale.runner import Runner
@@ -278,7 +279,7 @@ def run_one(kind: str, size_gb: float, workdir: Path, *, cluster_cfg=None, overr
 
     scan = workdir / f"{kind}-{size_gb:g}gb.zarr"
     out = workdir / f"{kind}-{size_gb:g}gb-run"
-    synth_seconds = generate(kind, size_gb, scan, echo=echo)
+    synth_seconds = generate(kind, size_gb, scan, chunk_mib=chunk_mib, echo=echo)
     shutil.rmtree(out, ignore_errors=True)
     signal = open_scan(scan)["signal"]
     store_bytes = _du(scan / "signal")
@@ -371,14 +372,14 @@ def _features_shape(results: Path) -> tuple[int, ...]:
 
 def run_scale_bench(sizes, kinds=KINDS, workdir: str | os.PathLike = "bench-scale", *,
                     cluster_cfg=None, overrides=None, keep_scans: bool = True,
-                    echo=print) -> list[ScaleRun]:
+                    chunk_mib: float = 64.0, echo=print) -> list[ScaleRun]:
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     runs = []
     for kind in kinds:
         for size in sizes:
             runs.append(run_one(kind, float(size), workdir, cluster_cfg=cluster_cfg,
-                                overrides=overrides, echo=echo))
+                                overrides=overrides, chunk_mib=chunk_mib, echo=echo))
             echo(table([runs[-1]]))
             if not keep_scans:
                 shutil.rmtree(workdir / f"{kind}-{size:g}gb.zarr", ignore_errors=True)

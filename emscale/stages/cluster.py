@@ -371,31 +371,55 @@ def _m_step(gm, stats) -> None:
 
 def phase_stage(codes: xr.DataArray, features: xr.Dataset, clustering: PhaseClustering, *,
                 spec=None, prefix: str = "", exclude: xr.DataArray | None = None) -> xr.Dataset:
+    """See ``_phase_parts``: the phase variables of one clustering."""
+    finish, stats = _phase_parts(codes, features, clustering, spec=spec, prefix=prefix,
+                                 exclude=exclude)
+    return finish(dask.compute(stats)[0])
+
+
+def _phase_parts(codes: xr.DataArray, features: xr.Dataset, clustering: PhaseClustering, *,
+                 spec=None, prefix: str = "", exclude: xr.DataArray | None = None):
     """Fit ``clustering`` (unless fitted) on ``codes`` (y, x, d) and return the phase variables
     (names prefixed with ``prefix``, e.g. ``pca_`` for the PCA comparison): ``phase`` (y, x; -1
     invalid), ``phase_probability`` (GMM), ``phase_fraction``, ``phase_mean_signal`` (cluster,
     feature...), ``phase_centroid`` (cluster, d) and, with the model ``spec``,
     ``phase_centroid_signal`` (the decoded centroids), plus the K-choice curves. Pixels where
     ``exclude`` (e.g. the ``anomaly`` map) are left out of the fit, so that anomalies neither
-    pull the centres nor count as a phase in the choice of K; every valid pixel is labelled."""
-    ny, nx = codes.shape[:2]
+    pull the centres nor count as a phase in the choice of K; every pixel with finite codes is
+    labelled (invalid pixels have NaN codes: -1).
+
+    Returns ``finish(stats)`` and the lazy per-phase sums over the features that it needs
+    (several clusterings compute theirs in one pass over the features)."""
     flat = feature_matrix(codes)
-    valid = None
-    if "valid" in features:
-        valid = feature_matrix(features["valid"])[:, 0].astype(bool)
+    # the maps on the codes' blocks (each group is read in blocks of its own size)
+    on_codes = dict(zip(NAV_DIMS, codes.chunks[:2])) if codes.chunks else {}
+    # a pixel is clustered where its code is finite: the encode and pca stages give invalid
+    # pixels NaN codes (and the codes' own blocks need no map of another group rechunked)
+    valid = da.isfinite(flat).all(axis=1)
     if not hasattr(clustering, "n_clusters_"):
         fit_mask = valid
         if exclude is not None:
-            keep = ~feature_matrix(exclude.astype(bool))[:, 0].astype(bool)
+            keep = ~feature_matrix(exclude.astype(bool).chunk(on_codes))[:, 0].astype(bool)
             fit_mask = keep if valid is None else (valid & keep)
         clustering.fit(flat, fit_mask)
     k = clustering.n_clusters_
     labels_flat = clustering.predict(flat, valid)
     labels = _unflatten(labels_flat, codes.data)
     feats = features["features"]
+    # the phase means: one pass over the features, the labels split to their blocks
+    labels_on_features = xr.DataArray(labels, dims=NAV_DIMS).chunk(
+        dict(zip(NAV_DIMS, feats.chunks[:2])) if feats.chunks else {})
+    stats = tree_reduce(partial(_class_sums_block, k=k), sum_parts, feature_matrix(feats),
+                        feature_matrix(labels_on_features)[:, 0].astype(np.int32),
+                        name=f"{prefix}phase-mean")
+    return partial(_phase_variables, codes=codes, features=features, clustering=clustering,
+                   labels=labels, flat=flat, valid=valid, spec=spec, prefix=prefix), stats
+
+
+def _phase_variables(stats, *, codes, features, clustering, labels, flat, valid, spec, prefix):
+    k = clustering.n_clusters_
+    feats = features["features"]
     sig_dims = feats.dims[2:]
-    stats = dask.compute(tree_reduce(partial(_class_sums_block, k=k), sum_parts,
-                                     feature_matrix(feats), labels_flat, name="phase-mean"))[0]
     counts = stats["counts"]
     mean_signal = (stats["sums"] / np.maximum(counts, 1)[:, None]).astype(np.float32)
     mean_signal[counts == 0] = np.nan
@@ -441,7 +465,7 @@ def phase_dataset(encoded: xr.Dataset, features: xr.Dataset, clustering: PhaseCl
     """The ``cluster`` stage: phases of the latent codes and, with the ``pca`` stage, of the PCA
     scores at the same k (``pca_phase`` ...) for comparison; pixels where ``exclude`` (the
     anomaly map) are left out of both fits."""
-    ds = phase_stage(encoded["latent"], features, clustering, spec=spec, exclude=exclude)
+    parts = [_phase_parts(encoded["latent"], features, clustering, spec=spec, exclude=exclude)]
     if pca is not None:
         from emscale.stages.encode import latent_dim
 
@@ -449,9 +473,13 @@ def phase_dataset(encoded: xr.Dataset, features: xr.Dataset, clustering: PhaseCl
         pc = pca_clustering or clustering.__class__(**{**clustering.get_params(), "n_clusters":
                                                        clustering.n_clusters_})
         scores = pca["pca_scores"].isel(component=slice(0, k))
-        pca_ds = phase_stage(scores, features, pc, prefix="pca_", exclude=exclude)
-        ds = ds.merge(pca_ds, compat="override")
-        ds.attrs.update(pca_ds.attrs)  # (merge keeps the first dataset's attrs only)
+        parts.append(_phase_parts(scores, features, pc, prefix="pca_", exclude=exclude))
+    # both clusterings' phase means in one pass over the features
+    stats = dask.compute(*[p[1] for p in parts])
+    ds, *rest = [finish(st) for (finish, _), st in zip(parts, stats)]
+    for other in rest:
+        ds = ds.merge(other, compat="override")
+        ds.attrs.update(other.attrs)  # (merge keeps the first dataset's attrs only)
     return ds
 
 

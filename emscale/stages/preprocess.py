@@ -116,14 +116,23 @@ def _where(pos: np.ndarray) -> str:
             f"x {pos[:, 1].min()}:{pos[:, 1].max() + 1}")
 
 
-def _run_chain(block, yy, xx, *, steps, nonfinite, negative):
-    """One navigation block through the value policy and the steps.
+def _block_positions(where, nav) -> np.ndarray:
+    """(pixels, 2) scan positions (y, x) of a block from ``[y0, x0, step]`` and its shape."""
+    y0, x0, step = (int(v) for v in where)
+    yy, xx = np.mgrid[0:nav[0], 0:nav[1]]
+    return np.column_stack([y0 + step * yy.ravel(), x0 + step * xx.ravel()])
 
-    Returns features ``(by, bx, *signal_out)``, ``valid``, and per-pixel counts of non-finite
-    input values, negative input values and values that became non-finite in the chain.
+
+def _run_chain(where, block, *, steps, nonfinite, negative):
+    """One navigation block (first pixel and step: ``where``) through the value policy and the
+    steps.
+
+    Returns features ``(by, bx, *signal_out)``, ``valid``, per-pixel counts (int32) of
+    non-finite input values, negative input values and values that became non-finite in the
+    chain, and the intensity.
     """
     nav = block.shape[:2]
-    pos = np.column_stack([yy.ravel(), xx.ravel()])
+    pos = _block_positions(where, nav)
     x, valid, n_bad, n_neg = _clean_values(block.reshape(-1, *block.shape[2:]), pos, nonfinite,
                                            negative)
     intensity = np.ones(x.shape[0], COMPUTE_DTYPE)  # the divisors of per-pixel scalings
@@ -141,8 +150,8 @@ def _run_chain(block, yy, xx, *, steps, nonfinite, negative):
     if not valid.all():
         x[~valid] = 0
     shape = lambda a: a.reshape(nav)  # noqa: E731
-    return (x.reshape(*nav, *x.shape[1:]), shape(valid), shape(n_bad), shape(n_neg), shape(n_after),
-            shape(intensity))
+    counts = (shape(n.astype(np.int32)) for n in (n_bad, n_neg, n_after))
+    return (x.reshape(*nav, *x.shape[1:]), shape(valid), *counts, shape(intensity))
 
 
 def _statistics_block(features, valid, yy, xx, *, step):
@@ -234,20 +243,18 @@ class Preprocessor(BaseEstimator):
         """
         sig = scan["signal"]
         data = sig.data if isinstance(sig.data, da.Array) else da.from_array(sig.data, chunks=-1)
-        yy, xx = _positions(scan)
         if stride > 1:  # every stride-th pixel each way: the chain runs on those alone, in
             # blocks merged back to about the stored chunks' size (not one tiny task per chunk)
             limit = max(data.dtype.itemsize * int(np.prod([c[0] for c in data.chunks])), 1 << 20)
             data = data[::stride, ::stride]
             data = data.rechunk(("auto", "auto", *(-1,) * (data.ndim - 2)),
                                 block_size_limit=limit)
-            yy, xx = (a[::stride, ::stride].rechunk(data.chunks[:2]) for a in (yy, xx))
         fn = functools.partial(_run_chain, steps=tuple(steps), nonfinite=self.nonfinite,
                                negative=self.negative)
         tail = tuple(v.size for v in out_coords.values())
-        outputs = [(tail, COMPUTE_DTYPE), ((), bool), ((), np.int64), ((), np.int64),
-                   ((), np.int64), ((), COMPUTE_DTYPE)]
-        return tuple(map_nav_blocks(fn, [data, yy, xx], outputs, name="preprocess"))
+        outputs = [(tail, COMPUTE_DTYPE), ((), bool), ((), np.int32), ((), np.int32),
+                   ((), np.int32), ((), COMPUTE_DTYPE)]
+        return tuple(map_nav_blocks(fn, [data], outputs, name="preprocess", origin_step=stride))
 
     def transform(self, scan: xr.Dataset, stride: int = 1) -> xr.Dataset:
         """The lazy stage output: ``features``, ``valid`` and per-pixel value counts; of every
@@ -344,8 +351,6 @@ def preprocess_stage(scan: xr.Dataset, preprocessor: Preprocessor,
         ds["label"] = scan["label"]
         ds["label"].attrs = dict(scan["label"].attrs)
     ds.attrs["source"] = scan.attrs.get("source", {})
-    for name in ("nonfinite_count", "negative_count", "nonfinite_after_steps"):
-        ds[name] = ds[name].astype(np.int32)
     ds.attrs = json_safe(ds.attrs)
     return ds
 
@@ -369,17 +374,13 @@ def features_of(stage: xr.Dataset, stride: int = 1) -> xr.Dataset:
     chain = Preprocessor.restore(stage.attrs["preprocess"], scan)
     out = stage if stride == 1 else stage.isel(y=slice(None, None, stride),
                                                x=slice(None, None, stride))
-    lazy = chain.transform(scan, stride)
-    out = out.assign(features=lazy["features"].chunk(dict(zip(NAV_DIMS, _nav_chunks(out)))))
+    features = chain.transform(scan, stride)["features"]
+    # the maps (read in large blocks) split to the features' blocks, one task per block
+    out = out.chunk(dict(zip(NAV_DIMS, features.chunks[:2]))).assign(features=features)
     if "clean" in scan:
-        clean = chain.transform(scan.assign(signal=scan["clean"]), stride)["features"]
-        out["clean_features"] = clean.chunk(dict(zip(NAV_DIMS, _nav_chunks(out))))
+        out["clean_features"] = chain.transform(scan.assign(signal=scan["clean"]),
+                                                stride)["features"]
     return out
-
-
-def _nav_chunks(ds: xr.Dataset):
-    """The navigation chunks of a stage's maps (what recomputed features must line up with)."""
-    return ds["valid"].chunks if ds["valid"].chunks else ds["valid"].shape
 
 
 def write_preprocess_stage(results, scan: xr.Dataset, preprocessor: Preprocessor, *,
