@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from emscale.config import utc_now
+from emscale.results import PROGRESS_EVERY
 from emscale.errors import ConfigError
 from emscale.stages import REGISTRY, NormalData, Registry, Stage, check_outputs
 from emscale.stages.base import Context
@@ -85,6 +86,48 @@ def _log_to(path: Path):
         root.removeHandler(handler)
         root.setLevel(old_level)
         handler.close()
+
+
+@contextlib.contextmanager
+def _heartbeat(note, last: list, t0: float, every: float | None):
+    """Without a terminal: when a stage has said nothing for ``every`` seconds (a fit's passes,
+    a K sweep), a line with its time so far and the cluster's tasks done and to do."""
+    if every is None:
+        yield
+        return
+    import threading
+
+    stop = threading.Event()
+
+    def loop():
+        while not stop.wait(min(5.0, every)):
+            if time.monotonic() - last[0] >= every:
+                note(f"running for {time.perf_counter() - t0:.0f} s{_tasks_line()}")
+
+    thread = threading.Thread(target=loop, name="stage-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _tasks_line() -> str:
+    try:
+        from distributed import get_client
+
+        states = get_client().run_on_scheduler(_task_states)
+    except (ImportError, ValueError, OSError):
+        return ""
+    todo = sum(states.get(s, 0) for s in ("waiting", "processing", "queued", "no-worker"))
+    return f": {states.get('memory', 0)} tasks done, {todo} to do"
+
+
+def _task_states(dask_scheduler=None) -> dict:
+    from collections import Counter
+
+    return dict(Counter(ts.state for ts in dask_scheduler.tasks.values()))
 
 
 def stage_names(registry: Registry = REGISTRY) -> tuple[str, ...]:
@@ -206,13 +249,18 @@ class Runner:
         self.echo(f"[{label}] running")
         t0 = time.perf_counter()
 
+        last = [time.monotonic()]
+
         def note(message: str) -> None:
+            last[0] = time.monotonic()
             self.echo(f"[{label}] {message}")
             log.info("stage %s: %s", label, message)
 
         ctx = Context(stage=stage, config=section, inputs=inputs, seed=self.wf.seed, key=key,
                       workdir=self.out, normal=normal, note=note, progress=self.show_progress)
-        with results.resumable(stage.name, key):
+        with results.resumable(stage.name, key), _heartbeat(note, last, t0,
+                                                            None if self.show_progress else
+                                                            PROGRESS_EVERY):
             ds = stage.build(ctx)
             check_outputs(stage, ds)
             out = results.write_stage(stage.name, ds, overwrite=True, finalize=stage.finalize,

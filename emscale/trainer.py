@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -32,6 +33,8 @@ from emscale.stages.train import TrainConfig
 from emscale.train_stream import ChunkStream
 
 log = logging.getLogger(__name__)
+
+EPOCH_LOG = "epochs.jsonl"  # one JSON line per epoch, in the checkpoint directory
 
 
 @dataclass
@@ -200,6 +203,10 @@ def train_autoencoder(stage_path: str | os.PathLike, config: TrainConfig | None 
         log.info("epoch %d: train %.5g, val %.5g (%.1f s)", epoch, history["train_loss"][-1], val, dt)
         if ckpt is not None:
             ckpt.parent.mkdir(parents=True, exist_ok=True)
+            with open(ckpt.parent / EPOCH_LOG, "a") as f:  # what the client shows, line by line
+                f.write(json.dumps({"epoch": epoch, "epochs": config.epochs, "seconds": dt,
+                                    "train_loss": history["train_loss"][-1],
+                                    "val_loss": val}) + "\n")
             _save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(),
                           "scheduler": sched.state_dict(), "epoch": epoch, "config_hash": key,
                           "history": history, "best_val": best["val"],

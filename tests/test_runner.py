@@ -32,10 +32,36 @@ def _write(tmp_path, data, name="wf.yaml"):
 
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory, local_client):
+    from unittest import mock
+
     tmp = tmp_path_factory.mktemp("run")
     wf = validate_workflow({**SMALL, "output": str(tmp / "out")})
-    result = run_workflow(wf, echo=lambda *a: None)
+    said = []
+    # no terminal here: a stage silent for this long says how it is doing
+    with mock.patch("emscale.runner.PROGRESS_EVERY", 0.3):
+        result = run_workflow(wf, echo=said.append)
+    result.said = said
     return wf, result
+
+
+def test_a_run_without_a_terminal_shows_epochs_and_a_line_while_a_stage_is_silent(first_run):
+    said = "\n".join(first_run[1].said)
+    assert re.search(r"\[train\] epoch 1/2: train loss [\d.e+-]+, validation loss [\d.e+-]+, "
+                     r"[\d.]+ s", said), said
+    assert "[train] epoch 2/2" in said
+    assert re.search(r"\[train\] training set gathered in [\d.]+ s: 1024 pixels", said), said
+    assert re.search(r"\] running for \d+ s: \d+ tasks done, \d+ to do", said), said
+
+
+def test_the_features_are_recomputed_not_stored(first_run):
+    import zarr
+
+    results = ResultsStore(first_run[1].results)
+    group = zarr.open_group(str(results.path / "preprocess"), mode="r")
+    assert "features" not in group and "valid" in group
+    pre = results.open_stage("preprocess")
+    assert pre["features"].shape == (32, 32, 128)  # rerun from the scan store, lazily
+    assert pre.attrs["scan_store"].endswith("scan.zarr")
 
 
 def test_a_workflow_runs_every_stage_and_writes_the_report(first_run):

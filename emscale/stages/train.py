@@ -10,6 +10,7 @@ rebuilds the model from them; nothing is unpickled).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -125,7 +126,6 @@ def write_train_stage(results, result, *, overwrite: bool = False) -> xr.Dataset
 
 
 def _build(ctx: Context) -> xr.Dataset:
-    import contextlib
     import tempfile
 
     from emscale.trainer import train_where_the_data_are
@@ -140,12 +140,54 @@ def _build(ctx: Context) -> xr.Dataset:
             else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="emscale-train-")))
         checkpoints = workdir / "checkpoints" / ctx.key
         path = _training_set(ctx, stage, checkpoints / "train_set.zarr")
-        result = train_where_the_data_are(path, ctx.config, seed=ctx.seed,
-                                          normal_region=normal.region,
-                                          checkpoint_dir=checkpoints)
+        with _epoch_lines(checkpoints, ctx.note):
+            result = train_where_the_data_are(path, ctx.config, seed=ctx.seed,
+                                              normal_region=normal.region,
+                                              checkpoint_dir=checkpoints)
     if result.resumed_from is not None:
         ctx.note(f"resumed from the checkpoint of epoch {result.resumed_from}")
     return train_dataset(result)
+
+
+@contextlib.contextmanager
+def _epoch_lines(checkpoints: Path, note, every: float = 1.0):
+    """While training runs (on a worker), show each epoch the trainer logs to the checkpoint
+    directory: epoch, losses and seconds, as the runner's lines."""
+    import json
+    import threading
+
+    from emscale.trainer import EPOCH_LOG
+
+    path = checkpoints / EPOCH_LOG
+    seen = [path.stat().st_size if path.exists() else 0]  # (a resumed run: the new epochs)
+
+    def show():
+        if not path.exists():
+            return
+        with open(path) as f:
+            f.seek(seen[0])
+            for line in f:
+                if not line.endswith("\n"):
+                    break
+                seen[0] += len(line)
+                e = json.loads(line)
+                note(f"epoch {e['epoch'] + 1}/{e['epochs']}: train loss {e['train_loss']:.5g}, "
+                     f"validation loss {e['val_loss']:.5g}, {e['seconds']:.1f} s")
+
+    stop = threading.Event()
+
+    def loop():
+        while not stop.wait(every):
+            show()
+
+    thread = threading.Thread(target=loop, name="epoch-lines", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        show()
 
 
 def _training_set(ctx: Context, stage: xr.Dataset, path: Path) -> Path:
