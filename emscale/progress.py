@@ -3,6 +3,7 @@ tasks run on the cluster), else tqdm's callback for the local schedulers."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 
@@ -31,3 +32,26 @@ def compute(*collections, description: str = "", enabled: bool | None = None):
         print(description, file=sys.stderr)
         progress(futures, notebook=False)
     return tuple(client.gather(futures))
+
+
+@contextlib.contextmanager
+def repeating(fn, every: float, name: str = "progress", final: bool = False):
+    """Call ``fn()`` every ``every`` seconds in a background thread while the block runs (and
+    once more at its end with ``final``): progress lines for logs without a terminal."""
+    import threading
+
+    stop = threading.Event()
+
+    def loop():
+        while not stop.wait(every):
+            fn()
+
+    thread = threading.Thread(target=loop, name=name, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        if final:
+            fn()

@@ -20,7 +20,6 @@ import math
 import logging
 import os
 import shutil
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -35,6 +34,7 @@ from dask.base import tokenize
 from emscale.atomic import PARTIAL_MARK, atomic_directory
 from emscale.config import utc_now
 from emscale.errors import StoreError
+from emscale.progress import repeating
 from emscale.store import SIGNAL_DIMS, default_compressor
 
 log = logging.getLogger(__name__)
@@ -283,24 +283,17 @@ def _progress_lines(name: str, done: Path, total: int, before: int, nbytes: int,
     if lines is None:
         yield
         return
-    stop, t0 = threading.Event(), time.monotonic()
+    t0 = time.monotonic()
 
     def report():
-        while not stop.wait(every):
-            n = sum(len(os.listdir(p)) for p in done.iterdir() if p.is_dir())
-            new, elapsed = n - before, time.monotonic() - t0
-            rate = new / elapsed if elapsed > 0 else 0.0
-            left = f"about {(total - n) / rate:.0f} s left" if rate > 0 else "time left unknown"
-            lines(f"{n} of {total} chunks written, {nbytes * rate / total / 1e9:.2f} GB/s, "
-                  f"{left}")
+        n = sum(len(os.listdir(p)) for p in done.iterdir() if p.is_dir())
+        new, elapsed = n - before, time.monotonic() - t0
+        rate = new / elapsed if elapsed > 0 else 0.0
+        left = f"about {(total - n) / rate:.0f} s left" if rate > 0 else "time left unknown"
+        lines(f"{n} of {total} chunks written, {nbytes * rate / total / 1e9:.2f} GB/s, {left}")
 
-    thread = threading.Thread(target=report, name=f"progress-{name}", daemon=True)
-    thread.start()
-    try:
+    with repeating(report, every, name=f"progress-{name}"):
         yield
-    finally:
-        stop.set()
-        thread.join()
 
 
 def _nav_blocked(ds: xr.Dataset) -> list[str]:

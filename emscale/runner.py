@@ -95,22 +95,14 @@ def _heartbeat(note, last: list, t0: float, every: float | None):
     if every is None:
         yield
         return
-    import threading
+    from emscale.progress import repeating
 
-    stop = threading.Event()
+    def beat():
+        if time.monotonic() - last[0] >= every:
+            note(f"running for {time.perf_counter() - t0:.0f} s{_tasks_line()}")
 
-    def loop():
-        while not stop.wait(min(5.0, every)):
-            if time.monotonic() - last[0] >= every:
-                note(f"running for {time.perf_counter() - t0:.0f} s{_tasks_line()}")
-
-    thread = threading.Thread(target=loop, name="stage-heartbeat", daemon=True)
-    thread.start()
-    try:
+    with repeating(beat, min(5.0, every), name="stage-heartbeat"):
         yield
-    finally:
-        stop.set()
-        thread.join()
 
 
 def _tasks_line() -> str:

@@ -154,8 +154,8 @@ def _epoch_lines(checkpoints: Path, note, every: float = 1.0):
     """While training runs (on a worker), show each epoch the trainer logs to the checkpoint
     directory: epoch, losses and seconds, as the runner's lines."""
     import json
-    import threading
 
+    from emscale.progress import repeating
     from emscale.trainer import EPOCH_LOG
 
     path = checkpoints / EPOCH_LOG
@@ -174,20 +174,8 @@ def _epoch_lines(checkpoints: Path, note, every: float = 1.0):
                 note(f"epoch {e['epoch'] + 1}/{e['epochs']}: train loss {e['train_loss']:.5g}, "
                      f"validation loss {e['val_loss']:.5g}, {e['seconds']:.1f} s")
 
-    stop = threading.Event()
-
-    def loop():
-        while not stop.wait(every):
-            show()
-
-    thread = threading.Thread(target=loop, name="epoch-lines", daemon=True)
-    thread.start()
-    try:
+    with repeating(show, every, name="epoch-lines", final=True):
         yield
-    finally:
-        stop.set()
-        thread.join()
-        show()
 
 
 def _training_set(ctx: Context, stage: xr.Dataset, path: Path) -> Path:
