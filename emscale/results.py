@@ -278,7 +278,7 @@ def _write_chunks(name: str, ds: xr.Dataset, tmp: Path, *, progress: bool,
 def _progress_lines(name: str, done: Path, total: int, before: int, nbytes: int,
                     lines: Callable[[str], None] | None, every: float):
     """While the write runs, every ``every`` seconds: chunks written of all (their markers on
-    disk), GB/s of the stage's output and the time left, to ``lines`` (a batch job's log has no
+    disk), MB/s of the stage's output and the time left, to ``lines`` (a batch job's log has no
     progress bar) and the log."""
     if lines is None:
         yield
@@ -290,7 +290,8 @@ def _progress_lines(name: str, done: Path, total: int, before: int, nbytes: int,
         new, elapsed = n - before, time.monotonic() - t0
         rate = new / elapsed if elapsed > 0 else 0.0
         left = f"about {(total - n) / rate:.0f} s left" if rate > 0 else "time left unknown"
-        lines(f"{n} of {total} chunks written, {nbytes * rate / total / 1e9:.2f} GB/s, {left}")
+        lines(f"{n} of {total} chunks written ({100 * n / max(total, 1):.0f} %), "
+              f"{nbytes * rate / total / 1e6:.1f} MB/s of output, {left}")
 
     with repeating(report, every, name=f"progress-{name}"):
         yield

@@ -57,6 +57,8 @@ class Step:
 
     name: ClassVar[str] = ""
     kinds: ClassVar[tuple[str, ...]] = ("spectrum", "diffraction")
+    # finite input gives finite output (the chain then skips its check for non-finite values)
+    keeps_finite: ClassVar[bool] = False
     choices: ClassVar[dict] = {}  # parameter -> its allowed values (checked when the step is made)
     where: str = field(default="preprocess.steps", repr=False, compare=False)
 
@@ -103,6 +105,7 @@ def _axis(coords: Coords, step: Step, param: str) -> tuple[str, np.ndarray]:
 
 @dataclass
 class Crop(Step):
+    keeps_finite: ClassVar[bool] = True
     name: ClassVar[str] = "crop"
     start: float | None = None
     stop: float | None = None
@@ -143,6 +146,7 @@ class Crop(Step):
 
 @dataclass
 class Bin(Step):
+    keeps_finite: ClassVar[bool] = True
     name: ClassVar[str] = "bin"
     factor: int = 2
 
@@ -172,6 +176,7 @@ class Bin(Step):
 
 @dataclass
 class MaskChannels(Step):
+    keeps_finite: ClassVar[bool] = True
     name: ClassVar[str] = "mask_channels"
     kinds: ClassVar[tuple[str, ...]] = ("spectrum",)
     ranges: list = field(default_factory=list)
@@ -373,6 +378,7 @@ class Centre(Step):
 
 @dataclass
 class CircularCrop(Step):
+    keeps_finite: ClassVar[bool] = True
     name: ClassVar[str] = "circular_crop"
     kinds: ClassVar[tuple[str, ...]] = ("diffraction",)
     radius: float = 0.0
@@ -457,6 +463,7 @@ class PoissonWeight(Step):
 
 @dataclass
 class Normalize(Step):
+    keeps_finite: ClassVar[bool] = True
     name: ClassVar[str] = "normalize"
     choices: ClassVar[dict] = {"method": ("sum", "max", "none")}
     method: str = "sum"
@@ -473,7 +480,8 @@ class Normalize(Step):
         flat = x.reshape(x.shape[0], -1)
         norm = flat.sum(axis=1) if self.method == "sum" else flat.max(axis=1)
         divisor = np.where(norm > 0, norm, 1).astype(COMPUTE_DTYPE)
-        return (flat / divisor[:, None]).reshape(x.shape), divisor
+        # a multiplication by the reciprocal is cheaper than a division per value
+        return (flat * (1 / divisor)[:, None]).reshape(x.shape), divisor
 
 
 STEPS: dict[str, type[Step]] = {s.name: s for s in (

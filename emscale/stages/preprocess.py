@@ -142,7 +142,8 @@ def _run_chain(where, block, *, steps, nonfinite, negative):
         if divisor is not None:
             intensity *= divisor
     n_after = np.zeros(x.shape[0], np.int64)
-    if steps and not np.isfinite(x.sum(dtype=np.float64)):
+    # (x is finite here when every step keeps finite values finite: no pass to check it)
+    if not all(step.keeps_finite for step in steps) and not np.isfinite(x.sum(dtype=np.float64)):
         after = ~np.isfinite(x)
         n_after = after.sum(axis=tuple(range(1, x.ndim)), dtype=np.int64)
         x = np.where(after, np.float32(0), x)
