@@ -302,7 +302,8 @@ def run_one(kind: str, size_gb: float, workdir: Path, *, cluster_cfg=None, overr
 
         def hook(message: str) -> None:
             echo(message)
-            if message.startswith("[") and ("] running" in message or "] writing" in message):
+            # a stage starts ("[NAME] running", "[report] writing"); not its progress lines
+            if message.startswith("[") and message.endswith(("] running", "] writing")):
                 stage = message[1:message.index("]")]
                 done, reads = snapshot()
                 marks.append((stage, time.perf_counter(), done, reads))
