@@ -91,7 +91,7 @@ def _log_to(path: Path):
 @contextlib.contextmanager
 def _heartbeat(note, last: list, t0: float, every: float | None):
     """Without a terminal: when a stage has said nothing for ``every`` seconds (a fit's passes,
-    a K sweep), a line with its time so far and the cluster's tasks done and to do."""
+    a K sweep), a line with its time so far and the cluster's tasks still to do."""
     if every is None:
         yield
         return
@@ -112,8 +112,9 @@ def _tasks_line() -> str:
         states = get_client().run_on_scheduler(_task_states)
     except (ImportError, ValueError, OSError):
         return ""
+    # (finished tasks are forgotten by the scheduler: only what is left can be counted)
     todo = sum(states.get(s, 0) for s in ("waiting", "processing", "queued", "no-worker"))
-    return f": {states.get('memory', 0)} tasks done, {todo} to do"
+    return f": {todo} tasks to do on the cluster"
 
 
 def _task_states(dask_scheduler=None) -> dict:

@@ -17,6 +17,9 @@ LocalCluster that ``emscale run`` starts, and records per stage, measured in the
   store's read+decode **floor** (the codec decoding every chunk on all cores, no Dask), plus its
   arithmetic at the rates measured on the workers (PCA: the scatter matrix ``X^T X`` per block;
   encode: the trained model's forward pass; cluster: reading the features for the phase means).
+  ``chain_seconds``: what rerunning the preprocessing chain costs on those passes (the
+  features are recomputed, not stored), at its rate measured on the workers: not part of the
+  limit, shown to say where the rest of the time goes.
 
 Per run: the floor, the end-to-end ratio of the summed stage limits (training excluded: its
 cost is set by ``epochs`` and ``max_train_pixels``, not by the scan) to the seconds, and the disk
@@ -125,6 +128,32 @@ def _encode_rate(results: str, rows: int = 8192, repeats: int = 3) -> float:
     return rows * repeats / (time.perf_counter() - t0)
 
 
+def _chain_rate(results: str, repeats: int = 3) -> float:
+    """Pixels per second of the preprocessing chain (value policy and steps, as fitted) on the
+    scan's first block, in this worker: what each pass that recomputes the features adds to
+    reading and decoding."""
+    import functools
+
+    from emscale.results import ResultsStore
+    from emscale.stages.preprocess import Preprocessor, _run_chain
+    from emscale.store import open_scan
+
+    pre = ResultsStore(results).open_stage("preprocess")
+    scan = open_scan(pre.attrs["scan_store"]) if "scan_store" in pre.attrs else None
+    if scan is None:
+        return float("nan")
+    chain = Preprocessor.restore(pre.attrs["preprocess"], scan)
+    block = np.asarray(scan["signal"].data.blocks[(0,) * scan["signal"].ndim])
+    fn = functools.partial(_run_chain, steps=tuple(chain.steps_), nonfinite=chain.nonfinite,
+                           negative=chain.negative)
+    where = np.array([0, 0, 1])
+    fn(where, block)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn(where, block)
+    return block.shape[0] * block.shape[1] * repeats / (time.perf_counter() - t0)
+
+
 def _read_chars() -> int:
     """Bytes this process has read through system calls (page-cache hits included)."""
     import psutil
@@ -211,6 +240,7 @@ class StageFigures:
     gb_per_s: float
     limit_seconds: float | None
     ratio_to_limit: float | None
+    chain_seconds: float
     passes: float
     tasks: int
     peak_worker_mem_gb: float
@@ -318,7 +348,8 @@ def run_one(kind: str, size_gb: float, workdir: Path, *, cluster_cfg=None, overr
         n_features = int(np.prod(_features_shape(result.results)))
         rates = {"syrk_rows_per_s": _on_all_workers(client, _syrk_rate, n_features),
                  "encode_pixels_per_s": _on_all_workers(client, _encode_rate,
-                                                         str(result.results))}
+                                                         str(result.results)),
+                 "chain_pixels_per_s": _on_all_workers(client, _chain_rate, str(result.results))}
     stages: dict[str, StageFigures] = {}
     for (name, t_start, d0, r0), (_n, t_end, d1, r1) in zip(marks, marks[1:]):
         if name in ("scan", "report"):
@@ -334,6 +365,8 @@ def run_one(kind: str, size_gb: float, workdir: Path, *, cluster_cfg=None, overr
         stages[name] = StageFigures(
             seconds=seconds, gb_per_s=input_gb / seconds, limit_seconds=limit,
             ratio_to_limit=None if limit is None else limit / seconds, passes=round(passes, 2),
+            chain_seconds=0.0 if name in ("train", "anomaly") else
+            round(passes) * n_pixels / rates["chain_pixels_per_s"],
             tasks=d1 - d0, peak_worker_mem_gb=peak["worker"], peak_client_mem_gb=peak["client"],
             disk_gb=disk / GB)
     timed = {n: s for n, s in stages.items() if n != "train"}
@@ -394,12 +427,13 @@ def table(runs: list[ScaleRun]) -> str:
                      f"{r.floor_gb_per_s:.2f} GB/s, end to end {r.end_to_end_seconds:.0f} s, "
                      f"{100 * r.end_to_end_ratio_to_limit:.0f} % of the summed limits (training "
                      f"out), disk {r.disk_gb:.2f} GB")
-        lines.append(f"  {'stage':<11}{'s':>8}{'GB/s':>7}{'limit s':>9}{'% lim':>7}{'passes':>7}"
-                     f"{'tasks':>8}{'worker GB':>10}{'client GB':>10}{'disk GB':>9}")
+        lines.append(f"  {'stage':<11}{'s':>8}{'GB/s':>7}{'limit s':>9}{'% lim':>7}{'chain s':>9}"
+                     f"{'passes':>7}{'tasks':>8}{'worker GB':>10}{'client GB':>10}{'disk GB':>9}")
         for name, s in r.stages.items():
             lim = "" if s["limit_seconds"] is None else f"{s['limit_seconds']:.1f}"
             pct = "" if s["ratio_to_limit"] is None else f"{100 * s['ratio_to_limit']:.0f}"
             lines.append(f"  {name:<11}{s['seconds']:>8.1f}{s['gb_per_s']:>7.2f}{lim:>9}{pct:>7}"
+                         f"{s.get('chain_seconds', 0.0):>9.1f}"
                          f"{s['passes']:>7.2f}{s['tasks']:>8}{s['peak_worker_mem_gb']:>10.2f}"
                          f"{s['peak_client_mem_gb']:>10.2f}{s['disk_gb']:>9.3f}")
     return "\n".join(lines)
