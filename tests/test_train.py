@@ -227,3 +227,28 @@ def test_training_only_on_a_declared_normal_region(eels_stage):
         assert parts == [64, 64], (seed, parts)
     with pytest.raises(ConfigError, match="normal_region: .* a single train.tile tile"):
         ChunkStream(eels_stage, TrainConfig(tile=8, **SMALL), normal_region=(0, 4, 0, 4))
+
+
+def test_the_gathered_training_set_is_the_grid_of_the_stage_with_the_same_split(eels_stage,
+                                                                             tmp_path):
+    """The train stage trains on a small store gathered once: the features at every s-th pixel,
+    split by the scan's tiles exactly as streaming the whole stage would split them."""
+    from emscale.results import _open
+    from emscale.train_stream import gather_training_set
+
+    stage = _open(eels_stage)
+    config = TrainConfig(max_train_pixels=300, tile=8, val_fraction=0.25)
+    path = gather_training_set(stage, config, tmp_path / "set.zarr")
+    gathered, full = ChunkStream(path, config), ChunkStream(eels_stage, config)
+    assert gathered.step == 3 and gathered.stride == 1  # 48 x 40 px, 0.75 train: s = 3
+    feats = stage["features"].values
+    np.testing.assert_array_equal(gathered.features[:], feats[::3, ::3])
+
+    def picked(stream, part):
+        rows = [stream.read(c, part)[0] for c in stream.chunks]
+        return {tuple(r) for r in np.concatenate(rows).round(6)}
+
+    # training pixels: the same grid as the full stream's; validation: its tiles on the grid
+    assert picked(gathered, 0) == picked(full, 0)
+    assert picked(gathered, 1) <= picked(full, 1) and picked(gathered, 1)
+    assert gather_training_set(stage, config, path) == path  # kept: reused, not redone

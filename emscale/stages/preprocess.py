@@ -28,6 +28,7 @@ import logging
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+import dask
 import dask.array as da
 import numpy as np
 import xarray as xr
@@ -247,7 +248,10 @@ class Preprocessor(BaseEstimator):
         if stride > 1:  # every stride-th pixel each way: the chain runs on those alone, in
             # blocks merged back to about the stored chunks' size (not one tiny task per chunk)
             limit = max(data.dtype.itemsize * int(np.prod([c[0] for c in data.chunks])), 1 << 20)
-            data = data[::stride, ::stride]
+            # the slice fused into the reads now (dask's array optimisation): a lazily generated
+            # source (a synthetic scan's clean signal) then makes only the sampled pixels, however
+            # the graph is computed later (a rechunk after it kept that from happening)
+            (data,) = dask.optimize(data[::stride, ::stride])
             data = data.rechunk(("auto", "auto", *(-1,) * (data.ndim - 2)),
                                 block_size_limit=limit)
         fn = functools.partial(_run_chain, steps=tuple(steps), nonfinite=self.nonfinite,
@@ -361,13 +365,16 @@ def features_of(stage: xr.Dataset, stride: int = 1) -> xr.Dataset:
     for a synthetic scan), read from the group if it stores them, else recomputed lazily from the
     scan store by the fitted chain (no pass until computed). With ``stride``: every
     ``stride``-th pixel along y and x, the chain run on those alone (training's sample grid)."""
-    if "features" in stage:
+    path = stage.attrs.get("scan_store")
+    if path is None:  # the features are stored (or in memory)
+        if "features" not in stage:
+            raise StoreError("preprocess: the stage has neither features nor the scan store they "
+                             "are computed from")
         return stage if stride == 1 else stage.isel(y=slice(None, None, stride),
                                                     x=slice(None, None, stride))
-    path = stage.attrs.get("scan_store")
-    if path is None:
-        raise StoreError("preprocess: the stage has neither features nor the scan store they are "
-                         "computed from")
+    # recomputed: from the scan, even when given a stage with them already attached at full
+    # resolution (slicing those would run the chain on every pixel, then keep a few)
+    stage = stage.drop_vars(["features", "clean_features"], errors="ignore")
     if not Path(path).exists():
         raise StoreError(f"preprocess: the features are computed from the scan store {path}, "
                          "which is gone: restore it, or rerun with --force preprocess")
