@@ -143,6 +143,14 @@ def _count_block(labels, *, k):
     return np.bincount(lab[lab >= 0], minlength=k)
 
 
+def _class_sums_blocks(x, *labels, ks):
+    return [_class_sums_block(x, lab, k=k) for lab, k in zip(labels, ks)]
+
+
+def _sum_each(parts):
+    return [sum_parts([p[i] for p in parts]) for i in range(len(parts[0]))]
+
+
 def _class_sums_block(x, labels, *, k):
     x = np.asarray(x, np.float64)
     lab = np.asarray(labels).ravel()
@@ -372,9 +380,9 @@ def _m_step(gm, stats) -> None:
 def phase_stage(codes: xr.DataArray, features: xr.Dataset, clustering: PhaseClustering, *,
                 spec=None, prefix: str = "", exclude: xr.DataArray | None = None) -> xr.Dataset:
     """See ``_phase_parts``: the phase variables of one clustering."""
-    finish, stats = _phase_parts(codes, features, clustering, spec=spec, prefix=prefix,
-                                 exclude=exclude)
-    return finish(dask.compute(stats)[0])
+    finish, labelled = _phase_parts(codes, features, clustering, spec=spec, prefix=prefix,
+                                    exclude=exclude)
+    return finish(phase_means(features, [labelled])[0])
 
 
 def _phase_parts(codes: xr.DataArray, features: xr.Dataset, clustering: PhaseClustering, *,
@@ -388,8 +396,8 @@ def _phase_parts(codes: xr.DataArray, features: xr.Dataset, clustering: PhaseClu
     pull the centres nor count as a phase in the choice of K; every pixel with finite codes is
     labelled (invalid pixels have NaN codes: -1).
 
-    Returns ``finish(stats)`` and the lazy per-phase sums over the features that it needs
-    (several clusterings compute theirs in one pass over the features)."""
+    Returns ``finish(stats)`` and the lazy labels (flat, on the features' blocks) with K, from
+    which ``phase_means`` makes its ``stats`` (several clusterings share one pass)."""
     flat = feature_matrix(codes)
     # the maps on the codes' blocks (each group is read in blocks of its own size)
     on_codes = dict(zip(NAV_DIMS, codes.chunks[:2])) if codes.chunks else {}
@@ -409,11 +417,21 @@ def _phase_parts(codes: xr.DataArray, features: xr.Dataset, clustering: PhaseClu
     # the phase means: one pass over the features, the labels split to their blocks
     labels_on_features = xr.DataArray(labels, dims=NAV_DIMS).chunk(
         dict(zip(NAV_DIMS, feats.chunks[:2])) if feats.chunks else {})
-    stats = tree_reduce(partial(_class_sums_block, k=k), sum_parts, feature_matrix(feats),
-                        feature_matrix(labels_on_features)[:, 0].astype(np.int32),
-                        name=f"{prefix}phase-mean")
+    labels_flat_on_features = feature_matrix(labels_on_features)[:, 0].astype(np.int32)
     return partial(_phase_variables, codes=codes, features=features, clustering=clustering,
-                   labels=labels, flat=flat, valid=valid, spec=spec, prefix=prefix), stats
+                   labels=labels, flat=flat, valid=valid, spec=spec, prefix=prefix), \
+        (labels_flat_on_features, k)
+
+
+def phase_means(features: xr.Dataset, labelled) -> list[dict]:
+    """Per-phase sums and counts of the features for each ``(flat labels, k)`` of ``labelled``,
+    in ONE pass: each block of features feeds a single task that sums it for every labelling
+    (two reductions sharing the blocks would hold them all until both had read them)."""
+    ks = tuple(k for _, k in labelled)
+    stats = tree_reduce(partial(_class_sums_blocks, ks=ks), _sum_each,
+                        feature_matrix(features["features"]), *[lab for lab, _ in labelled],
+                        name="phase-mean")
+    return list(dask.compute(stats)[0])
 
 
 def _phase_variables(stats, *, codes, features, clustering, labels, flat, valid, spec, prefix):
@@ -475,7 +493,7 @@ def phase_dataset(encoded: xr.Dataset, features: xr.Dataset, clustering: PhaseCl
         scores = pca["pca_scores"].isel(component=slice(0, k))
         parts.append(_phase_parts(scores, features, pc, prefix="pca_", exclude=exclude))
     # both clusterings' phase means in one pass over the features
-    stats = dask.compute(*[p[1] for p in parts])
+    stats = phase_means(features, [p[1] for p in parts])
     ds, *rest = [finish(st) for (finish, _), st in zip(parts, stats)]
     for other in rest:
         ds = ds.merge(other, compat="override")
