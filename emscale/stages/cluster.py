@@ -427,11 +427,15 @@ def phase_means(features: xr.Dataset, labelled) -> list[dict]:
     """Per-phase sums and counts of the features for each ``(flat labels, k)`` of ``labelled``,
     in ONE pass: each block of features feeds a single task that sums it for every labelling
     (two reductions sharing the blocks would hold them all until both had read them)."""
+    return list(dask.compute(lazy_phase_means(features, labelled))[0])
+
+
+def lazy_phase_means(features: xr.Dataset, labelled):
+    """``phase_means``, as a delayed reduction."""
     ks = tuple(k for _, k in labelled)
-    stats = tree_reduce(partial(_class_sums_blocks, ks=ks), _sum_each,
-                        feature_matrix(features["features"]), *[lab for lab, _ in labelled],
-                        name="phase-mean")
-    return list(dask.compute(stats)[0])
+    return tree_reduce(partial(_class_sums_blocks, ks=ks), _sum_each,
+                       feature_matrix(features["features"]), *[lab for lab, _ in labelled],
+                       name="phase-mean")
 
 
 def _phase_variables(stats, *, codes, features, clustering, labels, flat, valid, spec, prefix):
