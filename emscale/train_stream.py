@@ -133,13 +133,18 @@ def gather_training_set(stage, config: "TrainConfig", path: str | os.PathLike, *
         return path
     ny, nx = stage.sizes["y"], stage.sizes["x"]
     region = tuple(int(v) for v in normal_region) if normal_region is not None else None
-    if region is not None:
-        check_split(config.tile, (ny, nx), region)
-        stage = stage.isel(y=slice(region[0], region[1]), x=slice(region[2], region[3]))
     stride = sample_stride((ny, nx), config, region)
     chunk_pixels = int(np.prod([c[0] for c in stage["valid"].chunks])) if stage["valid"].chunks \
         else stage["valid"].size
+    # the grid of the whole scan (lazy: blocks outside the region are never computed), then the
+    # grid pixels inside the normal region
     grid = features_of(stage, stride)
+    origin = [0, 0]
+    if region is not None:
+        check_split(config.tile, (ny, nx), region)
+        iy0, iy1, ix0, ix1 = (-(-v // stride) for v in region)  # first grid index at or after
+        grid = grid.isel(y=slice(iy0, iy1), x=slice(ix0, ix1))
+        origin = [iy0 * stride, ix0 * stride]
     names = ["features", "valid"] + (["clean_features"] if wants_clean(config)
                                      and "clean_features" in grid else [])
     grid = grid[names]
@@ -151,8 +156,7 @@ def gather_training_set(stage, config: "TrainConfig", path: str | os.PathLike, *
     grid = grid.chunk({"y": cy, "x": cx})
     for v in grid.variables.values():
         v.encoding = {}
-    grid.attrs = {"sample_stride": stride, "sample_origin": [region[0], region[2]] if region
-                  else [0, 0], "scan_shape": [ny, nx],
+    grid.attrs = {"sample_stride": stride, "sample_origin": origin, "scan_shape": [ny, nx],
                   "preprocess": stage.attrs.get("preprocess"), "source": stage.attrs.get("source")}
     encoding = {n: {"compressors": (default_compressor(np.dtype(grid[n].dtype).itemsize),)}
                 for n in names}

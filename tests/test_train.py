@@ -252,3 +252,29 @@ def test_the_gathered_training_set_is_the_grid_of_the_stage_with_the_same_split(
     assert picked(gathered, 0) == picked(full, 0)
     assert picked(gathered, 1) <= picked(full, 1) and picked(gathered, 1)
     assert gather_training_set(stage, config, path) == path  # kept: reused, not redone
+
+
+def test_the_gathered_set_of_a_normal_region_has_the_region_s_grid_pixels(eels_stage, tmp_path):
+    from emscale.results import _open
+    from emscale.train_stream import gather_training_set
+
+    stage, region = _open(eels_stage), (9, 40, 3, 37)
+    config = TrainConfig(max_train_pixels=200, tile=8, val_fraction=0.25)
+    path = gather_training_set(stage, config, tmp_path / "set.zarr", normal_region=region)
+    gathered = ChunkStream(path, config, normal_region=region)
+    full = ChunkStream(eels_stage, config, normal_region=region)
+    assert gathered.step == full.stride > 1 and gathered.origin == (9 + (-9) % full.stride,
+                                                                    3 + (-3) % full.stride)
+
+    def positions(stream, part):
+        out = set()
+        for y0, y1, x0, x1 in stream.chunks:
+            sel = stream.split(y0, y1, x0, x1) == part
+            yy, xx = np.mgrid[y0:y1, x0:x1]
+            yy, xx = stream.origin[0] + stream.step * yy, stream.origin[1] + stream.step * xx
+            out |= set(zip(yy.ravel()[sel], xx.ravel()[sel]))
+        return out
+
+    train = positions(gathered, 0)
+    assert train and all(9 <= y < 40 and 3 <= x < 37 for y, x in train)
+    assert all(y % gathered.step == 0 and x % gathered.step == 0 for y, x in train)
