@@ -244,18 +244,28 @@ def run_postfit(client, measure, x, xnp, reps):
     for r in range(reps):
         for name, fn in (("emscale", lambda: ours.predict(x).compute()),
                          ("dask-ml ParallelPostFit", lambda: ppf.predict(x).compute()))[::1 if r % 2 == 0 else -1]:
-            try:
-                t_start = time.strftime("%H:%M:%S")
-                labs[name], m = measure(fn)
-                m["started"] = t_start
-                out[name].append(m)
-            except Exception as e:  # noqa: BLE001
-                out[name].append({"error": err_text(e)})
-                traceback.print_exc()
-            print(name, json.dumps(out[name][-1]), flush=True)
+            result = measured_run(out, name, measure, fn)
+            if result is not None:
+                labs[name] = result
     agree = (float((labs["emscale"] == labs["dask-ml ParallelPostFit"]).mean())
              if len(labs) == 2 else None)
     return {"runs": out, "label_agreement": agree}
+
+
+def measured_run(out, name, measure, fn, extra=None):
+    """Run ``fn`` under ``measure``, append its figures (or its error) to ``out[name]``, print
+    them; return its result (None on error)."""
+    result = None
+    try:
+        started = time.strftime("%H:%M:%S")
+        result, m = measure(fn)
+        m.update(extra(result) if extra else {}, started=started)
+        out[name].append(m)
+    except Exception as e:  # noqa: BLE001
+        out[name].append({"error": err_text(e)})
+        traceback.print_exc()
+    print(name, json.dumps(out[name][-1]), flush=True)
+    return result
 
 
 PCA_METHODS = {
@@ -285,16 +295,8 @@ def run_pca(client, measure, x, ref, k, reps):
         for name, (kind, kw) in PCA_METHODS.items():
             if out[name] and "error" in out[name][-1]:
                 continue
-            try:
-                t_start = time.strftime("%H:%M:%S")
-                comps, m = measure(lambda: fit_pca(kind, kw, x, k))
-                m["max_angle_rad"] = max_angle(ref, comps)
-                m["started"] = t_start
-                out[name].append(m)
-            except Exception as e:  # noqa: BLE001
-                out[name].append({"error": err_text(e)})
-                traceback.print_exc()
-            print(name, json.dumps(out[name][-1]), flush=True)
+            measured_run(out, name, measure, lambda kind=kind, kw=kw: fit_pca(kind, kw, x, k),
+                         extra=lambda comps: {"max_angle_rad": max_angle(ref, comps)})
     return out
 
 
