@@ -335,9 +335,11 @@ def run_one(kind: str, size_gb: float, workdir: Path, *, cluster_cfg=None, overr
             # a stage starts ("[NAME] running", "[report] writing"); not its progress lines
             if message.startswith("[") and message.endswith(("] running", "] writing")):
                 stage = message[1:message.index("]")]
+                sampler.sample()  # the stage ending gets a sample however short it was
                 done, reads = snapshot()
                 marks.append((stage, time.perf_counter(), done, reads))
                 sampler.stage = stage
+                sampler.sample()
 
         t0 = time.perf_counter()
         with sampler:
