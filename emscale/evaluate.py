@@ -7,39 +7,88 @@ Used by the report (a section for synthetic scans) and by ``emscale bench qualit
 
 from __future__ import annotations
 
+import dask
 import dask.array as da
 import numpy as np
 
 
 def truth_scores(results) -> dict | None:
     """ARI of the phase maps, anomaly recall and false-alarm rate, and the autoencoder's and
-    PCA's reconstruction error on normal and anomalous pixels; None without ground truth."""
-    from sklearn.metrics import adjusted_rand_score
+    PCA's reconstruction error on normal and anomalous pixels; None without ground truth.
 
+    Every figure comes from one pass of dask reductions over the maps (contingency tables by
+    ``bincount``, masked sums), so the client holds tables, never a whole map."""
     if not (results.has_stage("encode") and "label" in results.open_stage("encode")):
         return None
     enc = results.open_stage("encode")
-    label = np.asarray(enc["label"].values)
+    label = enc["label"].data.astype(np.int64)
     normal = label >= 0
-    out: dict = {"labelled_pixels": int(normal.sum()), "anomalous_pixels": int((~normal).sum())}
+    lazy: dict = {"labelled_pixels": normal.sum(), "anomalous_pixels": (~normal).sum(),
+                  "label_max": label.max()}
+    maps: dict = {}
     if results.has_stage("cluster"):
         cl = results.open_stage("cluster")
-        for name in ("phase", "pca_phase"):
-            if name in cl:
-                out[f"ari_{name}"] = float(adjusted_rand_score(label[normal],
-                                                               np.asarray(cl[name].values)[normal]))
-        out["true_k"] = int(label.max()) + 1
-        out["n_clusters"] = int(cl.sizes["cluster"])
+        maps = {name: cl[name].data.rechunk(label.chunks) for name in ("phase", "pca_phase")
+                if name in cl}
+        n_found = int(cl.sizes["cluster"])
+        lazy["n_clusters"] = n_found
     if results.has_stage("anomaly"):
-        flagged = np.asarray(results.open_stage("anomaly")["anomaly"].values)
-        out["anomaly_recall"] = float(flagged[~normal].mean()) if (~normal).any() else None
-        out["anomaly_false_alarm_rate"] = float(flagged[normal].mean())
+        flagged = results.open_stage("anomaly")["anomaly"].data.rechunk(label.chunks).astype(bool)
+        lazy["flagged_anomalous"] = (flagged & ~normal).sum()
+        lazy["flagged_normal"] = (flagged & normal).sum()
     for name in ("recon_error", "pca_recon_error"):
         if name in enc:
-            err = np.asarray(enc[name].values)
-            out[f"{name}_normal"] = float(np.nanmean(err[normal]))
-            out[f"{name}_anomalous"] = float(np.nanmean(err[~normal])) if (~normal).any() else None
+            err = enc[name].data.rechunk(label.chunks)
+            for part, where in (("normal", normal), ("anomalous", ~normal)):
+                ok = where & da.isfinite(err)
+                lazy[f"{name}_{part}"] = (da.where(ok, err, 0).sum(dtype=np.float64), ok.sum())
+    (lazy,) = dask.compute(lazy)
+    n_normal, n_anom = int(lazy["labelled_pixels"]), int(lazy["anomalous_pixels"])
+    out: dict = {"labelled_pixels": n_normal, "anomalous_pixels": n_anom}
+    if maps:
+        n_true = int(lazy["label_max"]) + 1
+        # the (true phase, found phase) table of the labelled pixels, then ARI from it
+        tables = dask.compute({name: _contingency(label, found, n_true, n_found)
+                               for name, found in maps.items()})[0]
+        for name, table in tables.items():
+            out[f"ari_{name}"] = ari_from_contingency(table)
+        out["true_k"] = n_true
+        out["n_clusters"] = lazy["n_clusters"]
+    if "flagged_normal" in lazy:
+        out["anomaly_recall"] = float(lazy["flagged_anomalous"] / n_anom) if n_anom else None
+        out["anomaly_false_alarm_rate"] = float(lazy["flagged_normal"] / max(n_normal, 1))
+    for name in ("recon_error", "pca_recon_error"):
+        for part in ("normal", "anomalous"):
+            if f"{name}_{part}" in lazy:
+                total, count = lazy[f"{name}_{part}"]
+                out[f"{name}_{part}"] = float(total / count) if count else None
     return out
+
+
+def _contingency(label: da.Array, found: da.Array, n_true: int, n_found: int) -> da.Array:
+    """Counts of (true phase, found phase + 1) over the labelled pixels (found -1, an invalid
+    pixel, is a column of its own, as in an ARI over the label arrays); a tree reduction."""
+    cols = n_found + 1
+    found = found.astype(np.int64) + 1
+    index = da.where(label >= 0, label * cols + found, n_true * cols).ravel()
+    return da.bincount(index, minlength=n_true * cols + 1)[:-1].reshape(n_true, cols)
+
+
+def ari_from_contingency(table: np.ndarray) -> float:
+    """The adjusted Rand index from a contingency table (scikit-learn's formula on its counts)."""
+    from scipy.special import comb
+
+    table = np.asarray(table, np.int64)
+    n = int(table.sum())
+    sum_cells = comb(table, 2).sum()
+    sum_rows = comb(table.sum(axis=1), 2).sum()
+    sum_cols = comb(table.sum(axis=0), 2).sum()
+    pairs = comb(n, 2)
+    expected = sum_rows * sum_cols / pairs if pairs else 0.0
+    top = (sum_rows + sum_cols) / 2
+    if top == expected:  # one cluster on both sides (or no pairs): sklearn's convention
+        return 1.0
+    return float((sum_cells - expected) / (top - expected))
 
 
 def mse_against(estimate: da.Array, clean: da.Array, mask: np.ndarray | None = None) -> float:

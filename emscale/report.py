@@ -3,8 +3,10 @@
 Figures, from the results store only: the PCA scree; autoencoder against PCA reconstruction error
 at the same k; the loss curves; a 2-D view of the latent codes coloured by phase; the K-choice
 curves; the phase map with fractions; the phase mean spectra or patterns; the anomaly map and the
-score histogram with its threshold; seconds per stage. Maps are (y, x) arrays, small beside the
-scan; the latent view uses a regular sample of at most ``MAX_POINTS`` pixels.
+score histogram with its threshold; seconds per stage. The client never holds a whole map (a
+100 GB scan has 24 million pixels): maps are shown at every s-th pixel (at most ``MAX_SIDE`` per
+side, more than a figure shows; the caption says so), histograms and the latent view use those
+pixels, and the means and fractions printed are exact (dask reductions over the whole map).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from emscale.stages.encode import latent_dim
 log = logging.getLogger(__name__)
 
 MAX_POINTS = 20_000
+MAX_SIDE = 1024
 
 
 def _figure():
@@ -46,9 +49,27 @@ def _stage(results, name):
     return results.open_stage(name) if results.has_stage(name) else None
 
 
-def _sample_map(values: np.ndarray, n: int = MAX_POINTS) -> np.ndarray:
-    step = max(1, int(np.ceil(np.sqrt(values.shape[0] * values.shape[1] / n))))
-    return values[::step, ::step]
+def _view(arr, *, side: int | None = None, points: int | None = None) -> tuple[np.ndarray, int]:
+    """Every s-th pixel of a (y, x, ...) map along y and x, read blockwise (the client gets the
+    strided pixels only): at most ``side`` per side, or about ``points`` pixels; and s."""
+    ny, nx = arr.shape[:2]
+    step = max(1, int(np.ceil(max(ny, nx) / (side or MAX_SIDE))))
+    if points is not None:
+        step = max(1, int(np.ceil(np.sqrt(ny * nx / points))))
+    view = arr.isel({arr.dims[0]: slice(None, None, step), arr.dims[1]: slice(None, None, step)})
+    return np.asarray(view.values), step
+
+
+def _shown(step: int) -> str:
+    return (f" Maps and histograms show one pixel in {step} along y and x; means and fractions "
+            "are over all pixels." if step > 1 else "")
+
+
+def _exact(*lazy):
+    """Exact whole-map statistics, computed together (one pass over their maps)."""
+    import dask
+
+    return [float(v) for v in dask.compute(*lazy)]
 
 
 def _truth_table(results) -> str:
@@ -90,13 +111,14 @@ def _scree(add, plt, pca, train, enc, an, cl, timings) -> None:
 def _errors(add, plt, pca, train, enc, an, cl, timings) -> None:
     if enc is None or "pca_recon_error" not in enc:
         return
-    err, perr = enc["recon_error"].values, enc["pca_recon_error"].values
+    (err, step), (perr, _) = _view(enc["recon_error"]), _view(enc["pca_recon_error"])
+    mean_err, mean_perr = _exact(enc["recon_error"].mean(), enc["pca_recon_error"].mean())
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), layout="constrained")
     lo = np.nanpercentile(np.concatenate([err.ravel(), perr.ravel()]), 1)
     hi = np.nanpercentile(np.concatenate([err.ravel(), perr.ravel()]), 99.5)
-    for ax, v, t in ((axes[0], err, "autoencoder"), (axes[1], perr, "PCA")):
+    for ax, v, t, m in ((axes[0], err, "autoencoder", mean_err), (axes[1], perr, "PCA", mean_perr)):
         im = ax.imshow(v, vmin=lo, vmax=hi, cmap="magma")
-        ax.set_title(f"{t} error (mean {np.nanmean(v):.3g})")
+        ax.set_title(f"{t} error (mean {m:.3g})")
         fig.colorbar(im, ax=ax, shrink=0.8)
     logx = lo > 0 and hi / lo > 20  # a log axis only for a wide range (its ticks crowd)
     bins = np.geomspace(lo, hi, 60) if logx else np.linspace(lo, hi, 60)
@@ -110,7 +132,7 @@ def _errors(add, plt, pca, train, enc, an, cl, timings) -> None:
     axes[2].legend()
     k_lat = latent_dim(enc)
     add("errors", f"Reconstruction error: autoencoder (latent size {k_lat}) and PCA "
-        f"({k_lat} components)", fig, enc["recon_error"].attrs.get("long_name", ""))
+        f"({k_lat} components)", fig, enc["recon_error"].attrs.get("long_name", "") + _shown(step))
 
 
 def _loss(add, plt, pca, train, enc, an, cl, timings) -> None:
@@ -130,12 +152,13 @@ def _loss(add, plt, pca, train, enc, an, cl, timings) -> None:
 def _phases(add, plt, pca, train, enc, an, cl, timings) -> None:
     if cl is None:
         return
-    phase = cl["phase"].values
+    phase, step = _view(cl["phase"])
     k = cl.sizes["cluster"]
     cmap = plt.get_cmap("tab10" if k <= 10 else "tab20")
     if enc is not None:
-        z = _sample_map(enc["latent"].values).reshape(-1, latent_dim(enc))
-        p = _sample_map(phase).ravel()
+        z, zstep = _view(enc["latent"], points=MAX_POINTS)
+        z = z.reshape(-1, latent_dim(enc))
+        p = _view(cl["phase"], points=MAX_POINTS)[0].ravel()
         ok = np.isfinite(z).all(1) & (p >= 0)
         z, p = z[ok], p[ok]
         if z.shape[1] > 2:  # the plane of the codes' two main axes
@@ -167,7 +190,7 @@ def _phases(add, plt, pca, train, enc, an, cl, timings) -> None:
     ax.legend(handles, [f"phase {i}: {f:.1%}" for i, f in enumerate(fractions)],
               loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8)
     ax.set_title("phase map")
-    add("phases", "Phase map", fig)
+    add("phases", "Phase map", fig, _shown(step).strip())
     mean = cl["phase_mean_signal"]
     if mean.ndim == 2:
         fig, ax = plt.subplots(figsize=(7, 3.6))
@@ -191,12 +214,14 @@ def _anomalies(add, plt, pca, train, enc, an, cl, timings) -> None:
     if an is None:
         return
     flagged = an["anomaly"]
-    score = an["anomaly_score"].values
+    score, step = _view(an["anomaly_score"])
+    shown_flags = _view(flagged)[0]
+    (fraction,) = _exact(flagged.mean())
     thr = float(flagged.attrs["threshold"])
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     im = axes[0].imshow(score, cmap="viridis")
-    axes[0].contour(flagged.values, levels=[0.5], colors="red", linewidths=0.8)
-    axes[0].set_title(f"anomaly score; {flagged.values.mean():.2%} flagged (red)")
+    axes[0].contour(shown_flags, levels=[0.5], colors="red", linewidths=0.8)
+    axes[0].set_title(f"anomaly score; {fraction:.2%} flagged (red)")
     fig.colorbar(im, ax=axes[0], shrink=0.8)
     s = score[np.isfinite(score)]
     axes[1].hist(s, bins=100, log=True)
@@ -204,7 +229,7 @@ def _anomalies(add, plt, pca, train, enc, an, cl, timings) -> None:
     axes[1].set(xlabel="score", ylabel="pixels", title=f"{flagged.attrs['method']} score, "
                 f"{flagged.attrs['calibration']} calibration")
     axes[1].legend()
-    add("anomaly", "Anomalies", fig)
+    add("anomaly", "Anomalies", fig, _shown(step).strip())
 
 
 def _timings(add, plt, pca, train, enc, an, cl, timings) -> None:

@@ -7,6 +7,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -181,10 +182,32 @@ def test_the_report_scores_a_synthetic_scan_against_its_ground_truth(first_run):
     phase = results.open_stage("cluster")["phase"].values
     assert scores["anomaly_recall"] == flagged[label < 0].mean()
     assert scores["anomaly_false_alarm_rate"] == flagged[label >= 0].mean()
-    assert scores["ari_phase"] == adjusted_rand_score(label[label >= 0], phase[label >= 0])
+    assert scores["ari_phase"] == pytest.approx(
+        adjusted_rand_score(label[label >= 0], phase[label >= 0]), abs=1e-12)
+    err = results.open_stage("encode")["recon_error"].values
+    assert scores["recon_error_normal"] == pytest.approx(np.nanmean(err[label >= 0]), rel=1e-6)
     assert scores["true_k"] == 4 and scores["anomalous_pixels"] == (label < 0).sum() > 0
     page = result.report.read_text()
     assert "Against the ground truth" in page and f"{scores['ari_phase']:.4g}" in page
+
+
+def test_the_report_shows_big_maps_strided_and_prints_exact_figures(first_run, tmp_path,
+                                                                   monkeypatch):
+    """The client reads one pixel in s of a map for its pictures (a 100 GB scan's maps do not
+    fit beside the workers), and the figures printed stay exact."""
+    from emscale import report
+
+    _, result = first_run
+    results = ResultsStore(result.results)
+    flagged = results.open_stage("anomaly")["anomaly"]
+    ny, nx = flagged.shape
+    monkeypatch.setattr(report, "MAX_SIDE", -(-max(ny, nx) // 3))
+    view, step = report._view(flagged)
+    assert step == 3 and view.shape == (-(-ny // 3), -(-nx // 3))
+    np.testing.assert_array_equal(view, flagged.values[::3, ::3])
+    assert report._exact(flagged.mean()) == [float(flagged.values.mean())]
+    page = report.write_report(results, tmp_path / "report").read_text()
+    assert "one pixel in 3 along y and x" in page
 
 
 def test_command_line_values_override_the_file(tmp_path):

@@ -102,8 +102,9 @@ def _lloyd_block(x, valid=None, *, centres):
     d2 = ((x[:, None, :] - centres[None]) ** 2).sum(-1)
     lab = d2.argmin(1)
     k = len(centres)
-    sums = np.zeros_like(centres)
-    np.add.at(sums, lab, x)
+    # per-cluster sums by weighted bincount: np.add.at is unbuffered (~20x slower per row)
+    sums = np.stack([np.bincount(lab, weights=x[:, j], minlength=k) for j in range(x.shape[1])],
+                    axis=1).reshape(centres.shape)
     return {"sums": sums, "counts": np.bincount(lab, minlength=k).astype(np.float64),
             "inertia": float(d2[np.arange(len(x)), lab].sum())}
 
@@ -152,12 +153,16 @@ def _sum_each(parts):
 
 
 def _class_sums_block(x, labels, *, k):
-    x = np.asarray(x, np.float64)
+    x = np.asarray(x)
     lab = np.asarray(labels).ravel()
     keep = (lab >= 0) & np.isfinite(x).all(axis=1)
+    counts = np.bincount(lab[keep], minlength=k)
     sums = np.zeros((k, x.shape[1]))
-    np.add.at(sums, lab[keep], x[keep])
-    return {"sums": sums, "counts": np.bincount(lab[keep], minlength=k).astype(np.float64)}
+    # one gather and one float64-accumulated sum per phase: no float64 copy of the block and
+    # no np.add.at (unbuffered, ~4x the block's read+chain time on 280 channels)
+    for j in np.flatnonzero(counts):
+        sums[j] = x[keep & (lab == j)].sum(axis=0, dtype=np.float64)
+    return {"sums": sums, "counts": counts.astype(np.float64)}
 
 
 # ---------------------------------------------------------------------------------------------
