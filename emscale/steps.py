@@ -86,9 +86,10 @@ class Step:
     def apply(self, x: np.ndarray, pos: np.ndarray) -> np.ndarray:  # pos: (pixels, 2) y, x indices
         raise NotImplementedError
 
-    def apply_scaled(self, x: np.ndarray, pos: np.ndarray):
+    def apply_scaled(self, x: np.ndarray, pos: np.ndarray, writable: bool = False):
         """``apply`` and the per-pixel divisor it applied, if it divides each pixel by one number
-        (``normalize``; the preprocess stage keeps the product as ``intensity``), else None."""
+        (``normalize``; the preprocess stage keeps the product as ``intensity``), else None.
+        ``writable``: x is the chain's own array, the step may overwrite it."""
         return self.apply(x, pos), None
 
     def state(self) -> dict[str, Any]:
@@ -474,14 +475,21 @@ class Normalize(Step):
     def apply(self, x, pos):
         return self.apply_scaled(x, pos)[0]
 
-    def apply_scaled(self, x, pos):
+    def apply_scaled(self, x, pos, writable=False):
         if self.method == "none":
             return x, None
         flat = x.reshape(x.shape[0], -1)
-        norm = flat.sum(axis=1) if self.method == "sum" else flat.max(axis=1)
+        # contiguous rows first: a row reduction and a product over a cropped view are ~3x
+        # slower than the copy they avoid
+        rows = np.ascontiguousarray(flat)
+        norm = rows.sum(axis=1) if self.method == "sum" else rows.max(axis=1)
         divisor = np.where(norm > 0, norm, 1).astype(COMPUTE_DTYPE)
-        # a multiplication by the reciprocal is cheaper than a division per value
-        return (flat * (1 / divisor)[:, None]).reshape(x.shape), divisor
+        # a multiplication by the reciprocal is cheaper than a division per value; in place
+        # (no new block to fault in) on the chain's own array or the copy made here
+        scale = (1 / divisor)[:, None]
+        own = (writable or rows is not flat) and rows.dtype == COMPUTE_DTYPE
+        out = np.multiply(rows, scale, out=rows) if own else rows * scale
+        return out.reshape(x.shape), divisor
 
 
 STEPS: dict[str, type[Step]] = {s.name: s for s in (

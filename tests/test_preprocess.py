@@ -74,6 +74,24 @@ def test_normalize_sum_and_max(sync_scheduler):
     assert (s.features.values[0, 0] == 0).all() and s.valid.values.all()
 
 
+def test_a_crop_of_unsigned_counts_first_and_an_in_place_normalise_change_nothing(sync_scheduler):
+    """The chain's shortcuts (a leading crop before the float32 conversion of unsigned counts,
+    normalise overwriting only arrays the chain owns) give the features of the plain chain,
+    and a float32 scan's blocks are never written to."""
+    data = poisson_spectra(2)
+    steps = [{"step": "crop", "start": 500, "stop": 700}, {"step": "normalize", "method": "sum"}]
+    as_float = data.astype(np.float32)
+    original = as_float.copy()
+    _, counts = run(spectrum_scan(data), steps)
+    _, floats = run(spectrum_scan(as_float), steps)
+    np.testing.assert_array_equal(counts.features.values, floats.features.values)
+    np.testing.assert_array_equal(as_float, original)
+    _, alone = run(spectrum_scan(as_float), [{"step": "normalize", "method": "sum"}])
+    np.testing.assert_array_equal(as_float, original)
+    np.testing.assert_allclose(alone.features.values, original / original.sum(-1, keepdims=True),
+                               rtol=1e-6)
+
+
 def test_anscombe_stabilises_poisson_variance(sync_scheduler):
     rng = np.random.default_rng(2)
     lam = np.geomspace(5, 500, 32)

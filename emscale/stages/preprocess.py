@@ -134,11 +134,19 @@ def _run_chain(where, block, *, steps, nonfinite, negative):
     """
     nav = block.shape[:2]
     pos = _block_positions(where, nav)
-    x, valid, n_bad, n_neg = _clean_values(block.reshape(-1, *block.shape[2:]), pos, nonfinite,
-                                           negative)
+    raw = block.reshape(-1, *block.shape[2:])
+    steps = list(steps)
+    if np.dtype(raw.dtype).kind == "u":
+        # unsigned counts have nothing for the value policy (no NaN, no negative): a leading
+        # crop goes first, so only the kept channels are converted to float32 (a view, no copy)
+        while steps and steps[0].name == "crop":
+            raw = steps.pop(0).apply(raw, pos)
+    x, valid, n_bad, n_neg = _clean_values(raw, pos, nonfinite, negative)
     intensity = np.ones(x.shape[0], COMPUTE_DTYPE)  # the divisors of per-pixel scalings
     for step in steps:
-        x, divisor = step.apply_scaled(x, pos)
+        # the chain's own array (not the decoded block, which other tasks may share) may be
+        # overwritten by a step
+        x, divisor = step.apply_scaled(x, pos, writable=not np.may_share_memory(x, block))
         x = np.asarray(x, dtype=COMPUTE_DTYPE)
         if divisor is not None:
             intensity *= divisor
