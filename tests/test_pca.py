@@ -67,6 +67,28 @@ def test_invalid_pixels_are_skipped(solver, sync_scheduler):
     assert pca.n_samples_ == valid.sum()
 
 
+def test_wide_scatter_matrices_are_grouped_and_merged_few_at_a_time(monkeypatch, sync_scheduler):
+    """Many features beside a block's rows (4D-STEM: 4096 features, 1024 patterns a block): a
+    first-level task sums several blocks and merges hold few matrices; still exact."""
+    from dask.core import get_dependencies
+
+    from emscale.stages import pca as pca_module
+
+    x = low_rank_data(n=1000, f=64, seed=4)
+    valid = np.ones(len(x), bool)
+    valid[::11] = False
+    dx = da.from_array(x, chunks=((40,) * 25, (64,)))  # a 64 x 64 float64 matrix: 3.2 blocks
+    dv = da.from_array(valid, chunks=((40,) * 25,))
+    monkeypatch.setattr(pca_module, "MERGE_BYTES", 3 * 64 * 64 * 8)
+    graph = dict(pca_module.scatter_statistics(dx, dv).__dask_graph__())
+    first = [k for k in graph if isinstance(k, tuple) and "-block-" in k[0]]
+    merges = [k for k in graph if isinstance(k, tuple) and "-merge-" in k[0]]
+    assert len(first) == 25 // 4 + 1  # groups of ceil(32768 / 10240) = 4 blocks
+    fan_in = [len(get_dependencies(graph, k)) for k in merges]
+    assert max(fan_in) == 3 and sum(fan_in) == len(first) + len(merges) - 1
+    check_parity(x[valid], PCA(n_components=5).fit(dx, dv), 5, "gram")
+
+
 def test_gram_partial_fit_is_exact():
     x = low_rank_data(seed=3)
     pca = PCA(n_components=5)

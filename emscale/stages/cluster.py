@@ -5,8 +5,8 @@ scores), on the Dask cluster.
 - **K sweep** on a seeded, uniform sample of valid pixels (``sample_size``): for each K, k-means
   (k-means++ seeding, ``n_init`` restarts, the lowest inertia kept) gives the inertia (the elbow)
   and the silhouette (on ``silhouette_size`` sampled pixels); a full-covariance Gaussian mixture
-  gives the BIC. The chosen K (``k_choice``: elbow by default for k-means, bic for GMM, or
-  silhouette) and the three curves go into ``k_table_``.
+  gives the BIC; one task per K on the cluster. The chosen K (``k_choice``: elbow by default for
+  k-means, bic for GMM, or silhouette) and the three curves go into ``k_table_``.
 - **Final fit** at that K: the best sample fit is refined on *all* pixels by full-data Lloyd
   (k-means) or EM (GMM) iterations, each one tree reduction over the blocks, until the centres
   move less than ``tol`` (relative to the data spread) or ``max_iter``.
@@ -165,6 +165,22 @@ def _class_sums_block(x, labels, *, k):
     return {"sums": sums, "counts": counts.astype(np.float64)}
 
 
+def _sweep_one(sample, k, sil_idx, *, n_init, seed) -> dict:
+    """One K of the sweep: k-means inertia and silhouette, GMM BIC."""
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import silhouette_score
+    from sklearn.mixture import GaussianMixture
+
+    km = KMeans(k, init="k-means++", n_init=n_init, random_state=seed).fit(sample)
+    labels = km.labels_[sil_idx]
+    silhouette = (float(silhouette_score(sample[sil_idx], labels))
+                  if len(np.unique(labels)) > 1 else float("nan"))
+    gm = GaussianMixture(k, covariance_type="full", n_init=max(1, n_init // 3),
+                         random_state=seed, reg_covar=1e-6).fit(sample)
+    return {"inertia": float(km.inertia_), "silhouette": silhouette, "bic": float(gm.bic(sample)),
+            "models": (km, gm)}
+
+
 # ---------------------------------------------------------------------------------------------
 # the estimator
 
@@ -207,28 +223,24 @@ class PhaseClustering(BaseEstimator):
             sample = np.random.default_rng(self.seed).permutation(sample)[:self.sample_size]
         return sample
 
-    def _sweep(self, sample: np.ndarray) -> dict:
-        from sklearn.cluster import KMeans
-        from sklearn.metrics import silhouette_score
-        from sklearn.mixture import GaussianMixture
-
+    def _sweep(self, sample: np.ndarray) -> tuple[dict, dict]:
+        """Inertia, silhouette and BIC per K of ``k_range`` on the sample, and the sample fits
+        per K (k-means, GMM): one task per K on the cluster (the client only sends the sample
+        once and collects the table)."""
         lo, hi = self.k_range
         ks = list(range(lo, min(hi, len(sample) - 1) + 1))
         if not ks:
             raise ConfigError(f"cluster: {len(sample)} valid pixel(s) cannot be clustered")
-        table = {"k": ks, "inertia": [], "silhouette": [], "bic": []}
         rng = np.random.default_rng(self.seed)
         sil_idx = rng.permutation(len(sample))[:self.silhouette_size]
-        for k in ks:
-            km = KMeans(k, init="k-means++", n_init=self.n_init, random_state=self.seed).fit(sample)
-            table["inertia"].append(float(km.inertia_) * 1.0)
-            labels = km.labels_[sil_idx]
-            table["silhouette"].append(float(silhouette_score(sample[sil_idx], labels))
-                                       if len(np.unique(labels)) > 1 else float("nan"))
-            gm = GaussianMixture(k, covariance_type="full", n_init=max(1, self.n_init // 3),
-                                 random_state=self.seed, reg_covar=1e-6).fit(sample)
-            table["bic"].append(float(gm.bic(sample)))
-        return table
+        shared = dask.delayed(sample, pure=True)
+        rows = dask.compute(*[dask.delayed(_sweep_one, pure=True)(
+            shared, k, sil_idx, n_init=self.n_init, seed=self.seed) for k in ks])
+        table = {"k": ks, "inertia": [], "silhouette": [], "bic": []}
+        for row in rows:
+            for name in ("inertia", "silhouette", "bic"):
+                table[name].append(row[name])
+        return table, {k: row["models"] for k, row in zip(ks, rows)}
 
     def _choose(self, table: dict) -> tuple[int, str]:
         # k-means: the elbow of the inertia. The silhouette is kept beside it but it prefers too
@@ -261,14 +273,18 @@ class PhaseClustering(BaseEstimator):
             raise ConfigError(f"cluster: only {len(sample)} valid pixel(s) sampled; nothing to cluster")
         self.sample_size_ = len(sample)
         if self.n_clusters == "auto":
-            self.k_table_ = self._sweep(sample)
+            # (the final fit starts from the chosen K's sample fit: no refit)
+            self.k_table_, sample_fits = self._sweep(sample)
             k, self.k_chosen_by_ = self._choose(self.k_table_)
         else:
             self.k_table_, k, self.k_chosen_by_ = None, int(self.n_clusters), "fixed"
+            sample_fits = {}
         self.n_clusters_ = k
         spread = float(np.sqrt(sample.var(axis=0).sum())) or 1.0
+        fitted = sample_fits.get(k)
         if self.method == "kmeans":
-            km = KMeans(k, init="k-means++", n_init=self.n_init, random_state=self.seed).fit(sample)
+            km = fitted[0] if fitted else KMeans(k, init="k-means++", n_init=self.n_init,
+                                                 random_state=self.seed).fit(sample)
             centres = km.cluster_centers_.astype(np.float64)
             for it in range(self.max_iter):
                 stats = dask.compute(tree_reduce(partial(_lloyd_block, centres=centres), sum_parts,
@@ -285,8 +301,9 @@ class PhaseClustering(BaseEstimator):
             self.cluster_centers_ = centres
             # the inertia of the last assignment pass (the centres moved by < tol after it)
         else:
-            gm = GaussianMixture(k, covariance_type="full", n_init=max(1, self.n_init // 3),
-                                 random_state=self.seed, reg_covar=1e-6).fit(sample)
+            gm = fitted[1] if fitted else GaussianMixture(
+                k, covariance_type="full", n_init=max(1, self.n_init // 3),
+                random_state=self.seed, reg_covar=1e-6).fit(sample)
             prev = -np.inf
             for it in range(self.max_iter):
                 stats = dask.compute(tree_reduce(partial(_em_block, gmm=gm), sum_parts,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from typing import ClassVar, Literal, Optional
 
 import dask
@@ -99,15 +100,28 @@ def merge_scatter(parts: list[dict]) -> dict:
     return out
 
 
+MERGE_BYTES = 256 << 20  # the scatter matrices one merge task may hold
+
+
 def scatter_statistics(x: da.Array, valid: da.Array | None = None, split_every: int = 8):
-    """Delayed pixel count, mean and centred scatter matrix of ``x`` (pixels x features)."""
+    """Delayed pixel count, mean and centred scatter matrix of ``x`` (pixels x features).
+
+    With many features the float64 scatter matrix outweighs a block (4096 features: 134 MB per
+    matrix against 16 MB of a block of 1024 patterns): each first-level task then takes up to 8
+    blocks, and merges take as many matrices as fit in ``MERGE_BYTES`` (the 4 GB 4D-STEM run had
+    spilled them to disk: 2.9 GB per worker, 4.5 passes over the store)."""
     if x.ndim != 2:
         raise ValueError(f"expected a (pixels, features) array, got shape {x.shape}")
     if len(x.chunks[1]) > 1:
         x = x.rechunk({1: -1})
     arrays = (x,) if valid is None else (x, valid.rechunk((x.chunks[0],) + valid.chunks[1:]))
+    f = x.shape[1]
+    matrix = f * f * 8
+    block = max(x.chunks[0]) * f * 4
+    group = int(min(8, max(1, math.ceil(matrix / max(block, 1)))))
+    split_every = int(max(2, min(split_every, MERGE_BYTES // matrix)))
     return tree_reduce(_scatter_block, merge_scatter, *arrays, name="pca-scatter",
-                       split_every=split_every)
+                       split_every=split_every, group=group)
 
 
 # ---------------------------------------------------------------------------------------------
