@@ -1,4 +1,7 @@
-"""``emscale bench ingest``: peak memory and throughput of a streamed ingest of a large raw file.
+"""``emscale bench ingest``: peak memory and throughput of a streamed ingest of a large raw file,
+against the limits of that work measured in the same run: reading the raw file from disk (page
+cache evicted, 64 MiB reads) and encoding its chunks with the store's codec on all cores (Blosc's
+own threads off, no Dask, the chunks decoded beforehand). Ingest's limit is the lower of the two.
 
 The raw file is a ``.npy`` of uint16 Poisson counts (a spectrum image of 1024 channels), written
 block by block so that generating it needs no memory either. The ingest runs in a fresh child
@@ -12,6 +15,8 @@ from __future__ import annotations
 import os
 import platform
 import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -52,6 +57,54 @@ def evict_from_page_cache(path: Path) -> None:
         os.close(fd)
 
 
+def disk_read_rate(path: Path, block: int = 64 << 20) -> float:
+    """MB/s of reading ``path`` from disk in ``block``-sized reads (evicted before and after)."""
+    evict_from_page_cache(path)
+    n = 0
+    t0 = time.perf_counter()
+    with open(path, "rb", buffering=0) as f:
+        while chunk := f.read(block):
+            n += len(chunk)
+    seconds = time.perf_counter() - t0
+    evict_from_page_cache(path)
+    return n / seconds / 1e6
+
+
+def store_encoder(store: Path):
+    """A function that encodes a raw chunk as the scan store's ``signal`` codec (Blosc) does."""
+    import numcodecs.blosc
+    import zarr
+
+    (codec,) = zarr.open_array(str(store / "signal"), mode="r").compressors
+    shuffle = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}[str(codec.shuffle.value)]
+    cname = str(codec.cname.value).encode()
+    return lambda raw: numcodecs.blosc.compress(raw, cname, codec.clevel, shuffle,
+                                                codec.blocksize, codec.typesize)
+
+
+def codec_encode_rate(store: Path, max_bytes: int = 2 << 30) -> float:
+    """MB/s (of raw chunk bytes) of encoding the scan store's chunks with its own codec settings,
+    a thread per core (Blosc's threads off, no Dask); the chunks (up to ``max_bytes``) are
+    decoded into memory first, so only the encode is timed."""
+    import numcodecs.blosc
+
+    encode = store_encoder(store)
+    chunks, total = [], 0
+    for path in sorted((store / "signal" / "c").rglob("*")):
+        if path.is_file() and total < max_bytes:
+            chunks.append(numcodecs.blosc.decompress(path.read_bytes()))
+            total += len(chunks[-1])
+    old = numcodecs.blosc.use_threads
+    numcodecs.blosc.use_threads = False
+    try:
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(os.cpu_count()) as pool:
+            list(pool.map(encode, chunks))
+        return total / (time.perf_counter() - t0) / 1e6
+    finally:
+        numcodecs.blosc.use_threads = old
+
+
 def shape_for_bytes(n_bytes: float, channels: int = CHANNELS) -> tuple[int, int, int]:
     pixels = int(n_bytes // (channels * 2))
     nx = 512 if pixels >= 512 * 4 else 16
@@ -69,13 +122,24 @@ class IngestBench:
     baseline_rss_mb: float
     cold_cache: bool
     environment: dict
+    disk_read_mb_per_s: float = float("nan")
+    codec_encode_mb_per_s: float = float("nan")
+
+    @property
+    def limit_mb_per_s(self) -> float:
+        return min(self.disk_read_mb_per_s, self.codec_encode_mb_per_s)
+
+    @property
+    def ratio_to_limit(self) -> float:
+        return self.mb_per_s / self.limit_mb_per_s
 
     @property
     def peak_over_baseline_mb(self) -> float:
         return self.peak_rss_mb - self.baseline_rss_mb
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "peak_over_baseline_mb": self.peak_over_baseline_mb}
+        return {**asdict(self), "peak_over_baseline_mb": self.peak_over_baseline_mb,
+                "limit_mb_per_s": self.limit_mb_per_s, "ratio_to_limit": self.ratio_to_limit}
 
     def table(self) -> str:
         return "\n".join([
@@ -84,6 +148,9 @@ class IngestBench:
             f"page cache      {'raw file evicted before the run (read from disk)' if self.cold_cache else 'warm'}",
             f"time            {self.seconds:.1f} s",
             f"throughput      {self.mb_per_s:.0f} MB/s (raw bytes read, hashed, checked, written)",
+            f"limits          disk read {self.disk_read_mb_per_s:.0f} MB/s (cold), codec encode "
+            f"{self.codec_encode_mb_per_s:.0f} MB/s (all cores): ingest at "
+            f"{100 * self.ratio_to_limit:.0f} % of the lower",
             f"peak RSS        {self.peak_rss_mb:.0f} MB (process after imports: "
             f"{self.baseline_rss_mb:.0f} MB, +{self.peak_over_baseline_mb:.0f} MB for the ingest)",
             f"environment     {self.environment}",
@@ -113,10 +180,12 @@ def run_ingest_bench(size_gb: float, workdir: Path | None = None, chunk_mib: flo
         raw = Path(tmp) / "raw.npy"
         shape = shape_for_bytes(size_gb * 1e9)
         size = write_raw_npy(raw, shape)
+        disk = disk_read_rate(raw)
         if cold:
             evict_from_page_cache(raw)
         r = measure_ingest(raw, Path(tmp) / "scan.zarr", chunk_mib)
-    return IngestBench(raw_bytes=size, shape=shape, chunk_mib=chunk_mib, seconds=r["seconds"],
+        encode = codec_encode_rate(Path(tmp) / "scan.zarr")
+    return IngestBench(disk_read_mb_per_s=disk, codec_encode_mb_per_s=encode,raw_bytes=size, shape=shape, chunk_mib=chunk_mib, seconds=r["seconds"],
                        mb_per_s=r["mb_per_s"], peak_rss_mb=r["peak_rss"] / 1e6,
                        baseline_rss_mb=r["baseline_rss"] / 1e6, cold_cache=cold,
                        environment=environment())
