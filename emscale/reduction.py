@@ -25,6 +25,7 @@ def tree_reduce(
     name: str = "reduce",
     split_every: int = 8,
     group: int = 1,
+    group_fn: Callable[..., Any] | None = None,
 ):
     """A delayed object for ``merge_fn`` over ``block_fn(*blocks)`` of every navigation block.
 
@@ -32,7 +33,8 @@ def tree_reduce(
     order. ``block_fn`` and ``merge_fn`` must be picklable (module-level functions or partials).
     ``group`` > 1: each first-level task takes that many consecutive blocks and merges their
     results as it goes, for partial results that are large beside a block (a scatter matrix of
-    thousands of features): fewer of them to hold and move.
+    thousands of features): fewer of them to hold and move. ``group_fn(*blocks)`` (the group's
+    blocks, array by array), when given, makes a group's result in one go instead.
     """
     if not arrays:
         raise ValueError("tree_reduce needs at least one array")
@@ -43,7 +45,7 @@ def tree_reduce(
         raise ValueError(f"arrays have different block counts: {[a.numblocks for a in arrays]}")
     token = tokenize(block_fn, merge_fn, *arrays, group)
     if group > 1:
-        run = partial(_grouped, block_fn, merge_fn, len(arrays))
+        run = group_fn or partial(_grouped, block_fn, merge_fn, len(arrays))
         parts = [dask.delayed(run, pure=True)(*[b for bs in blocks for b in bs[i:i + group]],
                                               dask_key_name=(f"{name}-block-{token}", i // group))
                  for i in range(0, len(blocks[0]), group)]
