@@ -105,6 +105,7 @@ class ResultsStore:
         lines: Callable[[str], None] | None = None,
         every: float = PROGRESS_EVERY,
         registry=None,
+        scan_nbytes: int | None = None,
     ) -> xr.Dataset:
         """Compute ``ds`` chunk by chunk into the stage group ``name``, atomically.
 
@@ -112,7 +113,8 @@ class ResultsStore:
         back from small written maps, for instance) or raise to reject the stage. ``resume_key``
         (default: the one set by ``resumable``) keeps the chunks of a failed or killed write for
         the next write with the same key. Returns the stage as read back from disk (lazy; as
-        ``open_stage`` with ``registry``).
+        ``open_stage`` with ``registry``). ``scan_nbytes`` (the scan as float32): the progress
+        lines also say how fast the scan goes through the stage.
         """
         if not (self.path / "zarr.json").exists():
             self.create()
@@ -123,7 +125,8 @@ class ResultsStore:
                               keep_on_error=resume_key is not None) as tmp:
             if resume_key:
                 self.discard_partials(name, keep=tmp)
-            found = _write_chunks(name, ds, tmp, progress=progress, lines=lines, every=every)
+            found = _write_chunks(name, ds, tmp, progress=progress, lines=lines, every=every,
+                                  scan_nbytes=scan_nbytes)
             if found:
                 self.resumed[name] = found
             shutil.rmtree(tmp / DONE_DIR)  # all chunks are on disk: the markers have served
@@ -205,7 +208,8 @@ def _layout(ds: xr.Dataset) -> dict[str, Any]:
 
 def _write_chunks(name: str, ds: xr.Dataset, tmp: Path, *, progress: bool,
                   lines: Callable[[str], None] | None = None,
-                  every: float = PROGRESS_EVERY) -> tuple[int, int] | None:
+                  every: float = PROGRESS_EVERY,
+                  scan_nbytes: int | None = None) -> tuple[int, int] | None:
     """Write ``ds`` into the group ``tmp``: the metadata and in-memory variables at once, then one
     task per dask chunk that stores it and leaves its marker. Chunks that already have a marker
     (from an interrupted write of the same layout into ``tmp``) are left out of the graph; when
@@ -264,7 +268,8 @@ def _write_chunks(name: str, ds: xr.Dataset, tmp: Path, *, progress: bool,
     graph = HighLevelGraph({**graph.layers, final: {final: (len, todo_keys)}},
                            {**graph.dependencies, final: set(graph.layers)})
     nbytes = sum(v.nbytes for v in ds.variables.values() if isinstance(v.data, da.Array))
-    with _progress_lines(name, done, n_chunks, n_chunks - n_todo, nbytes, lines, every):
+    with _progress_lines(name, done, n_chunks, n_chunks - n_todo, nbytes, lines, every,
+                         scan_nbytes):
         if progress:
             from emscale.progress import compute
 
@@ -276,10 +281,11 @@ def _write_chunks(name: str, ds: xr.Dataset, tmp: Path, *, progress: bool,
 
 @contextlib.contextmanager
 def _progress_lines(name: str, done: Path, total: int, before: int, nbytes: int,
-                    lines: Callable[[str], None] | None, every: float):
+                    lines: Callable[[str], None] | None, every: float,
+                    scan_nbytes: int | None = None):
     """While the write runs, every ``every`` seconds: chunks written of all (their markers on
-    disk), MB/s of the stage's output and the time left, to ``lines`` (a batch job's log has no
-    progress bar) and the log."""
+    disk), GB/s of the scan (as float32) through the stage, MB/s of the stage's output and the
+    time left, to ``lines`` (a batch job's log has no progress bar) and the log."""
     if lines is None:
         yield
         return
@@ -290,7 +296,8 @@ def _progress_lines(name: str, done: Path, total: int, before: int, nbytes: int,
         new, elapsed = n - before, time.monotonic() - t0
         rate = new / elapsed if elapsed > 0 else 0.0
         left = f"about {(total - n) / rate:.0f} s left" if rate > 0 else "time left unknown"
-        lines(f"{n} of {total} chunks written ({100 * n / max(total, 1):.0f} %), "
+        scan = f"{scan_nbytes * rate / total / 1e9:.2f} GB/s of the scan, " if scan_nbytes else ""
+        lines(f"{n} of {total} chunks written ({100 * n / max(total, 1):.0f} %), {scan}"
               f"{nbytes * rate / total / 1e6:.1f} MB/s of output, {left}")
 
     with repeating(report, every, name=f"progress-{name}"):

@@ -259,7 +259,8 @@ class Runner:
             out = results.write_stage(stage.name, ds, overwrite=True, finalize=stage.finalize,
                                       progress=self.show_progress,
                                       lines=None if self.show_progress else note,
-                                      registry=self.registry)
+                                      registry=self.registry,
+                                      scan_nbytes=4 * lane.data["scan"]["signal"].size)
         seconds = time.perf_counter() - t0
         results.update_attrs({"config_hash": key, "seconds": seconds}, stage=stage.name)
         if stage.name in results.resumed:

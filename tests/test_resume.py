@@ -201,8 +201,10 @@ def test_a_stage_write_reports_progress_lines_for_a_batch_log(tmp_path):
     said = []
     with dask.config.set(scheduler="synchronous"):
         written = ResultsStore(tmp_path / "r.zarr").write_stage(
-            "s", xr.Dataset({"v": (("a", "b"), data)}), lines=said.append, every=0.1)
+            "s", xr.Dataset({"v": (("a", "b"), data)}), lines=said.append, every=0.1,
+            scan_nbytes=64 << 30)
     assert (written["v"].values == 1).all()
     assert said, "no progress line in 0.8 s of writing"
-    counts = [int(re.match(r"(\d+) of 16 chunks written \(\d+ %\), [\d.]+ MB/s of output, ", s)[1]) for s in said]
+    counts = [int(re.match(r"(\d+) of 16 chunks written \(\d+ %\), [\d.]+ GB/s of the scan, "
+                           r"[\d.]+ MB/s of output, ", s)[1]) for s in said]
     assert counts == sorted(counts) and counts[-1] <= 16
