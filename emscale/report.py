@@ -60,6 +60,12 @@ def _view(arr, *, side: int | None = None, points: int | None = None) -> tuple[n
     return np.asarray(view.values), step
 
 
+def _extent(arr) -> tuple[float, float, float, float]:
+    """imshow's extent of a (y, x) map in the scan's pixel indices (a strided view keeps them)."""
+    ny, nx = arr.shape[:2]
+    return (-0.5, nx - 0.5, ny - 0.5, -0.5)
+
+
 def _shown(step: int) -> str:
     return (f" Maps and histograms show one pixel in {step} along y and x; means and fractions "
             "are over all pixels." if step > 1 else "")
@@ -117,7 +123,7 @@ def _errors(add, plt, pca, train, enc, an, cl, timings) -> None:
     lo = np.nanpercentile(np.concatenate([err.ravel(), perr.ravel()]), 1)
     hi = np.nanpercentile(np.concatenate([err.ravel(), perr.ravel()]), 99.5)
     for ax, v, t, m in ((axes[0], err, "autoencoder", mean_err), (axes[1], perr, "PCA", mean_perr)):
-        im = ax.imshow(v, vmin=lo, vmax=hi, cmap="magma")
+        im = ax.imshow(v, vmin=lo, vmax=hi, cmap="magma", extent=_extent(enc["recon_error"]))
         ax.set_title(f"{t} error (mean {m:.3g})")
         fig.colorbar(im, ax=ax, shrink=0.8)
     logx = lo > 0 and hi / lo > 20  # a log axis only for a wide range (its ticks crowd)
@@ -185,7 +191,8 @@ def _phases(add, plt, pca, train, enc, an, cl, timings) -> None:
     fractions = cl["phase_fraction"].values
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
     masked = np.ma.masked_less(phase, 0)
-    ax.imshow(masked, cmap=cmap, vmin=-0.5, vmax=cmap.N - 0.5, interpolation="nearest")
+    ax.imshow(masked, cmap=cmap, vmin=-0.5, vmax=cmap.N - 0.5, interpolation="nearest",
+              extent=_extent(cl["phase"]))
     handles = [plt.Rectangle((0, 0), 1, 1, color=cmap(i)) for i in range(k)]
     ax.legend(handles, [f"phase {i}: {f:.1%}" for i, f in enumerate(fractions)],
               loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8)
@@ -219,8 +226,9 @@ def _anomalies(add, plt, pca, train, enc, an, cl, timings) -> None:
     (fraction,) = _exact(flagged.mean())
     thr = float(flagged.attrs["threshold"])
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    im = axes[0].imshow(score, cmap="viridis")
-    axes[0].contour(shown_flags, levels=[0.5], colors="red", linewidths=0.8)
+    im = axes[0].imshow(score, cmap="viridis", extent=_extent(flagged))
+    axes[0].contour(shown_flags, levels=[0.5], colors="red", linewidths=0.8,
+                    extent=_extent(flagged), origin="upper")
     axes[0].set_title(f"anomaly score; {fraction:.2%} flagged (red)")
     fig.colorbar(im, ax=axes[0], shrink=0.8)
     s = score[np.isfinite(score)]

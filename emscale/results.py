@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -185,8 +186,12 @@ def _open(path: Path) -> xr.Dataset:
     ny, nx = ds.sizes["y"], ds.sizes["x"]
     fy = min(math.ceil(ny / cy), factor)
     fx = min(math.ceil(nx / cx), max(1, factor // fy))
-    return xr.open_zarr(str(path), consolidated=False, chunks={"y": cy * fy, "x": cx * fx},
-                        zarr_format=3)
+    with warnings.catch_warnings():
+        # a variable stored on other chunks than the first (an older group) is still read
+        # right, a few of its chunks twice: not worth a warning per reader
+        warnings.filterwarnings("ignore", "The specified chunks separate", UserWarning)
+        return xr.open_zarr(str(path), consolidated=False, chunks={"y": cy * fy, "x": cx * fx},
+                            zarr_format=3)
 
 
 def _encoding(ds: xr.Dataset) -> dict[str, dict[str, Any]]:

@@ -516,7 +516,12 @@ def phase_dataset(encoded: xr.Dataset, features: xr.Dataset, clustering: PhaseCl
         k = latent_dim(encoded)
         pc = pca_clustering or clustering.__class__(**{**clustering.get_params(), "n_clusters":
                                                        clustering.n_clusters_})
+        # on the codes' blocks: both phase maps then share one write task per block, and the
+        # group reads back without misaligned chunks
+        latent = encoded["latent"]
         scores = pca["pca_scores"].isel(component=slice(0, k))
+        if latent.chunks:
+            scores = scores.chunk(dict(zip(NAV_DIMS, latent.chunks[:2])))
         parts.append(_phase_parts(scores, features, pc, prefix="pca_", exclude=exclude))
     # both clusterings' phase means in one pass over the features
     stats = phase_means(features, [p[1] for p in parts])
