@@ -340,7 +340,9 @@ def bench_ingest_cmd(
                               "before ingesting (read from disk) or keep it cached."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the figures to this file."),
 ) -> None:
-    """Peak memory and throughput of a streamed ingest of a generated raw file (uint16 counts)."""
+    """Peak memory and throughput of a streamed ingest of a generated raw file (uint16 counts),
+    against its limits measured in the same run: reading the raw file from disk (cold) and
+    encoding the store's chunks with its codec on all cores."""
     from emscale.bench.ingest import run_ingest_bench
 
     result = run_ingest_bench(size_gb, workdir=workdir, chunk_mib=chunk_mib, cold=cold)
