@@ -31,22 +31,22 @@ def tree_reduce(
 
     The arrays must share their block structure (same ``numblocks``); their blocks are paired in
     order. ``block_fn`` and ``merge_fn`` must be picklable (module-level functions or partials).
-    ``group`` > 1: each first-level task takes that many consecutive blocks and merges their
-    results as it goes, for partial results that are large beside a block (a scatter matrix of
-    thousands of features): fewer of them to hold and move. ``group_fn(*blocks)`` (the group's
-    blocks, array by array), when given, makes a group's result in one go instead.
+    ``group`` > 1: each first-level task is ``group_fn(*blocks)`` of that many consecutive
+    blocks (given array by array) and returns one partial result, for partial results that are
+    large beside a block (a scatter matrix of thousands of features): fewer to hold and move.
     """
     if not arrays:
         raise ValueError("tree_reduce needs at least one array")
     if split_every < 2:
         raise ValueError(f"split_every must be at least 2, got {split_every}")
     blocks = [a.to_delayed().ravel() for a in arrays]
+    if group > 1 and group_fn is None:
+        raise ValueError("tree_reduce: group > 1 needs a group_fn")
     if len({len(b) for b in blocks}) != 1:
         raise ValueError(f"arrays have different block counts: {[a.numblocks for a in arrays]}")
-    token = tokenize(block_fn, merge_fn, *arrays, group)
+    token = tokenize(block_fn, merge_fn, *arrays, group, group_fn)
     if group > 1:
-        run = group_fn or partial(_grouped, block_fn, merge_fn, len(arrays))
-        parts = [dask.delayed(run, pure=True)(*[b for bs in blocks for b in bs[i:i + group]],
+        parts = [dask.delayed(group_fn, pure=True)(*[b for bs in blocks for b in bs[i:i + group]],
                                               dask_key_name=(f"{name}-block-{token}", i // group))
                  for i in range(0, len(blocks[0]), group)]
     else:
@@ -61,16 +61,6 @@ def tree_reduce(
     if len(parts) == 1 and level == 0:  # a single block still goes through merge_fn
         parts = [dask.delayed(merge_fn, pure=True)(parts, dask_key_name=(f"{name}-merge-{token}", 1, 0))]
     return parts[0]
-
-
-def _grouped(block_fn, merge_fn, n_arrays, *blocks):
-    """``block_fn`` over a group of blocks (given array by array), merged pairwise as it goes."""
-    per = len(blocks) // n_arrays
-    out = None
-    for i in range(per):
-        part = block_fn(*(blocks[a * per + i] for a in range(n_arrays)))
-        out = part if out is None else merge_fn([out, part])
-    return out
 
 
 def _finite_values(blocks, n_values):

@@ -162,8 +162,7 @@ def _phases(add, plt, pca, train, enc, an, cl, timings) -> None:
     k = cl.sizes["cluster"]
     cmap = plt.get_cmap("tab10" if k <= 10 else "tab20")
     if enc is not None:
-        z, zstep = _view(enc["latent"], points=MAX_POINTS)
-        z = z.reshape(-1, latent_dim(enc))
+        z = _view(enc["latent"], points=MAX_POINTS)[0].reshape(-1, latent_dim(enc))
         p = _view(cl["phase"], points=MAX_POINTS)[0].ravel()
         ok = np.isfinite(z).all(1) & (p >= 0)
         z, p = z[ok], p[ok]
