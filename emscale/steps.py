@@ -164,15 +164,24 @@ class Bin(Step):
         return {d: v[: v.size // f * f].reshape(-1, f).mean(axis=1) for d, v in self.coords_in.items()}
 
     def apply(self, x, pos):
-        # sums of strided slices: numpy reduces a short innermost axis (reshape + sum) ~10x slower
+        # sums of strided slices, the last axis first: numpy reduces a short innermost axis
+        # (reshape + sum) ~10x slower, and rows of the half-width sums then add contiguously
+        # (10 ms per 857 patterns of 128 x 128 against 31 for the four-slice sum). Accumulated
+        # in float32: unsigned counts (the chain bins them before any conversion) cannot wrap.
         f = self.factor
         if f == 1:
             return x
+        last = x.shape[-1] // f * f
+        out = np.add(x[..., 0:last:f], x[..., 1:last:f], dtype=COMPUTE_DTYPE)
+        for i in range(2, f):
+            out += x[..., i:last:f]
         if x.ndim == 2:
-            m = x.shape[1] // f
-            return sum(x[:, i: m * f: f] for i in range(f))
-        a, b = x.shape[1] // f, x.shape[2] // f
-        return sum(x[:, i: a * f: f, j: b * f: f] for i in range(f) for j in range(f))
+            return out
+        rows = x.shape[1] // f * f
+        binned = np.add(out[:, 0:rows:f], out[:, 1:rows:f])
+        for i in range(2, f):
+            binned += out[:, i:rows:f]
+        return binned
 
 
 @dataclass
@@ -302,32 +311,51 @@ def _radius_grid(shape) -> np.ndarray:
 
 def _centre_of_mass(x: np.ndarray, radius: float | None) -> tuple[np.ndarray, np.ndarray]:
     """Centre of mass (ky, kx) of each pattern of ``x`` (pixels, ky, kx), NaN where empty."""
-    w = np.clip(x, 0, None)
-    if radius is not None:
-        w = w * (_radius_grid(x.shape[1:]) <= radius)
-    total = w.sum(axis=(1, 2), dtype=np.float64)
+    w = x if radius is None else x * (_radius_grid(x.shape[1:]) <= radius)
+    if w.size and w.min() < 0:  # counts are not negative: no copy unless needed
+        w = np.clip(w, 0, None)
+    # profiles in float32 (sums of one row or column), the total in float64
+    rows, cols = w.sum(axis=2), w.sum(axis=1)
+    total = rows.sum(axis=1, dtype=np.float64)
     ky = np.arange(x.shape[1], dtype=np.float64)
     kx = np.arange(x.shape[2], dtype=np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
-        cy = (w.sum(axis=2, dtype=np.float64) @ ky) / total
-        cx = (w.sum(axis=1, dtype=np.float64) @ kx) / total
-    return cy, cx
+        return (rows @ ky) / total, (cols @ kx) / total
 
 
 def shift_patterns(x: np.ndarray, dy: np.ndarray, dx: np.ndarray) -> np.ndarray:
-    """Move each pattern by (-dy, -dx) pixels, bilinear, zero outside: out[k] = x[k + d]."""
+    """Move each pattern by (-dy, -dx) pixels, bilinear, zero outside: out[k] = x[k + d].
+
+    A pattern's shift is an integer part and a fraction: the four bilinear neighbours are four
+    slices of the pattern offset by the integer part, weighted by the fraction. Patterns that
+    share an integer part (a beam wandering a pixel or two: a few groups) are shifted together,
+    as slices of one array, not gathered element by element (16 ms per 857 patterns of 64 x 64
+    against 94)."""
     n, a, b = x.shape
-    sy = np.arange(a)[None, :, None] + dy[:, None, None]
-    sx = np.arange(b)[None, None, :] + dx[:, None, None]
-    y0, x0 = np.floor(sy).astype(np.int64), np.floor(sx).astype(np.int64)
-    wy, wx = (sy - y0).astype(np.float32), (sx - x0).astype(np.float32)
-    idx = np.arange(n)[:, None, None]
+    iy, ix = np.floor(dy), np.floor(dx)
+    fy = (np.asarray(dy) - iy).astype(np.float32)[:, None, None]
+    fx = (np.asarray(dx) - ix).astype(np.float32)[:, None, None]
+    # beyond a pattern's size every neighbour is outside: those shifts are all the same
+    iy = np.clip(iy, -a - 1, a).astype(np.int64)
+    ix = np.clip(ix, -b - 1, b).astype(np.int64)
     out = np.zeros(x.shape, np.float32)
-    for oy, fy in ((0, 1 - wy), (1, wy)):
-        for ox, fx in ((0, 1 - wx), (1, wx)):
-            yy, xx = y0 + oy, x0 + ox
-            inside = (yy >= 0) & (yy < a) & (xx >= 0) & (xx < b)
-            out += np.where(inside, x[idx, np.clip(yy, 0, a - 1), np.clip(xx, 0, b - 1)], 0) * fy * fx
+    groups = (iy + a + 1) * (2 * b + 2) + (ix + b + 1)  # one key per integer shift
+    order = np.argsort(groups, kind="stable")
+    starts = np.flatnonzero(np.diff(groups[order], prepend=groups[order[0]] - 1) if n else [])
+    for first, end in zip(starts, [*starts[1:], n]):
+        members = order[first:end]
+        whole = len(members) == n
+        xs, acc = (x, out) if whole else (x[members], np.zeros((len(members), a, b), np.float32))
+        ty0, tx0 = int(iy[members[0]]), int(ix[members[0]])
+        wy1, wx1 = (fy, fx) if whole else (fy[members], fx[members])
+        for ty, wy in ((ty0, 1 - wy1), (ty0 + 1, wy1)):
+            r0, r1 = max(0, -ty), min(a, a - ty)
+            for tx, wx in ((tx0, 1 - wx1), (tx0 + 1, wx1)):
+                c0, c1 = max(0, -tx), min(b, b - tx)
+                if r0 < r1 and c0 < c1:
+                    acc[:, r0:r1, c0:c1] += (wy * wx) * xs[:, r0 + ty:r1 + ty, c0 + tx:c1 + tx]
+        if not whole:
+            out[members] = acc
     return out
 
 

@@ -78,11 +78,13 @@ _DEFAULTS = defaults_of(PreprocessConfig)
 # the chain
 
 
-def _clean_values(raw: np.ndarray, pos: np.ndarray, nonfinite: str, negative: str):
+def _clean_values(raw: np.ndarray, pos: np.ndarray, nonfinite: str, negative: str,
+                  kind: str | None = None):
     """Apply the value policy to a raw (pixels, *signal) block; return float32 x, valid, counts.
 
     Integer counts cannot be non-finite and unsigned ones cannot be negative: those checks are
-    skipped by dtype, and the others only look closer when a one-pass test finds something.
+    skipped by dtype (``kind``: the dtype kind of the scan, when ``raw`` is already its counts
+    binned into float32), and the others only look closer when a one-pass test finds something.
     """
     x = np.asarray(raw, dtype=COMPUTE_DTYPE)
     axes = tuple(range(1, x.ndim))
@@ -90,7 +92,7 @@ def _clean_values(raw: np.ndarray, pos: np.ndarray, nonfinite: str, negative: st
     valid = np.ones(n, bool)
     n_bad = np.zeros(n, np.int64)
     n_neg = np.zeros(n, np.int64)
-    kind = np.dtype(raw.dtype).kind
+    kind = kind or np.dtype(raw.dtype).kind
     if kind == "f" and not np.isfinite(x.sum(dtype=np.float64)):
         bad = ~np.isfinite(x)
         n_bad = bad.sum(axis=axes, dtype=np.int64)
@@ -136,12 +138,14 @@ def _run_chain(where, block, *, steps, nonfinite, negative):
     pos = _block_positions(where, nav)
     raw = block.reshape(-1, *block.shape[2:])
     steps = list(steps)
-    if np.dtype(raw.dtype).kind == "u":
-        # unsigned counts have nothing for the value policy (no NaN, no negative): a leading
-        # crop goes first, so only the kept channels are converted to float32 (a view, no copy)
-        while steps and steps[0].name == "crop":
+    kind = np.dtype(raw.dtype).kind
+    if kind == "u":
+        # unsigned counts have nothing for the value policy (no NaN, no negative): leading crops
+        # and bins go first, so only the kept channels are converted to float32 (a crop is a
+        # view; a bin sums the counts straight into float32, exact below 2^24)
+        while steps and steps[0].name in ("crop", "bin"):
             raw = steps.pop(0).apply(raw, pos)
-    x, valid, n_bad, n_neg = _clean_values(raw, pos, nonfinite, negative)
+    x, valid, n_bad, n_neg = _clean_values(raw, pos, nonfinite, negative, kind)
     intensity = np.ones(x.shape[0], COMPUTE_DTYPE)  # the divisors of per-pixel scalings
     for step in steps:
         # the chain's own array (not the decoded block, which other tasks may share) may be
