@@ -76,17 +76,30 @@ def _scatter_block(x: np.ndarray, valid: np.ndarray | None = None) -> dict:
         return {"n": 0, "mean": np.zeros(f), "m2": np.zeros((f, f))}
     mean = x.mean(axis=0, dtype=np.float64)
     centred = x - mean.astype(np.float32)
-    return {"n": n, "mean": mean, "m2": (centred.T @ centred).astype(np.float64)}
+    # the float32 product as it is (merges add in float64): half the bytes to move and hold
+    return {"n": n, "mean": mean, "m2": centred.T @ centred}
 
 
 def _scatter_group(*blocks, n_arrays: int) -> dict:
     """The statistics of a group of blocks (given array by array: x blocks, then valid blocks)
-    as one block: one product of all their rows, no merges of feature x feature matrices."""
+    as one block: one product of all their rows, no merges of feature x feature matrices. The
+    blocks are centred straight into one array (no concatenated copy first)."""
     per = len(blocks) // n_arrays
     xs = [np.asarray(b, np.float32) for b in blocks[:per]]
     if n_arrays == 2:
         xs = [x if np.all(v) else x[np.asarray(v).ravel()] for x, v in zip(xs, blocks[per:])]
-    return _scatter_block(np.concatenate(xs) if len(xs) > 1 else xs[0])
+    if len(xs) == 1:
+        return _scatter_block(xs[0])
+    n = sum(len(x) for x in xs)
+    if n == 0:
+        return _scatter_block(xs[0])
+    mean = sum(x.sum(axis=0, dtype=np.float64) for x in xs) / n
+    centred = np.empty((n, xs[0].shape[1]), np.float32)
+    start = 0
+    for x in xs:
+        np.subtract(x, mean.astype(np.float32), out=centred[start:start + len(x)])
+        start += len(x)
+    return {"n": n, "mean": mean, "m2": centred.T @ centred}
 
 
 def merge_scatter(parts: list[dict]) -> dict:
@@ -102,11 +115,10 @@ def merge_scatter(parts: list[dict]) -> dict:
         n = out["n"] + p["n"]
         delta = p["mean"] - out["mean"]
         cross = np.outer(delta, delta) if np.ndim(out["m2"]) == 2 else delta**2
-        out = {
-            "n": n,
-            "mean": out["mean"] + delta * (p["n"] / n),
-            "m2": out["m2"] + p["m2"] + cross * (out["n"] * p["n"] / n),
-        }
+        m2 = cross * (out["n"] * p["n"] / n)  # float64: blocks' float32 products add into it
+        m2 += out["m2"]
+        m2 += p["m2"]
+        out = {"n": n, "mean": out["mean"] + delta * (p["n"] / n), "m2": m2}
     return out
 
 
@@ -284,7 +296,7 @@ class PCA(BaseEstimator):
         n = stats["n"]
         if n < 2:
             raise ConfigError(f"pca: need at least 2 valid pixels, got {n}")
-        cov = stats["m2"] / (n - 1)
+        cov = np.asarray(stats["m2"], np.float64) / (n - 1)
         eigval, eigvec = np.linalg.eigh(cov)
         order = np.argsort(eigval)[::-1]
         eigval, eigvec = np.clip(eigval[order], 0.0, None), eigvec[:, order]
