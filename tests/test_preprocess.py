@@ -6,7 +6,7 @@ import xarray as xr
 from emscale.errors import ConfigError, InputError
 from emscale.results import ResultsStore
 from emscale.stages.preprocess import Preprocessor, write_preprocess_stage
-from emscale.steps import shift_patterns
+from emscale.steps import Bin, shift_patterns
 
 
 def spectrum_scan(data, energy=None, chunks=(3, -1, -1)):
@@ -180,6 +180,38 @@ def test_shift_patterns_is_exact_for_integer_shifts():
     np.testing.assert_array_equal(out[1, :, :-3], x[1, :, 3:])
     np.testing.assert_array_equal(out[2, 2:, :-1], x[2, :-2, 1:])
     assert (out[0, -1] == 0).all()
+
+
+def test_shift_patterns_is_bilinear_with_zeros_outside():
+    # scipy's linear spline shift (order 1, constant 0 outside) is the reference; shifts from
+    # sub-pixel to beyond the pattern, many patterns sharing an integer part, some alone
+    from scipy.ndimage import shift
+
+    rng = np.random.default_rng(8)
+    x = rng.random((60, 9, 11)).astype(np.float32)
+    dy = np.concatenate([rng.normal(0.3, 0.4, 40), rng.uniform(-14, 14, 20)])
+    dx = np.concatenate([rng.normal(-0.6, 0.4, 40), rng.uniform(-14, 14, 20)])
+    out = shift_patterns(x, dy, dx)
+    for k in range(len(x)):
+        expected = shift(x[k].astype(np.float64), (-dy[k], -dx[k]), order=1, mode="grid-constant")
+        np.testing.assert_allclose(out[k], expected, atol=1e-5, err_msg=f"pattern {k}")
+
+
+@pytest.mark.parametrize("factor", [2, 3])
+@pytest.mark.parametrize("dtype", [np.uint16, np.float32])
+def test_bin_sums_blocks_of_channels_and_of_pixels(factor, dtype):
+    rng = np.random.default_rng(9)
+    patterns = rng.poisson(3000, (4, 13, 14)).astype(dtype)  # 4 x 3000 > the uint16 range
+    spectra = rng.poisson(3000, (5, 31)).astype(dtype)
+    step = Bin(factor=factor)
+    a, b, m = 13 // factor, 14 // factor, 31 // factor
+    f64 = lambda v: v.astype(np.float64)  # noqa: E731
+    np.testing.assert_array_equal(
+        step.apply(patterns, None),
+        f64(patterns)[:, :a * factor, :b * factor].reshape(4, a, factor, b, factor).sum((2, 4)))
+    np.testing.assert_array_equal(step.apply(spectra, None),
+                                  f64(spectra)[:, :m * factor].reshape(5, m, factor).sum(2))
+    assert step.apply(patterns, None).dtype == np.float32
 
 
 def test_diffraction_bin_crop_masks_and_scale(sync_scheduler):
