@@ -18,6 +18,13 @@ import numpy as np
 from dask.base import tokenize
 
 
+WINDOW_BLOCKS = 256
+"""Navigation blocks per compute in ``reduce_blocks`` (and per write in the results store): the
+scheduler holds a few kilobytes per task in the client's process (+123 MB for 20 000 tasks on a
+LocalCluster here), so a pass over a 100 GB scan in one compute would make the client's memory
+grow with the scan. A window of 256 blocks of <= 64 MiB is a few thousand tasks."""
+
+
 def tree_reduce(
     block_fn: Callable[..., Any],
     merge_fn: Callable[[list], Any],
@@ -34,23 +41,64 @@ def tree_reduce(
     ``group`` > 1: each first-level task is ``group_fn(*blocks)`` of that many consecutive
     blocks (given array by array) and returns one partial result, for partial results that are
     large beside a block (a scatter matrix of thousands of features): fewer to hold and move.
+    ``reduce_blocks`` computes the same in windows of blocks.
     """
+    blocks = _block_lists(arrays, group, group_fn, split_every)
+    token = tokenize(block_fn, merge_fn, *arrays, group, group_fn)
+    return _tree(block_fn, merge_fn, blocks, name, token, split_every, group, group_fn)
+
+
+def reduce_blocks(
+    block_fn: Callable[..., Any],
+    merge_fn: Callable[[list], Any],
+    *arrays: da.Array,
+    name: str = "reduce",
+    split_every: int = 8,
+    group: int = 1,
+    group_fn: Callable[..., Any] | None = None,
+    window: int | None = None,
+):
+    """``tree_reduce(...)`` computed: one compute per window of ``window`` (default
+    ``WINDOW_BLOCKS``) consecutive blocks, whose results ``merge_fn`` merges here (a handful:
+    the loop is over windows, not blocks). The client's memory then depends on the window, not
+    on the scan."""
+    blocks = _block_lists(arrays, group, group_fn, split_every)
+    token = tokenize(block_fn, merge_fn, *arrays, group, group_fn)
+    window = max(group, (window or WINDOW_BLOCKS) // group * group)
+    n = len(blocks[0])
+    parts = []
+    for w, start in enumerate(range(0, n, window)):
+        sub = [b[start:start + window] for b in blocks]
+        tree = _tree(block_fn, merge_fn, sub, f"{name}-w{w}", token, split_every, group, group_fn,
+                     first=start)
+        parts.append(dask.compute(tree)[0])
+    return parts[0] if len(parts) == 1 else merge_fn(parts)
+
+
+def _block_lists(arrays, group, group_fn, split_every) -> list:
     if not arrays:
         raise ValueError("tree_reduce needs at least one array")
     if split_every < 2:
         raise ValueError(f"split_every must be at least 2, got {split_every}")
-    blocks = [a.to_delayed().ravel() for a in arrays]
     if group > 1 and group_fn is None:
         raise ValueError("tree_reduce: group > 1 needs a group_fn")
+    blocks = [a.to_delayed().ravel() for a in arrays]
     if len({len(b) for b in blocks}) != 1:
         raise ValueError(f"arrays have different block counts: {[a.numblocks for a in arrays]}")
-    token = tokenize(block_fn, merge_fn, *arrays, group, group_fn)
+    return blocks
+
+
+def _tree(block_fn, merge_fn, blocks, name, token, split_every, group, group_fn, first=0):
+    """The reduction graph over lists of delayed blocks (one list per array); block keys are
+    numbered from ``first`` (a window's blocks keep their place in the scan)."""
     if group > 1:
         parts = [dask.delayed(group_fn, pure=True)(*[b for bs in blocks for b in bs[i:i + group]],
-                                              dask_key_name=(f"{name}-block-{token}", i // group))
+                                              dask_key_name=(f"{name}-block-{token}",
+                                                             (first + i) // group))
                  for i in range(0, len(blocks[0]), group)]
     else:
-        parts = [dask.delayed(block_fn, pure=True)(*bs, dask_key_name=(f"{name}-block-{token}", i))
+        parts = [dask.delayed(block_fn, pure=True)(*bs, dask_key_name=(f"{name}-block-{token}",
+                                                                       first + i))
                  for i, bs in enumerate(zip(*blocks))]
     level = 0
     while len(parts) > 1:
@@ -108,14 +156,14 @@ def quantiles(values, qs, mask: da.Array | None = None, *, bins: int = 4096,
     qs = np.atleast_1d(np.asarray(qs, np.float64))
     arrays = (*values, *(() if mask is None else (mask,)))
     nv = len(values)
-    ranges = dask.compute(tree_reduce(partial(_range_block, n_values=nv), _merge_ranges, *arrays,
-                                      name=f"{name}-range"))[0]
+    ranges = reduce_blocks(partial(_range_block, n_values=nv), _merge_ranges, *arrays,
+                           name=f"{name}-range")
     if (ranges[:, 0] == 0).any():
         raise ValueError(f"{name}: no finite value to take quantiles of")
     ranks = [np.clip(np.ceil(qs * n).astype(np.int64), 1, int(n)) for n in ranges[:, 0]]
     coarse = [[np.linspace(lo, hi if hi > lo else lo + 1, bins + 1)] for _, lo, hi in ranges]
-    counts = dask.compute(tree_reduce(partial(_histogram_block, n_values=nv, edges=coarse),
-                                      sum_parts, *arrays, name=f"{name}-histogram"))[0]
+    counts = reduce_blocks(partial(_histogram_block, n_values=nv, edges=coarse), sum_parts,
+                           *arrays, name=f"{name}-histogram")
     fine, below = [], []
     for v in range(nv):  # which coarse bin holds each rank; then bins inside it
         cum = np.cumsum(counts[v, 0])
@@ -123,8 +171,8 @@ def quantiles(values, qs, mask: da.Array | None = None, *, bins: int = 4096,
         below.append(np.where(idx > 0, cum[np.maximum(idx - 1, 0)], 0))
         e = coarse[v][0]
         fine.append([np.linspace(e[i], e[i + 1], bins + 1) for i in idx])
-    counts = dask.compute(tree_reduce(partial(_histogram_block, n_values=nv, edges=fine),
-                                      sum_parts, *arrays, name=f"{name}-histogram"))[0]
+    counts = reduce_blocks(partial(_histogram_block, n_values=nv, edges=fine), sum_parts,
+                           *arrays, name=f"{name}-histogram")
     out = np.empty((nv, len(qs)))
     for v in range(nv):
         for q in range(len(qs)):

@@ -36,6 +36,7 @@ from emscale.atomic import PARTIAL_MARK, atomic_directory
 from emscale.config import utc_now
 from emscale.errors import StoreError
 from emscale.progress import repeating
+from emscale.reduction import WINDOW_BLOCKS
 from emscale.store import SIGNAL_DIMS, default_compressor
 
 log = logging.getLogger(__name__)
@@ -264,23 +265,28 @@ def _write_chunks(name: str, ds: xr.Dataset, tmp: Path, *, progress: bool,
     from dask.delayed import Delayed
     from dask.highlevelgraph import HighLevelGraph
 
-    # only the unfinished chunks' tasks (and what they need) go into the graph
-    graph = da.Array.__dask_optimize__(HighLevelGraph.merge(*[w.__dask_graph__() for w in writes]),
-                                       todo_keys)
-    if not isinstance(graph, HighLevelGraph):
-        graph = HighLevelGraph.from_collections(f"{name}-write-graph", graph)
-    final = f"{name}-written-{tokenize(tmp.name, todo_keys)}"
-    graph = HighLevelGraph({**graph.layers, final: {final: (len, todo_keys)}},
-                           {**graph.dependencies, final: set(graph.layers)})
+    merged = HighLevelGraph.merge(*[w.__dask_graph__() for w in writes])
+    windows = [todo_keys[i:i + WINDOW_BLOCKS] for i in range(0, len(todo_keys), WINDOW_BLOCKS)]
     nbytes = sum(v.nbytes for v in ds.variables.values() if isinstance(v.data, da.Array))
     with _progress_lines(name, done, n_chunks, n_chunks - n_todo, nbytes, lines, every,
                          scan_nbytes):
-        if progress:
-            from emscale.progress import compute
+        # one compute per window of blocks (bands of rows): the scheduler, in the client's
+        # process, then holds a window's tasks, not the scan's
+        for w, keys in enumerate(windows):
+            # only the unfinished chunks' tasks (and what they need) go into the graph
+            graph = da.Array.__dask_optimize__(merged, keys)
+            if not isinstance(graph, HighLevelGraph):
+                graph = HighLevelGraph.from_collections(f"{name}-write-graph", graph)
+            final = f"{name}-written-{tokenize(tmp.name, keys)}"
+            graph = HighLevelGraph({**graph.layers, final: {final: (len, keys)}},
+                                   {**graph.dependencies, final: set(graph.layers)})
+            if progress:
+                from emscale.progress import compute
 
-            compute(Delayed(final, graph), description=name)
-        else:
-            dask.compute(Delayed(final, graph))
+                part = f" ({w + 1} of {len(windows)})" if len(windows) > 1 else ""
+                compute(Delayed(final, graph), description=name + part)
+            else:
+                dask.compute(Delayed(final, graph))
     return found
 
 

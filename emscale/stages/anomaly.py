@@ -30,7 +30,6 @@ import math
 from pathlib import Path
 from typing import ClassVar, Literal, Optional
 
-import dask
 import dask.array as da
 import numpy as np
 import xarray as xr
@@ -40,7 +39,7 @@ from sklearn.base import BaseEstimator
 
 from emscale.config import Section, defaults_of
 from emscale.errors import ConfigError
-from emscale.reduction import quantiles, tree_reduce
+from emscale.reduction import quantiles, reduce_blocks
 from emscale.stages.base import Context, Output, Stage
 from emscale.stages.encode import latent_dim
 from emscale.stages.pca import merge_scatter
@@ -145,8 +144,8 @@ class AnomalyScorer(BaseEstimator):
         self._check()
         latent, err = encoded["latent"].data, encoded["recon_error"].data
         mask = self._mask(encoded, normal)
-        stats = dask.compute(tree_reduce(_latent_block, _merge_latent, latent, err, mask,
-                                         name="anomaly-normal-codes"))[0]
+        stats = reduce_blocks(_latent_block, _merge_latent, latent, err, mask,
+                              name="anomaly-normal-codes")
         codes = stats["codes"]
         if codes["n"] < latent_dim(encoded) + 2:
             raise ConfigError(f"anomaly: only {codes['n']} normal pixel(s) with finite codes; "
@@ -161,8 +160,8 @@ class AnomalyScorer(BaseEstimator):
         maha = self._mahalanobis(latent)
         if self.calibration == "reference":
             le = stats["log_error"]
-            lm = dask.compute(tree_reduce(_moments_block, merge_scatter, maha, mask,
-                                          name="anomaly-normal-distance"))[0]
+            lm = reduce_blocks(_moments_block, merge_scatter, maha, mask,
+                               name="anomaly-normal-distance")
             self.log_error_centre_, self.log_error_spread_ = _centre_spread(le)
             self.log_distance_centre_, self.log_distance_spread_ = _centre_spread(lm)
             self.threshold_ = float(quantiles(self._score(err, maha), 1 - self.target_rate, mask,

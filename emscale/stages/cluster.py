@@ -33,7 +33,7 @@ from sklearn.base import BaseEstimator
 
 from emscale.config import Section, defaults_of
 from emscale.errors import ConfigError
-from emscale.reduction import sum_parts, tree_reduce
+from emscale.reduction import WINDOW_BLOCKS, reduce_blocks, sum_parts, tree_reduce
 from emscale.stages.base import SIGNAL, Context, Output, Stage
 from emscale.stages.pca import kneedle
 from emscale.store import NAV_DIMS, feature_matrix
@@ -225,7 +225,8 @@ class PhaseClustering(BaseEstimator):
         parts = [dask.delayed(partial(_sample_block, fraction=fraction, seed=self.seed,
                                       block_seed=i), pure=True)(b, v)
                  for i, (b, v) in enumerate(zip(blocks, vblocks))]
-        sample = np.concatenate(dask.compute(*parts))
+        sample = np.concatenate([s for start in range(0, len(parts), WINDOW_BLOCKS)
+                                 for s in dask.compute(*parts[start:start + WINDOW_BLOCKS])])
         if len(sample) > self.sample_size:
             sample = np.random.default_rng(self.seed).permutation(sample)[:self.sample_size]
         return sample
@@ -294,9 +295,9 @@ class PhaseClustering(BaseEstimator):
                                                  random_state=self.seed).fit(sample)
             centres = km.cluster_centers_.astype(np.float64)
             for it in range(self.max_iter):
-                stats = dask.compute(tree_reduce(partial(_lloyd_block, centres=centres), sum_parts,
-                                                 x, *([valid] if valid is not None else []),
-                                                 name="kmeans-lloyd"))[0]
+                stats = reduce_blocks(partial(_lloyd_block, centres=centres), sum_parts,
+                                      x, *([valid] if valid is not None else []),
+                                      name="kmeans-lloyd")
                 counts = stats["counts"]
                 new = np.where(counts[:, None] > 0, stats["sums"] / np.maximum(counts, 1)[:, None],
                                centres)
@@ -313,9 +314,8 @@ class PhaseClustering(BaseEstimator):
                 random_state=self.seed, reg_covar=1e-6).fit(sample)
             prev = -np.inf
             for it in range(self.max_iter):
-                stats = dask.compute(tree_reduce(partial(_em_block, gmm=gm), sum_parts,
-                                                 x, *([valid] if valid is not None else []),
-                                                 name="gmm-em"))[0]
+                stats = reduce_blocks(partial(_em_block, gmm=gm), sum_parts,
+                                      x, *([valid] if valid is not None else []), name="gmm-em")
                 n = stats["nk"].sum()
                 self.log_likelihood_, self.n_iter_ = stats["loglik"], it + 1
                 _m_step(gm, stats)
@@ -333,8 +333,8 @@ class PhaseClustering(BaseEstimator):
     def _order_clusters(self, x, valid) -> None:
         """Number the clusters by decreasing size (a stable, readable numbering)."""
         labels = self.predict(x, valid)
-        counts = dask.compute(tree_reduce(partial(_count_block, k=self.n_clusters_), sum_parts,
-                                          labels, name="phase-count"))[0]
+        counts = reduce_blocks(partial(_count_block, k=self.n_clusters_), sum_parts, labels,
+                               name="phase-count")
         order = np.argsort(-counts, kind="stable")
         self.cluster_centers_ = self.cluster_centers_[order]
         if self.method == "gmm":
@@ -456,15 +456,19 @@ def phase_means(features: xr.Dataset, labelled) -> list[dict]:
     """Per-phase sums and counts of the features for each ``(flat labels, k)`` of ``labelled``,
     in ONE pass: each block of features feeds a single task that sums it for every labelling
     (two reductions sharing the blocks would hold them all until both had read them)."""
-    return list(dask.compute(lazy_phase_means(features, labelled))[0])
+    return list(_phase_means(features, labelled, reduce_blocks))
 
 
 def lazy_phase_means(features: xr.Dataset, labelled):
     """``phase_means``, as a delayed reduction."""
+    return _phase_means(features, labelled, tree_reduce)
+
+
+def _phase_means(features, labelled, reduce):
     ks = tuple(k for _, k in labelled)
-    return tree_reduce(partial(_class_sums_blocks, ks=ks), _sum_each,
-                       feature_matrix(features["features"]), *[lab for lab, _ in labelled],
-                       name="phase-mean")
+    return reduce(partial(_class_sums_blocks, ks=ks), _sum_each,
+                  feature_matrix(features["features"]), *[lab for lab, _ in labelled],
+                  name="phase-mean")
 
 
 def _phase_variables(stats, *, codes, features, clustering, labels, flat, valid, spec, prefix):

@@ -34,7 +34,7 @@ from sklearn.base import BaseEstimator
 
 from emscale.config import Section, defaults_of
 from emscale.errors import ConfigError
-from emscale.reduction import tree_reduce
+from emscale.reduction import reduce_blocks, tree_reduce
 from emscale.stages.base import SIGNAL, Context, Output, Stage
 from emscale.store import NAV_DIMS, feature_matrix
 
@@ -125,8 +125,10 @@ def merge_scatter(parts: list[dict]) -> dict:
 MERGE_BYTES = 256 << 20  # the scatter matrices one merge task may hold
 
 
-def scatter_statistics(x: da.Array, valid: da.Array | None = None, split_every: int = 8):
-    """Delayed pixel count, mean and centred scatter matrix of ``x`` (pixels x features).
+def scatter_statistics(x: da.Array, valid: da.Array | None = None, split_every: int = 8,
+                       compute: bool = False):
+    """Delayed (or with ``compute``, computed window by window: ``reduce_blocks``) pixel count,
+    mean and centred scatter matrix of ``x`` (pixels x features).
 
     With many features the float64 scatter matrix outweighs a block (4096 features: 134 MB per
     matrix against 16 MB of a block of 1024 patterns): each first-level task then takes up to 8
@@ -143,9 +145,10 @@ def scatter_statistics(x: da.Array, valid: da.Array | None = None, split_every: 
     block = max(x.chunks[0]) * f * 4
     group = int(min(8, max(1, math.ceil(matrix / max(block, 1)))))
     split_every = int(max(2, min(split_every, MERGE_BYTES // matrix)))
-    return tree_reduce(_scatter_block, merge_scatter, *arrays, name="pca-scatter",
-                       split_every=split_every, group=group,
-                       group_fn=functools.partial(_scatter_group, n_arrays=len(arrays)))
+    reduce = reduce_blocks if compute else tree_reduce
+    return reduce(_scatter_block, merge_scatter, *arrays, name="pca-scatter",
+                  split_every=split_every, group=group,
+                  group_fn=functools.partial(_scatter_group, n_arrays=len(arrays)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,7 +292,7 @@ class PCA(BaseEstimator):
     # -- solvers --
 
     def _fit_gram(self, x, valid) -> None:
-        self._stats = scatter_statistics(x, valid).compute()
+        self._stats = scatter_statistics(x, valid, compute=True)
         self._from_scatter(self._stats)
 
     def _from_scatter(self, stats) -> None:
@@ -309,7 +312,7 @@ class PCA(BaseEstimator):
 
     def _fit_randomized(self, x, valid) -> None:
         args = (x,) if valid is None else (x, valid)
-        moments = tree_reduce(_moments_block, merge_scatter, *args, name="pca-moments").compute()
+        moments = reduce_blocks(_moments_block, merge_scatter, *args, name="pca-moments")
         n, mean = moments["n"], moments["mean"].astype(np.float32)
         if n < 2:
             raise ConfigError(f"pca: need at least 2 valid pixels, got {n}")

@@ -38,7 +38,7 @@ from sklearn.base import BaseEstimator
 from emscale.blockwise import map_nav_blocks
 from emscale.config import Section, defaults_of, json_safe
 from emscale.errors import ConfigError, InputError, StoreError
-from emscale.reduction import tree_reduce
+from emscale.reduction import reduce_blocks
 from emscale.stages.base import SIGNAL, Context, Output, Stage
 from emscale.steps import STEPS, Coords, Step, make_step
 from emscale.store import (
@@ -225,9 +225,9 @@ class Preprocessor(BaseEstimator):
                              for k, v in statistics[str(i)].items()}
                 else:
                     features, valid, *_ = self._lazy(scan, fitted, coords)
-                    stats = tree_reduce(functools.partial(_statistics_block, step=step),
-                                        step.merge, features, valid, *_positions(scan),
-                                        name=f"preprocess-fit-{step.name}").compute()
+                    stats = reduce_blocks(functools.partial(_statistics_block, step=step),
+                                          step.merge, features, valid, *_positions(scan),
+                                          name=f"preprocess-fit-{step.name}")
                 step.fit(stats)
                 self.statistics_[str(i)] = stats
                 log.info("fitted %s: %s", step.where, step.state())

@@ -1,0 +1,81 @@
+"""Reductions and writes in windows of blocks: the same results as one compute, and the
+scheduler (in the client's process) never holds more than a window's tasks."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import dask.array as da
+import numpy as np
+import pytest
+import xarray as xr
+
+from emscale.reduction import reduce_blocks, sum_parts, tree_reduce
+from emscale.results import ResultsStore
+from emscale.stages.pca import _scatter_block, _scatter_group, merge_scatter
+
+
+def _sum_block(x):
+    return np.asarray(x, np.float64).sum(axis=0)
+
+
+@pytest.mark.parametrize("window", [1, 3, 7, 100])
+def test_windowed_reduction_equals_one_compute(window, sync_scheduler):
+    x = da.random.default_rng(0).random((130, 5), chunks=(10, 5)).astype(np.float32)
+    whole = tree_reduce(_sum_block, sum_parts, x).compute()
+    np.testing.assert_allclose(reduce_blocks(_sum_block, sum_parts, x, window=window), whole)
+    # grouped first level (the PCA of many features): windows hold whole groups
+    group_fn = partial(_scatter_group, n_arrays=1)
+    exact = tree_reduce(_scatter_block, merge_scatter, x, group=4, group_fn=group_fn).compute()
+    windowed = reduce_blocks(_scatter_block, merge_scatter, x, group=4, group_fn=group_fn,
+                             window=window)
+    assert windowed["n"] == exact["n"] == 130
+    np.testing.assert_allclose(windowed["mean"], exact["mean"], rtol=1e-6)
+    np.testing.assert_allclose(windowed["m2"], exact["m2"], rtol=1e-5)
+
+
+def _graph_sizes():
+    from distributed.diagnostics.plugin import SchedulerPlugin
+
+    class GraphSizes(SchedulerPlugin):
+        name = "graph-sizes"
+
+        def __init__(self):
+            self.sizes = []
+
+        def update_graph(self, scheduler, *, tasks, **kwargs):
+            self.sizes.append(len(tasks))
+
+    return GraphSizes()
+
+
+def _install(dask_scheduler=None):
+    dask_scheduler.add_plugin(_graph_sizes(), name="graph-sizes", idempotent=False)
+
+
+def _sizes(dask_scheduler=None):
+    plugin = dask_scheduler.plugins["graph-sizes"]
+    sizes, plugin.sizes = list(plugin.sizes), []
+    return sizes
+
+
+def test_a_pass_and_a_write_submit_a_window_of_tasks_at_a_time(local_client, tmp_path,
+                                                                monkeypatch):
+    local_client.run_on_scheduler(_install)
+    x = da.random.default_rng(1).random((64, 8, 3), chunks=(2, 8, 3)).astype(np.float32)
+    flat = x.reshape(-1, 3).rechunk((16, 3))  # 32 blocks
+    whole = tree_reduce(_sum_block, sum_parts, flat).compute()
+    one = max(local_client.run_on_scheduler(_sizes))
+    np.testing.assert_allclose(reduce_blocks(_sum_block, sum_parts, flat, window=4), whole,
+                               rtol=1e-6)
+    sizes = local_client.run_on_scheduler(_sizes)
+    assert len(sizes) == 8 and max(sizes) < one / 4, (sizes, one)
+
+    monkeypatch.setattr("emscale.results.WINDOW_BLOCKS", 4)
+    ds = xr.Dataset({"a": (("y", "x", "c"), x * 2), "t": (("y", "x"), x.sum(axis=2))})
+    stage = ResultsStore(tmp_path / "results.zarr").create().write_stage("s", ds)
+    sizes = local_client.run_on_scheduler(_sizes)
+    assert len(sizes) == 8 and max(sizes) <= 4 * 8, sizes  # 32 blocks: 8 windows of 4
+    np.testing.assert_array_equal(stage["a"].values, 2 * x.compute())
+    np.testing.assert_allclose(stage["t"].values, x.sum(axis=2).compute(), rtol=1e-6)
+
