@@ -180,7 +180,9 @@ def ingest(
         try:
             # Local threads even when a distributed client is active: the raw file lives where this
             # runs, and some readers' lazy arrays hold open file handles that cannot be pickled.
-            with dask.config.set(scheduler="threads"):
+            # twice as many threads as cores: a thread waiting on the disk leaves its core to
+            # one that encodes
+            with dask.config.set(scheduler="threads", num_workers=2 * (os.cpu_count() or 1)):
                 write_scan(ds, out_path, policy=policy, overwrite=overwrite, also_compute=(stats,),
                            finalize=finalize, progress=progress)
         except EmscaleError:

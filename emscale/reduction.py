@@ -59,20 +59,22 @@ def reduce_blocks(
     window: int | None = None,
 ):
     """``tree_reduce(...)`` computed: one compute per window of ``window`` (default
-    ``WINDOW_BLOCKS``) consecutive blocks, whose results ``merge_fn`` merges here (a handful:
-    the loop is over windows, not blocks). The client's memory then depends on the window, not
+    ``WINDOW_BLOCKS``) consecutive blocks, each window's result merged here into the running
+    total as it arrives (the loop is over windows, not blocks; two results held at a time: a
+    4096-feature scatter matrix is 134 MB). The client's memory then depends on the window, not
     on the scan."""
     blocks = _block_lists(arrays, group, group_fn, split_every)
     token = tokenize(block_fn, merge_fn, *arrays, group, group_fn)
     window = max(group, (window or WINDOW_BLOCKS) // group * group)
     n = len(blocks[0])
-    parts = []
+    total = None
     for w, start in enumerate(range(0, n, window)):
         sub = [b[start:start + window] for b in blocks]
         tree = _tree(block_fn, merge_fn, sub, f"{name}-w{w}", token, split_every, group, group_fn,
                      first=start)
-        parts.append(dask.compute(tree)[0])
-    return parts[0] if len(parts) == 1 else merge_fn(parts)
+        part = dask.compute(tree)[0]
+        total = part if total is None else merge_fn([total, part])
+    return total
 
 
 def _block_lists(arrays, group, group_fn, split_every) -> list:

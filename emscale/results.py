@@ -165,7 +165,11 @@ class ResultsStore:
         return stage.reopen(ds) if stage is not None and stage.reopen is not None else ds
 
 
-READ_BLOCK_MIB = 64  # a stage group's maps are read in blocks of about this size
+# a stage group's maps are read in blocks of about this size: large enough that a pass over
+# them is a few tasks, small enough that the float64 temporaries of the passes over codes
+# (distances to each centre, responsibilities) stay a few hundred MB (at 64 MiB, 4.2 million
+# pixels of 4-d codes, the 100 GB EELS run's cluster stage peaked at 2.65 GB per worker)
+READ_BLOCK_MIB = 16
 
 
 def _open(path: Path) -> xr.Dataset:
