@@ -410,8 +410,9 @@ def bench_scale_cmd(
     """Run the shipped workflow of each kind end to end on synthetic scans of each size and
     print, per stage, seconds, GB/s, the stage's limit measured in the same run (passes over
     the store at the codec's read+decode floor plus its arithmetic at the workers' rates), peak
-    worker and client memory, tasks and disk. Checks df first: a 100 GB EELS scan needs about
-    25 GB of disk. Figures to read, not assertions."""
+    worker and client memory, tasks and disk; each size runs in its own process, so that its
+    client memory is its own. Checks df first: a 100 GB EELS scan needs about 25 GB of disk.
+    Figures to read, not assertions."""
     import yaml
 
     from emscale.bench.scale import KINDS, plot, run_scale_bench, table, write_json
