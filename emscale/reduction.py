@@ -48,21 +48,14 @@ def tree_reduce(
     return _tree(block_fn, merge_fn, blocks, name, token, split_every, group, group_fn)
 
 
-def reduce_blocks(
-    block_fn: Callable[..., Any],
-    merge_fn: Callable[[list], Any],
-    *arrays: da.Array,
-    name: str = "reduce",
-    split_every: int = 8,
-    group: int = 1,
-    group_fn: Callable[..., Any] | None = None,
-    window: int | None = None,
-):
-    """``tree_reduce(...)`` computed: one compute per window of ``window`` (default
-    ``WINDOW_BLOCKS``) consecutive blocks, each window's result merged here into the running
-    total as it arrives (the loop is over windows, not blocks; two results held at a time: a
-    4096-feature scatter matrix is 134 MB). The client's memory then depends on the window, not
-    on the scan."""
+def reduce_blocks(block_fn: Callable[..., Any], merge_fn: Callable[[list], Any],
+                  *arrays: da.Array, window: int | None = None, **options):
+    """``tree_reduce(block_fn, merge_fn, *arrays, **options)`` computed: one compute per window
+    of ``window`` (default ``WINDOW_BLOCKS``) consecutive blocks, each window's result merged
+    here into the running total as it arrives (the loop is over windows, not blocks; two results
+    held at a time: a 4096-feature scatter matrix is 134 MB). The client's memory then depends
+    on the window, not on the scan."""
+    name, split_every, group, group_fn = _tree_options(**options)
     blocks = _block_lists(arrays, group, group_fn, split_every)
     token = tokenize(block_fn, merge_fn, *arrays, group, group_fn)
     window = max(group, (window or WINDOW_BLOCKS) // group * group)
@@ -75,6 +68,12 @@ def reduce_blocks(
         part = dask.compute(tree)[0]
         total = part if total is None else merge_fn([total, part])
     return total
+
+
+def _tree_options(name: str = "reduce", split_every: int = 8, group: int = 1,
+                  group_fn: Callable[..., Any] | None = None):
+    """``tree_reduce``'s options with its defaults (``reduce_blocks`` takes the same)."""
+    return name, split_every, group, group_fn
 
 
 def _block_lists(arrays, group, group_fn, split_every) -> list:
