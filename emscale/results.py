@@ -371,10 +371,27 @@ def _nav_block_writes(name: str, ds: xr.Dataset, names: list[str], tmp: Path, do
     return _Write(), todo, len(dsk) * len(arrays)
 
 
+_OPENED: dict[str, tuple[tuple[int, int, int], zarr.Array]] = {}
+
+
+def _open_target(target: str) -> zarr.Array:
+    """The array at ``target``, opened once per worker process while its metadata file is the
+    same (inode, size, mtime): opening reads and parses ``zarr.json``, ~2 ms, as much as storing
+    a small map's chunk, and a block task stores several."""
+    st = os.stat(os.path.join(target, "zarr.json"))
+    stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+    hit = _OPENED.get(target)
+    if hit is None or hit[0] != stamp:
+        if len(_OPENED) > 256:  # targets of finished writes: forget them
+            _OPENED.clear()
+        hit = _OPENED[target] = (stamp, zarr.open_array(target, mode="r+", zarr_format=3))
+    return hit[1]
+
+
 def _store_nav_block(region, targets, marks, indices, *blocks) -> int:
     """Store one navigation block of several variables, then mark each done."""
     for target, block in zip(targets, blocks):
-        z = zarr.open_array(target, mode="r+", zarr_format=3)
+        z = _open_target(target)
         z[region] = np.asarray(block).astype(z.dtype, copy=False)
     for mark, index in zip(marks, indices):
         Path(mark, index).touch()
@@ -383,7 +400,7 @@ def _store_nav_block(region, targets, marks, indices, *blocks) -> int:
 
 def _store_chunk(block: np.ndarray, target: str, marks: str, region: tuple[slice, ...]) -> np.ndarray:
     """Store one chunk, then mark it done (a crash in between only costs rewriting it)."""
-    z = zarr.open_array(target, mode="r+", zarr_format=3)
+    z = _open_target(target)
     z[region] = np.asarray(block).astype(z.dtype, copy=False)
     index = ".".join(str(s.start // c) for s, c in zip(region, z.chunks))
     Path(marks, index).touch()

@@ -270,6 +270,22 @@ def test_gmm_probabilities_and_invalid_pixels(sync_scheduler):
     assert adjusted_rand_score(lab[10:], pred[10:]) > 0.99
 
 
+def test_em_statistics_match_their_definition():
+    """One EM pass's sufficient statistics (computed by GEMMs) equal the textbook sums."""
+    from sklearn.mixture import GaussianMixture
+
+    from emscale.stages.cluster import _em_block
+
+    x = _blobs(n=600, k=3, seed=5)[0].astype(np.float64)
+    gm = GaussianMixture(3, covariance_type="full", random_state=0).fit(x)
+    stats = _em_block(x, None, gmm=gm)
+    r = gm.predict_proba(x)
+    np.testing.assert_allclose(stats["nk"], r.sum(0), rtol=1e-10)
+    np.testing.assert_allclose(stats["sx"], r.T @ x, rtol=1e-10)
+    np.testing.assert_allclose(stats["sxx"], np.einsum("nk,ni,nj->kij", r, x, x), rtol=1e-10)
+    np.testing.assert_allclose(stats["loglik"], gm.score(x) * len(x), rtol=1e-10)
+
+
 def test_phase_stage_on_the_synthetic_scan(pipeline):
     """Latent k-means at the true K against the ground truth, PCA alongside; the phase mean
     signal is the exact mean of the features of each phase."""
