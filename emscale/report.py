@@ -78,6 +78,19 @@ def _exact(*lazy):
     return [float(v) for v in dask.compute(*lazy)]
 
 
+def _warnings_html(cl) -> str:
+    """What the cluster stage warned of (no phase structure, K at the edge of k_range,
+    criteria that disagree, minor phases), first on the page: a reader decides with them."""
+    if cl is None:
+        return ""
+    items = [(f"{'PCA scores' if key == 'pca_phase' else 'latent codes'}: {w}")
+             for key in ("phase", "pca_phase") for w in cl.attrs.get(key, {}).get("warnings", [])]
+    if not items:
+        return ""
+    rows = "".join(f"<li>{html.escape(w)}</li>" for w in items)
+    return f"<section class='warnings'><h2>Warnings</h2><ul>{rows}</ul></section>"
+
+
 def _truth_table(results) -> str:
     """For a synthetic scan: the run scored against its ground truth (an HTML table)."""
     from emscale.evaluate import truth_scores
@@ -264,7 +277,7 @@ def write_report(results, out_dir: Path, timings: dict[str, float] | None = None
 
     for section in (_scree, _errors, _loss, _phases, _anomalies, _timings):
         section(add, plt, pca, train, enc, an, cl, timings)
-    truth = _truth_table(results)
+    truth = _warnings_html(cl) + _truth_table(results)
     prov = results.attrs.get("provenance", {})
     body = truth + "\n".join(
         f"<section><h2>{html.escape(t)}</h2><img src='data:image/png;base64,{b64}'>"

@@ -245,6 +245,41 @@ def test_k_choice_finds_the_blobs(sync_scheduler, choice):
     assert adjusted_rand_score(lab, pred) > 0.99
 
 
+@pytest.mark.parametrize("method", ["kmeans", "gmm"])
+def test_codes_without_phase_structure_give_one_phase(sync_scheduler, method):
+    """Issue 16: one Gaussian cloud (a uniform specimen's noise) is K = 1, said, not K = 2..8."""
+    x = np.random.default_rng(3).normal(0, 1, (3000, 4)).astype(np.float32)
+    c = PhaseClustering(method, k_range=(2, 6), n_init=2, seed=0).fit(da.from_array(x, chunks=(700, 4)))
+    assert c.n_clusters_ == 1 and c.k_chosen_by_ == "no phase structure"
+    assert not c.structure_["phase_structure"] and c.structure_["best_silhouette"] < 0.25
+    assert c.warnings_[0].startswith("no phase structure: ")
+    assert (c.predict(da.from_array(x, chunks=(700, 4))).compute() == 0).all()
+    assert c.summary()["warnings"] == c.warnings_
+
+
+def test_blobs_have_phase_structure_and_no_structure_warning(sync_scheduler):
+    x, _ = _blobs()
+    c = PhaseClustering(k_range=(2, 5), n_init=2, seed=0).fit(da.from_array(x, chunks=(700, 4)))
+    assert c.structure_["phase_structure"] and c.structure_["best_silhouette"] > 0.5
+    assert c.n_clusters_ == 3 and not any("phase structure" in w for w in c.warnings_)
+
+
+def test_k_at_the_top_of_k_range_and_a_minor_phase_are_warned(sync_scheduler):
+    x, _ = _blobs(n=3000, k=5, seed=6)
+    c = PhaseClustering(k_choice="silhouette", k_range=(2, 4), n_init=2, seed=0).fit(
+        da.from_array(x, chunks=(700, 4)))
+    assert c.n_clusters_ == 4
+    assert any("is the top of k_range [2, 4]" in w for w in c.warnings_), c.warnings_
+    # 20 of 3020 pixels far from the rest: their own phase, reported as minor
+    rng = np.random.default_rng(1)
+    y = np.concatenate([_blobs(n=3000, k=3, seed=7)[0], rng.normal(40, 0.5, (20, 4)).astype(np.float32)])
+    c = PhaseClustering(n_clusters=4, n_init=2, seed=0).fit(da.from_array(y, chunks=(755, 4)))
+    assert c.counts_[-1] == 20
+    assert c.warnings_ == ["phase 3 holds 0.66% of the labelled pixels (under "
+                           "cluster.min_phase_fraction 0.01): a minor phase or a cluster of "
+                           "anomalies, see its mean signal"]
+
+
 def test_full_data_kmeans_matches_scikit_learn(sync_scheduler):
     x, _ = _blobs(n=4000, k=4, seed=2)
     c = PhaseClustering(n_clusters=4, sample_size=500, seed=0).fit(da.from_array(x, chunks=(999, 4)))

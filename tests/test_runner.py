@@ -87,6 +87,26 @@ def test_a_workflow_runs_every_stage_and_writes_the_report(first_run):
     assert "stage cluster done" in (result.output / "emscale.log").read_text()
 
 
+def test_a_uniform_specimen_gets_one_phase_and_the_report_says_why(tmp_path, local_client):
+    """Issue 16: Poisson noise around one spectrum (no phases) is K = 1 with its reason in the
+    log, the stage's attrs and the report's warnings, not a salt-and-pepper phase map."""
+    spectrum = 5 + 40 * np.exp(-np.linspace(0, 3, 128))
+    counts = np.random.default_rng(11).poisson(spectrum, (32, 32, 128)).astype(np.uint16)
+    np.save(tmp_path / "noise.npy", counts)
+    data = {k: v for k, v in SMALL.items() if k != "synth"}
+    wf = validate_workflow({**data, "input": str(tmp_path / "noise.npy"),
+                            "output": str(tmp_path / "out")})
+    result = run_workflow(wf, echo=lambda *a: None)
+    phase = ResultsStore(result.results).stage_attrs("cluster")["phase"]
+    assert phase["n_clusters"] == 1 and phase["chosen_by"] == "no phase structure"
+    # (this briefly trained autoencoder's codes of noise look clustered; the PCA scores do not)
+    assert not phase["structure"]["phase_structure"]
+    assert phase["structure"]["pca_scores"]["best_silhouette"] < 0.25
+    assert "no phase structure" in (result.output / "emscale.log").read_text()
+    report = result.report.read_text()
+    assert "<h2>Warnings</h2>" in report and "latent codes: no phase structure" in report
+
+
 def test_a_rerun_skips_what_is_done_and_force_redoes_from_a_stage(first_run, local_client):
     wf, _ = first_run
     again = run_workflow(wf, echo=lambda *a: None)

@@ -7,6 +7,11 @@ scores), on the Dask cluster.
   and the silhouette (on ``silhouette_size`` sampled pixels); a full-covariance Gaussian mixture
   gives the BIC; one task per K on the cluster. The chosen K (``k_choice``: elbow by default for
   k-means, bic for GMM, or silhouette) and the three curves go into ``k_table_``.
+- **Structure test**: with no phase structure (the best silhouette under ``min_silhouette``, or
+  one Gaussian's BIC below every K's: a uniform specimen's noise) K is 1, said in
+  ``structure_`` and ``warnings_``. A K at the top of ``k_range``, a K that only its own criterion
+  picks, and phases under ``min_phase_fraction`` of the pixels are warnings too (logged; in the
+  stage's attrs and the report).
 - **Final fit** at that K: the best sample fit is refined on *all* pixels by full-data Lloyd
   (k-means) or EM (GMM) iterations, each one tree reduction over the blocks, until the centres
   move less than ``tol`` (relative to the data spread) or ``max_iter``.
@@ -63,6 +68,12 @@ class ClusterConfig(Section):
         description='pixels of the seeded sample the K sweep runs on')
     silhouette_size: int = Field(5_000, ge=10,
         description='pixels of the sample the silhouette is computed on')
+    min_silhouette: float = Field(0.25, ge=0, le=1, description=
+        'n_clusters auto: below this best silhouette over k_range the codes have no phase '
+        'structure and K = 1 (Kaufman and Rousseeuw: under 0.25, no substantial structure); '
+        '0: never')
+    min_phase_fraction: float = Field(0.01, ge=0, lt=1, description=
+        'a phase with a smaller share of the labelled pixels is reported as minor (a warning)')
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -193,6 +204,16 @@ def _sweep_one(sample, k, sil_idx, *, n_init, seed) -> dict:
             "models": (km, gm)}
 
 
+def _silhouette_one(sample, k, sil_idx, *, n_init, seed) -> float:
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import silhouette_score
+
+    labels = KMeans(k, init="k-means++", n_init=n_init, random_state=seed).fit(sample).labels_
+    labels = labels[sil_idx]
+    return (float(silhouette_score(sample[sil_idx], labels)) if len(np.unique(labels)) > 1
+            else float("nan"))
+
+
 # ---------------------------------------------------------------------------------------------
 # the estimator
 
@@ -204,7 +225,9 @@ class PhaseClustering(BaseEstimator):
                  k_choice: str | None = _DEFAULTS["k_choice"], n_init: int = _DEFAULTS["n_init"],
                  max_iter: int = _DEFAULTS["max_iter"], tol: float = _DEFAULTS["tol"],
                  sample_size: int = _DEFAULTS["sample_size"],
-                 silhouette_size: int = _DEFAULTS["silhouette_size"], seed: int = 0):
+                 silhouette_size: int = _DEFAULTS["silhouette_size"],
+                 min_silhouette: float = _DEFAULTS["min_silhouette"],
+                 min_phase_fraction: float = _DEFAULTS["min_phase_fraction"], seed: int = 0):
         self.method = method
         self.n_clusters = n_clusters
         self.k_range = k_range
@@ -214,6 +237,8 @@ class PhaseClustering(BaseEstimator):
         self.tol = tol
         self.sample_size = sample_size
         self.silhouette_size = silhouette_size
+        self.min_silhouette = min_silhouette
+        self.min_phase_fraction = min_phase_fraction
         self.seed = seed
 
     def _check(self) -> None:
@@ -255,24 +280,90 @@ class PhaseClustering(BaseEstimator):
                 table[name].append(row[name])
         return table, {k: row["models"] for k, row in zip(ks, rows)}
 
+    @staticmethod
+    def _criteria(table: dict) -> dict[str, int]:
+        """The K each criterion picks: the elbow of the inertia, the best silhouette, the lowest
+        BIC."""
+        ks, sil = table["k"], np.asarray(table["silhouette"], np.float64)
+        out = {"elbow": ks[kneedle(np.asarray(table["inertia"]))],
+               "bic": ks[int(np.argmin(table["bic"]))]}
+        if np.isfinite(sil).any():
+            out["silhouette"] = ks[int(np.nanargmax(sil))]
+        return out
+
     def _choose(self, table: dict) -> tuple[int, str]:
         # k-means: the elbow of the inertia. The silhouette is kept beside it but it prefers too
         # few clusters when mixed pixels bridge phases (3 instead of 4 on the 1024 x 512 bench
         # scan: 0.595 against 0.575)
         choice = self.k_choice or ("bic" if self.method == "gmm" else "elbow")
-        ks = table["k"]
-        if choice == "silhouette":
-            k = ks[int(np.nanargmax(table["silhouette"]))]
-        elif choice == "bic":
-            k = ks[int(np.argmin(table["bic"]))]
-        else:
-            k = ks[kneedle(np.asarray(table["inertia"]))]
-        return k, choice
+        return self._criteria(table)[choice], choice
+
+    def _structure(self, table: dict, sample: np.ndarray) -> dict:
+        """Whether the sample has phase structure at all. None when the best silhouette over
+        the sweep is under ``min_silhouette`` (0.17 on the codes and the PCA scores of a uniform
+        specimen's Poisson noise here; 0.45-0.76 on the synthetic EELS and 4D-STEM scans) or
+        when one Gaussian has a lower BIC than every K of the sweep (the PCA scores of noise
+        are Gaussian; an autoencoder's codes of noise need not be, hence the silhouette)."""
+        from sklearn.mixture import GaussianMixture
+
+        one = GaussianMixture(1, covariance_type="full", reg_covar=1e-6).fit(sample)
+        bic1 = float(one.bic(sample))
+        sil = np.asarray(table["silhouette"], np.float64)
+        best = float(np.nanmax(sil)) if np.isfinite(sil).any() else None
+        reasons = []
+        if best is not None and best < self.min_silhouette:
+            reasons.append(f"the best silhouette over k_range is {best:.2f} "
+                           f"(under cluster.min_silhouette {self.min_silhouette:g})")
+        if bic1 <= min(table["bic"]):
+            reasons.append("one Gaussian has a lower BIC than every K of k_range")
+        return {"phase_structure": not reasons, "reasons": reasons, "best_silhouette": best,
+                "bic_k1": bic1}
+
+    def _light_sweep(self, sample: np.ndarray) -> dict:
+        """The structure test's part of a sweep, on the PCA scores: the k-means silhouette over
+        ``k_range`` and the BIC of two Gaussians (one task per K, as ``_sweep``)."""
+        lo, hi = self.k_range
+        ks = list(range(lo, min(hi, len(sample) - 1) + 1))
+        sil_idx = np.random.default_rng(self.seed).permutation(len(sample))[:self.silhouette_size]
+        shared = dask.delayed(sample, pure=True)
+        sil = dask.compute(*[dask.delayed(_silhouette_one, pure=True)(
+            shared, k, sil_idx, n_init=min(self.n_init, 3), seed=self.seed) for k in ks])
+        from sklearn.mixture import GaussianMixture
+
+        two = GaussianMixture(2, covariance_type="full", n_init=1, random_state=self.seed,
+                              reg_covar=1e-6).fit(sample)
+        return {"k": ks, "silhouette": list(sil), "bic": [float(two.bic(sample))]}
+
+    def _warn(self, message: str) -> None:
+        log.warning("cluster: %s", message)
+        self.warnings_.append(message)
+
+    def _check_choice(self, k: int, chosen_by: str) -> None:
+        """Warnings on an automatic K: at an edge of ``k_range``, or chosen by one criterion
+        that no other supports."""
+        lo, hi = self.k_range
+        if k == hi and hi > lo:
+            self._warn(f"K = {k} is the top of k_range [{lo}, {hi}]: there may be more phases "
+                       "(widen cluster.k_range)")
+        if k == lo and lo > 2 and hi > lo:
+            self._warn(f"K = {k} is the bottom of k_range [{lo}, {hi}]: fewer phases were not "
+                       "tried")
+        picks = self._criteria(self.k_table_)
+        others = {c: v for c, v in picks.items() if c != chosen_by}
+        if others and k not in others.values():
+            said = ", ".join(f"{c} K = {v}" for c, v in picks.items())
+            self._warn(f"the criteria disagree ({said}); K = {k} by {chosen_by} "
+                       "(cluster.k_choice chooses the criterion)")
 
     # -- fit -----------------------------------------------------------------------------------
 
-    def fit(self, x: da.Array, valid: da.Array | None = None) -> "PhaseClustering":
-        """Choose K (unless fixed) and fit on the codes ``x`` (pixels, d), skipping invalid pixels."""
+    def fit(self, x: da.Array, valid: da.Array | None = None, *,
+            pca_scores: da.Array | None = None) -> "PhaseClustering":
+        """Choose K (unless fixed) and fit on the codes ``x`` (pixels, d), skipping invalid
+        pixels. ``pca_scores``: the PCA scores of the same pixels (on ``x``'s blocks), whose
+        lack of phase structure also means K = 1: a linear projection of noise is
+        Gaussian, an autoencoder's codes of it need not be (a briefly trained one's codes of a
+        uniform specimen had a silhouette of 0.37 here, its PCA scores 0.17)."""
         from sklearn.cluster import KMeans
         from sklearn.mixture import GaussianMixture
 
@@ -285,10 +376,27 @@ class PhaseClustering(BaseEstimator):
         if len(sample) < 3:
             raise ConfigError(f"cluster: only {len(sample)} valid pixel(s) sampled; nothing to cluster")
         self.sample_size_ = len(sample)
+        self.warnings_: list[str] = []
+        self.structure_ = None
         if self.n_clusters == "auto":
             # (the final fit starts from the chosen K's sample fit: no refit)
             self.k_table_, sample_fits = self._sweep(sample)
             k, self.k_chosen_by_ = self._choose(self.k_table_)
+            self.structure_ = self._structure(self.k_table_, sample)
+            if pca_scores is not None and self.structure_["phase_structure"]:
+                other = self._sample(pca_scores, valid)  # the same pixels
+                other_structure = self._structure(self._light_sweep(other), other)
+                self.structure_["pca_scores"] = other_structure
+                if not other_structure["phase_structure"]:
+                    self.structure_["phase_structure"] = False
+                    self.structure_["reasons"] = [f"in the PCA scores, {r}"
+                                                  for r in other_structure["reasons"]]
+            if self.structure_["phase_structure"]:
+                self._check_choice(k, self.k_chosen_by_)
+            else:
+                k, self.k_chosen_by_ = 1, "no phase structure"
+                self._warn("no phase structure: " + "; ".join(self.structure_["reasons"])
+                           + ". K = 1 (set cluster.n_clusters to force phases)")
         else:
             self.k_table_, k, self.k_chosen_by_ = None, int(self.n_clusters), "fixed"
             sample_fits = {}
@@ -350,6 +458,12 @@ class PhaseClustering(BaseEstimator):
             gm.precisions_cholesky_ = gm.precisions_cholesky_[order]
             self.cluster_centers_ = gm.means_
         self.counts_ = counts[order]
+        total = max(int(self.counts_.sum()), 1)
+        for j, c in enumerate(self.counts_):
+            if self.n_clusters_ > 1 and c / total < self.min_phase_fraction:
+                self._warn(f"phase {j} holds {c / total:.2%} of the labelled pixels (under "
+                           f"cluster.min_phase_fraction {self.min_phase_fraction:g}): a minor "
+                           "phase or a cluster of anomalies, see its mean signal")
 
     # -- predict -------------------------------------------------------------------------------
 
@@ -390,6 +504,9 @@ class PhaseClustering(BaseEstimator):
             out["inertia"] = float(self.inertia_)
         else:
             out["bic"] = self.bic_
+        if self.structure_ is not None:
+            out["structure"] = self.structure_
+        out["warnings"] = list(getattr(self, "warnings_", []))
         return out
 
 
@@ -420,7 +537,8 @@ def phase_stage(codes: xr.DataArray, features: xr.Dataset, clustering: PhaseClus
 
 
 def _phase_parts(codes: xr.DataArray, features: xr.Dataset, clustering: PhaseClustering, *,
-                 spec=None, prefix: str = "", exclude: xr.DataArray | None = None):
+                 spec=None, prefix: str = "", exclude: xr.DataArray | None = None,
+                 pca_scores: xr.DataArray | None = None):
     """Fit ``clustering`` (unless fitted) on ``codes`` (y, x, d) and return the phase variables
     (names prefixed with ``prefix``, e.g. ``pca_`` for the PCA comparison): ``phase`` (y, x; -1
     invalid), ``phase_probability`` (GMM), ``phase_fraction``, ``phase_mean_signal`` (cluster,
@@ -443,7 +561,10 @@ def _phase_parts(codes: xr.DataArray, features: xr.Dataset, clustering: PhaseClu
         if exclude is not None:
             keep = ~feature_matrix(exclude.astype(bool).chunk(on_codes))[:, 0].astype(bool)
             fit_mask = keep if valid is None else (valid & keep)
-        clustering.fit(flat, fit_mask)
+        other = None
+        if pca_scores is not None:
+            other = feature_matrix(pca_scores.chunk(on_codes) if on_codes else pca_scores)
+        clustering.fit(flat, fit_mask, pca_scores=other)
     k = clustering.n_clusters_
     labels_flat = clustering.predict(flat, valid)
     labels = _unflatten(labels_flat, codes.data)
@@ -525,19 +646,21 @@ def phase_dataset(encoded: xr.Dataset, features: xr.Dataset, clustering: PhaseCl
     """The ``cluster`` stage: phases of the latent codes and, with the ``pca`` stage, of the PCA
     scores at the same k (``pca_phase`` ...) for comparison; pixels where ``exclude`` (the
     anomaly map) are left out of both fits."""
-    parts = [_phase_parts(encoded["latent"], features, clustering, spec=spec, exclude=exclude)]
+    latent, scores = encoded["latent"], None
     if pca is not None:
         from emscale.stages.encode import latent_dim
 
-        k = latent_dim(encoded)
-        pc = pca_clustering or clustering.__class__(**{**clustering.get_params(), "n_clusters":
-                                                       clustering.n_clusters_})
         # on the codes' blocks: both phase maps then share one write task per block, and the
         # group reads back without misaligned chunks
-        latent = encoded["latent"]
-        scores = pca["pca_scores"].isel(component=slice(0, k))
+        scores = pca["pca_scores"].isel(component=slice(0, latent_dim(encoded)))
         if latent.chunks:
             scores = scores.chunk(dict(zip(NAV_DIMS, latent.chunks[:2])))
+    # the PCA scores also say whether there is phase structure at all
+    parts = [_phase_parts(latent, features, clustering, spec=spec, exclude=exclude,
+                          pca_scores=scores)]
+    if pca is not None:
+        pc = pca_clustering or clustering.__class__(**{**clustering.get_params(), "n_clusters":
+                                                       clustering.n_clusters_})
         parts.append(_phase_parts(scores, features, pc, prefix="pca_", exclude=exclude))
     # both clusterings' phase means in one pass over the features
     stats = phase_means(features, [p[1] for p in parts])
@@ -597,6 +720,7 @@ STAGE = Stage(
                          sweep="never in a run: the PCA scores are clustered at the codes' K"),
     },
     attrs={"phase": "method, n_clusters, chosen_by (elbow, bic, silhouette or fixed), n_iter, "
-                    "sample_size, counts, inertia or bic",
+                    "sample_size, counts, inertia or bic, structure (n_clusters auto: "
+                    "phase_structure, reasons, best_silhouette, bic_k1, the same for pca_scores), warnings",
            "pca_phase": "the same for the PCA scores"},
 )
