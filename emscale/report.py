@@ -191,15 +191,20 @@ def _phases(add, plt, pca, train, enc, an, cl, timings) -> None:
     if "k_candidate" in cl.coords:
         fig, axes = plt.subplots(1, 3, figsize=(12, 3.2), layout="constrained")
         kk = cl["k_candidate"].values
-        chosen_by = cl.attrs["phase"]["chosen_by"]
+        summary = cl.attrs["phase"]
+        chosen_by, islands = summary["chosen_by"], summary.get("islands") or 0
+        swept = k - islands  # the sweep's K; distinct minor populations were split out after
         for ax, name in zip(axes, ("inertia", "silhouette", "bic")):
             ax.plot(kk, cl[f"k_{name}"].values, "o-")
             if name == chosen_by or (name == "inertia" and chosen_by == "elbow"):
-                ax.axvline(k, color="C3", ls="--", label=f"chosen: K = {k}")
+                ax.axvline(swept, color="C3", ls="--", label=f"chosen: K = {swept}")
                 ax.legend(fontsize=8)
             ax.set(xlabel="K", title=name + (" (elbow)" if name == "inertia" else ""))
-        add("kchoice", "Choice of K", fig,
-            f"K = {k}, chosen by {cl.attrs['phase']['chosen_by']}")
+        caption = f"K = {k}, chosen by {chosen_by}"
+        if islands:
+            caption = (f"K = {swept} chosen by {chosen_by}, and {islands} distinct minor "
+                       f"population(s) inside a bigger phase made phases of their own: K = {k}")
+        add("kchoice", "Choice of K", fig, caption)
     fractions = cl["phase_fraction"].values
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
     masked = np.ma.masked_less(phase, 0)

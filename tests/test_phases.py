@@ -280,6 +280,40 @@ def test_k_at_the_top_of_k_range_and_a_minor_phase_are_warned(sync_scheduler):
                            "anomalies, see its mean signal"]
 
 
+def test_ridgeline_ratio_knows_when_two_gaussians_make_one_bump():
+    from emscale.mixture_modes import mode_groups, ridgeline_ratio
+
+    one = np.eye(2)
+    # equal unit Gaussians 1.5 apart (under 2 sd): one mode; 4 apart: a dip to 2 N(2) / N(0)
+    assert ridgeline_ratio(0.5, np.zeros(2), one, 0.5, np.array([1.5, 0]), one) == 1.0
+    deep = ridgeline_ratio(0.5, np.zeros(2), one, 0.5, np.array([4.0, 0]), one)
+    assert deep == pytest.approx(2 * np.exp(-2) / (1 + np.exp(-8)), rel=1e-3)
+    means = np.array([[0, 0], [1.5, 0], [9, 0]], float)
+    assert list(mode_groups([0.4, 0.4, 0.2], means, np.stack([one] * 3))) == [0, 0, 1]
+
+
+@pytest.mark.parametrize("method", ["kmeans", "gmm"])
+def test_a_distinct_minor_population_is_not_merged_into_a_phase(sync_scheduler, method):
+    """Issue 16: three big phases and a 2 % island beside one of them. The elbow counts the
+    three; the island, a separate mode of the codes' density, becomes a phase of its own."""
+    rng = np.random.default_rng(0)
+    centres = np.array([[0, 0, 0, 0], [12, 0, 0, 0], [0, 12, 0, 0]], float)
+    lab = rng.integers(0, 3, 3000)
+    x = np.vstack([centres[lab] + rng.normal(0, 1, (3000, 4)),
+                   np.array([0, 0, 6, 0]) + rng.normal(0, 0.5, (60, 4))]).astype(np.float32)
+    lab = np.concatenate([lab, np.full(60, 3)])
+    xd = da.from_array(x, chunks=(800, 4))
+    k_choice = "elbow" if method == "kmeans" else "silhouette"  # both of which count 3 here
+    merged = PhaseClustering(method, k_choice=k_choice, k_range=(2, 6), n_init=2, seed=0,
+                             islands=False).fit(xd)
+    assert merged.n_clusters_ == 3
+    c = PhaseClustering(method, k_choice=k_choice, k_range=(2, 6), n_init=2, seed=0).fit(xd)
+    assert c.n_clusters_ == 4 and c.islands_ == 1
+    pred = c.predict(xd).compute()
+    assert (pred[-60:] == 3).all() and adjusted_rand_score(lab, pred) > 0.99
+    assert any("a phase of its own" in w for w in c.warnings_)
+
+
 def test_full_data_kmeans_matches_scikit_learn(sync_scheduler):
     x, _ = _blobs(n=4000, k=4, seed=2)
     c = PhaseClustering(n_clusters=4, sample_size=500, seed=0).fit(da.from_array(x, chunks=(999, 4)))

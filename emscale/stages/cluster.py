@@ -12,6 +12,9 @@ scores), on the Dask cluster.
   ``structure_`` and ``warnings_``. A K at the top of ``k_range``, a K that only its own criterion
   picks, and phases under ``min_phase_fraction`` of the pixels are warnings too (logged; in the
   stage's attrs and the report).
+- **Islands**: a distinct minor population that the chosen K put inside a bigger phase (a
+  separate mode of the sample's density, ``emscale.mixture_modes``) becomes a phase of its own
+  (``islands``), and the centres are refined again on all pixels.
 - **Final fit** at that K: the best sample fit is refined on *all* pixels by full-data Lloyd
   (k-means) or EM (GMM) iterations, each one tree reduction over the blocks, until the centres
   move less than ``tol`` (relative to the data spread) or ``max_iter``.
@@ -74,6 +77,13 @@ class ClusterConfig(Section):
         '0: never')
     min_phase_fraction: float = Field(0.01, ge=0, lt=1, description=
         'a phase with a smaller share of the labelled pixels is reported as minor (a warning)')
+    islands: bool = Field(True, description=
+        "n_clusters auto: a distinct minor population (a separate mode of the codes' density "
+        "in the sweep's BIC-best Gaussian mixture) that the chosen K put inside a bigger phase "
+        "becomes a phase of its own")
+    ridge_ratio: float = Field(0.2, gt=0, lt=1, description=
+        'two mixture components are one mode when their density along the ridgeline between '
+        'them stays above this share of the lower peak (Hennig 2010)')
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -227,7 +237,9 @@ class PhaseClustering(BaseEstimator):
                  sample_size: int = _DEFAULTS["sample_size"],
                  silhouette_size: int = _DEFAULTS["silhouette_size"],
                  min_silhouette: float = _DEFAULTS["min_silhouette"],
-                 min_phase_fraction: float = _DEFAULTS["min_phase_fraction"], seed: int = 0):
+                 min_phase_fraction: float = _DEFAULTS["min_phase_fraction"],
+                 islands: bool = _DEFAULTS["islands"], ridge_ratio: float = _DEFAULTS["ridge_ratio"],
+                 seed: int = 0):
         self.method = method
         self.n_clusters = n_clusters
         self.k_range = k_range
@@ -239,6 +251,8 @@ class PhaseClustering(BaseEstimator):
         self.silhouette_size = silhouette_size
         self.min_silhouette = min_silhouette
         self.min_phase_fraction = min_phase_fraction
+        self.islands = islands
+        self.ridge_ratio = ridge_ratio
         self.seed = seed
 
     def _check(self) -> None:
@@ -406,42 +420,107 @@ class PhaseClustering(BaseEstimator):
         if self.method == "kmeans":
             km = fitted[0] if fitted else KMeans(k, init="k-means++", n_init=self.n_init,
                                                  random_state=self.seed).fit(sample)
-            centres = km.cluster_centers_.astype(np.float64)
-            for it in range(self.max_iter):
-                stats = reduce_blocks(partial(_lloyd_block, centres=centres), sum_parts,
-                                      x, *([valid] if valid is not None else []),
-                                      name="kmeans-lloyd")
-                counts = stats["counts"]
-                new = np.where(counts[:, None] > 0, stats["sums"] / np.maximum(counts, 1)[:, None],
-                               centres)
-                shift = float(np.sqrt(((new - centres) ** 2).sum(1)).max()) / spread
-                centres = new
-                self.inertia_, self.n_iter_ = stats["inertia"], it + 1
-                if shift < self.tol:
-                    break
-            self.cluster_centers_ = centres
-            # the inertia of the last assignment pass (the centres moved by < tol after it)
+            self._lloyd(x, valid, km.cluster_centers_.astype(np.float64), spread)
         else:
             gm = fitted[1] if fitted else GaussianMixture(
                 k, covariance_type="full", n_init=max(1, self.n_init // 3),
                 random_state=self.seed, reg_covar=1e-6).fit(sample)
-            prev = -np.inf
-            for it in range(self.max_iter):
-                stats = reduce_blocks(partial(_em_block, gmm=gm), sum_parts,
-                                      x, *([valid] if valid is not None else []), name="gmm-em")
-                n = stats["nk"].sum()
-                self.log_likelihood_, self.n_iter_ = stats["loglik"], it + 1
-                _m_step(gm, stats)
-                if abs(stats["loglik"] - prev) < self.tol * max(n, 1):
-                    break
-                prev = stats["loglik"]
-            self.gmm_ = gm
-            self.cluster_centers_ = gm.means_
-            d = gm.means_.shape[1]
-            n_params = k * d + k * d * (d + 1) / 2 + k - 1
-            self.bic_ = float(-2 * self.log_likelihood_ + n_params * math.log(max(n, 1)))
+            self._em(x, valid, gm)
+        self.modes_, self.islands_ = None, 0
+        if self.n_clusters == "auto" and self.islands and self.structure_["phase_structure"]:
+            if self._split_islands(sample, sample_fits):  # then refine all centres again
+                if self.method == "kmeans":
+                    self._lloyd(x, valid, self.cluster_centers_, spread)
+                else:
+                    self._em(x, valid, self.gmm_)
         self._order_clusters(x, valid)
         return self
+
+    def _lloyd(self, x, valid, centres, spread) -> None:
+        """Full-data Lloyd iterations from ``centres`` until they move by less than ``tol``."""
+        for it in range(self.max_iter):
+            stats = reduce_blocks(partial(_lloyd_block, centres=centres), sum_parts,
+                                  x, *([valid] if valid is not None else []), name="kmeans-lloyd")
+            counts = stats["counts"]
+            new = np.where(counts[:, None] > 0, stats["sums"] / np.maximum(counts, 1)[:, None],
+                           centres)
+            shift = float(np.sqrt(((new - centres) ** 2).sum(1)).max()) / spread
+            centres = new
+            # the inertia of the last assignment pass (the centres moved by < tol after it)
+            self.inertia_, self.n_iter_ = stats["inertia"], it + 1
+            if shift < self.tol:
+                break
+        self.cluster_centers_ = centres
+
+    def _em(self, x, valid, gm) -> None:
+        """Full-data EM iterations of ``gm`` until the log-likelihood gains less than ``tol``
+        per pixel."""
+        prev, n = -np.inf, 1
+        for it in range(self.max_iter):
+            stats = reduce_blocks(partial(_em_block, gmm=gm), sum_parts,
+                                  x, *([valid] if valid is not None else []), name="gmm-em")
+            n = stats["nk"].sum()
+            self.log_likelihood_, self.n_iter_ = stats["loglik"], it + 1
+            _m_step(gm, stats)
+            if abs(stats["loglik"] - prev) < self.tol * max(n, 1):
+                break
+            prev = stats["loglik"]
+        self.gmm_ = gm
+        self.cluster_centers_ = gm.means_
+        k, d = gm.means_.shape
+        n_params = k * d + k * d * (d + 1) / 2 + k - 1
+        self.bic_ = float(-2 * self.log_likelihood_ + n_params * math.log(max(n, 1)))
+
+    def _split_islands(self, sample: np.ndarray, sample_fits: dict) -> int:
+        """Give each distinct minor population its own phase: a mode of the sample's density
+        (``mixture_modes`` on the Gaussian mixture the BIC chose in the sweep) that sits mostly
+        inside one phase and is less than half of it was merged into it (the elbow counts the
+        big phases: a small, well separated one barely lowers the inertia). Returns how many."""
+        from emscale.mixture_modes import merged_gaussian, mode_groups
+
+        ks, bics = self.k_table_["k"], self.k_table_["bic"]
+        gm_bic = sample_fits[ks[int(np.argmin(bics))]][1]
+        groups = mode_groups(gm_bic.weights_, gm_bic.means_, gm_bic.covariances_,
+                             self.ridge_ratio)
+        self.modes_ = int(groups.max()) + 1
+        if self.modes_ < 2:
+            return 0
+        phase = self._predict_rows(sample.astype(np.float64))
+        mode = groups[gm_bic.predict(sample)]
+        sizes = np.bincount(phase, minlength=self.n_clusters_)
+        islands = []
+        for g in range(self.modes_):
+            members = mode == g
+            n_g = int(members.sum())
+            if n_g < max(20, 0.001 * len(sample)):
+                continue
+            host = int(np.bincount(phase[members], minlength=self.n_clusters_).argmax())
+            if (phase[members] == host).mean() > 0.5 and n_g < 0.5 * sizes[host]:
+                islands.append(g)
+                self._warn(f"a distinct population of {n_g / len(sample):.1%} of the sampled "
+                           "pixels (a separate mode of the codes' density) was inside a bigger "
+                           "phase: it is a phase of its own (cluster.islands)")
+        if not islands:
+            return 0
+        if self.method == "kmeans":
+            extra = [sample[mode == g].mean(0) for g in islands]
+            self.cluster_centers_ = np.vstack([self.cluster_centers_, extra])
+        else:
+            gm = self.gmm_
+            parts = [merged_gaussian(gm_bic.weights_[groups == g], gm_bic.means_[groups == g],
+                                     gm_bic.covariances_[groups == g]) for g in islands]
+            w_new = np.array([p[0] for p in parts])
+            from sklearn.mixture._gaussian_mixture import _compute_precision_cholesky
+
+            gm.weights_ = np.concatenate([gm.weights_ * (1 - w_new.sum()), w_new])
+            gm.means_ = np.vstack([gm.means_, [p[1] for p in parts]])
+            gm.covariances_ = np.concatenate([gm.covariances_, [p[2] for p in parts]])
+            gm.precisions_cholesky_ = _compute_precision_cholesky(gm.covariances_, "full")
+            gm.n_components = len(gm.weights_)
+            self.cluster_centers_ = gm.means_
+        self.islands_ = len(islands)
+        self.n_clusters_ += len(islands)
+        return len(islands)
 
     def _order_clusters(self, x, valid) -> None:
         """Number the clusters by decreasing size (a stable, readable numbering)."""
@@ -506,6 +585,8 @@ class PhaseClustering(BaseEstimator):
             out["bic"] = self.bic_
         if self.structure_ is not None:
             out["structure"] = self.structure_
+        if getattr(self, "modes_", None) is not None:
+            out["modes"], out["islands"] = int(self.modes_), int(self.islands_)
         out["warnings"] = list(getattr(self, "warnings_", []))
         return out
 
@@ -721,6 +802,8 @@ STAGE = Stage(
     },
     attrs={"phase": "method, n_clusters, chosen_by (elbow, bic, silhouette or fixed), n_iter, "
                     "sample_size, counts, inertia or bic, structure (n_clusters auto: "
-                    "phase_structure, reasons, best_silhouette, bic_k1, the same for pca_scores), warnings",
+                    "phase_structure, reasons, best_silhouette, bic_k1, the same for pca_scores), modes "
+                    "(of the sweep's BIC-best mixture) and islands (phases split out of "
+                    "bigger ones), warnings",
            "pca_phase": "the same for the PCA scores"},
 )
