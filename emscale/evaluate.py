@@ -100,3 +100,48 @@ def mse_against(estimate: da.Array, clean: da.Array, mask: np.ndarray | None = N
         m = da.from_array(np.asarray(mask, bool), chunks=per_pixel.chunks)
         return float(da.where(m, per_pixel, 0).sum().compute() / max(int(np.sum(mask)), 1))
     return float(per_pixel.mean().compute())
+
+
+def ground_truth_classes(attrs: dict, shape: tuple[int, int], rows: int = 256):
+    """The ground-truth class of every pixel of a synthetic scan (from its store's attrs): its
+    phase (0 .. P-1), or for an anomalous pixel its anomaly kind, numbered after the phases;
+    and the class names. None for a scan without a generator."""
+    from emscale.synth import generator_from_attrs
+
+    if "generator" not in attrs:
+        return None
+    gen = generator_from_attrs(attrs)
+    ny, nx = shape
+    label, kind = (np.concatenate(parts) for parts in zip(*(
+        gen.truth_block(y, min(y + rows, ny), 0, nx) for y in range(0, ny, rows))))
+    n_phases = len(attrs.get("phase_names", [])) or int(label.max()) + 1
+    names = list(attrs.get("phase_names", [])) or [f"phase {i}" for i in range(n_phases)]
+    kinds = list(attrs.get("anomaly_names", ["none"]))[1:]
+    classes = np.where(label >= 0, label, n_phases + kind.astype(np.int64) - 1)
+    return classes.astype(np.int64), names + kinds, n_phases
+
+
+def class_recall(classes: np.ndarray, names: list[str], n_phases: int, phase: np.ndarray,
+                 flagged: np.ndarray) -> dict:
+    """Per ground-truth class: its pixels, the share flagged anomalous, the share in a phase of
+    its own (a found phase where it is the majority class) and the share that is either (issue
+    16's "nothing distinct merged away"); and the false-alarm rate on the phases' pixels."""
+    classes, phase, flagged = (np.asarray(a).ravel() for a in (classes, phase, flagged))
+    flagged = flagged.astype(bool)
+    n_cls = len(names)
+    labelled = phase >= 0
+    table = np.zeros((n_cls, max(int(phase.max()) + 1, 1)), np.int64)
+    np.add.at(table, (classes[labelled], phase[labelled]), 1)
+    majority = table.argmax(axis=0)  # the majority class of each found phase
+    out = {}
+    for c, name in enumerate(names):
+        mine = classes == c
+        if not mine.any():
+            continue
+        own = labelled[mine] & np.isin(phase[mine], np.flatnonzero(majority == c))
+        out[name] = {"pixels": int(mine.sum()), "anomaly": c >= n_phases,
+                     "flagged": float(flagged[mine].mean()), "own_phase": float(own.mean()),
+                     "either": float((own | flagged[mine]).mean())}
+    normal = classes < n_phases
+    return {"classes": out, "false_alarm_rate": float(flagged[normal].mean()),
+            "worst_either": min(v["either"] for v in out.values())}

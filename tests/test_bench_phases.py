@@ -18,3 +18,14 @@ def test_bench_phases_runs_the_chain_and_writes_json(tmp_path, capsys):
     # (a 32 x 32 x 64 scan and a 2-epoch autoencoder: the phases are barely there, ARI 0.27 at
     # the true K, and K = 1 with "no phase structure" is a fair answer)
     assert figures["n_clusters"] >= 2 or figures["k_chosen_by"] == "no phase structure"
+    # issue 16: per ground-truth class, with and without a reference, and a uniform specimen
+    for run in ("with_reference", "without_reference"):
+        classes = figures[run]["classes"]["classes"]
+        assert list(classes) == ["Fe2O3", "FeO", "Fe3O4", "surface", "F contamination",
+                                 "beam damage"]
+        for c in classes.values():
+            assert max(c["flagged"], c["own_phase"]) <= c["either"] <= 1 and c["pixels"] > 0
+        assert 0 <= figures[run]["classes"]["false_alarm_rate"] < 0.05
+    assert figures["noise"]["shape"] == [128, 128, 64] and figures["noise"]["flagged"] < 0.05
+    assert figures["noise"]["n_clusters"] == 1
+    assert figures["noise"]["k_chosen_by"] == "no phase structure"

@@ -12,7 +12,14 @@ same k), ``anomaly`` (the reference's 99th percentile: ``calibration: reference`
 the pixels not flagged anomalous). Beside the run, on its outputs: the threshold calibrated
 robustly on the scan itself (1 % false-alarm rate; ``AnomalyScorer``), and k-means at the true K.
 
+Then the same scan with no reference and no region declared normal (trained on the scan
+itself, anomalies calibrated robustly at 1 % false alarms), as most facility scans arrive, and a
+uniform specimen: Poisson counts around one pure phase's clean spectrum, where the right answer
+is "no phase structure".
+
 Figures:
+- per ground-truth class (each phase, each anomaly kind; ``emscale.evaluate.class_recall``): the
+  share of its pixels flagged, in a phase of its own, or either, for both runs;
 - ARI of ``phase`` (and ``pca_phase``) against ``label`` over the labelled pixels;
 - anomaly recall (flagged among label -1) and false-alarm rate (flagged among the others);
 - encode + score throughput against the read+decompress floor of the same ``features`` store on
@@ -78,6 +85,21 @@ class PhaseBench:
                  f"{'encode + score peak worker memory GB':<44}"
                  f"{f['encode_score_peak_worker_gb']:>10.3f}",
                  "seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in s.items())]
+        for run in ("with_reference", "without_reference"):
+            r = f.get(run)
+            if not r:
+                continue
+            lines.append(f"{run.replace('_', ' ')}: K = {r['n_clusters']} ({r['k_chosen_by']}), "
+                         f"ARI {r['ari']:.3f} (PCA {r['pca_ari']:.3f}), false alarms "
+                         f"{r['classes']['false_alarm_rate']:.2%}")
+            lines.append(f"  {'class':<20}{'pixels':>9}{'flagged':>9}{'own phase':>11}{'either':>8}")
+            for name, c in r["classes"]["classes"].items():
+                lines.append(f"  {name:<20}{c['pixels']:>9d}{c['flagged']:>9.1%}"
+                             f"{c['own_phase']:>11.1%}{c['either']:>8.1%}")
+        if f.get("noise"):
+            n = f["noise"]
+            lines.append(f"uniform specimen (noise): K = {n['n_clusters']} ({n['k_chosen_by']}), "
+                         f"{n['flagged']:.2%} flagged")
         return "\n".join(lines)
 
 
@@ -87,6 +109,52 @@ def _timed(seconds: dict, name: str, fn):
     seconds[name] = time.perf_counter() - t0
     log.info("%s: %.1f s", name, seconds[name])
     return out
+
+
+def _run_figures(results, truth, label) -> dict:
+    """A run's phase and anomaly maps against the ground truth, per class."""
+    from sklearn.metrics import adjusted_rand_score
+
+    from emscale.evaluate import class_recall
+
+    classes, names, n_phases = truth
+    cl, an = results.open_stage("cluster"), results.open_stage("anomaly")
+    phase, flagged = cl["phase"].values, an["anomaly"].values.astype(bool)
+    normal = label >= 0
+    return {
+        "ari": float(adjusted_rand_score(label[normal], phase[normal])),
+        "pca_ari": float(adjusted_rand_score(label[normal], cl["pca_phase"].values[normal])),
+        "n_clusters": int(cl.attrs["phase"]["n_clusters"]),
+        "k_chosen_by": cl.attrs["phase"]["chosen_by"],
+        "warnings": list(cl.attrs["phase"].get("warnings", [])),
+        "classes": class_recall(classes, names, n_phases, phase, flagged)}
+
+
+def _noise_figures(scan_ds, purity, label, workflow, tmp: Path, seed: int,
+                   side: int = 128) -> dict:
+    """The no-reference workflow on a uniform specimen (one pure phase's clean spectrum, Poisson
+    counts): K and its verdict, and what is flagged (about the false-alarm rate is right)."""
+    import xarray as xr
+
+    from emscale.runner import Runner
+    from emscale.store import write_scan
+    from emscale.results import ResultsStore
+
+    y, x = np.argwhere((purity >= 0.99) & (label == 0))[0]
+    spectrum = scan_ds["clean"].isel(y=int(y), x=int(x)).values.astype(np.float64)
+    counts = np.random.default_rng([seed, 16]).poisson(spectrum, (side, side, len(spectrum)))
+    ds = xr.Dataset({"signal": (("y", "x", "energy"), counts.astype(np.uint16))},
+                    coords={"energy": scan_ds["energy"]}, attrs={"kind": "spectrum"})
+    write_scan(ds, tmp / "noise.zarr")
+    wf = workflow.model_copy(update={"input": str(tmp / "noise.zarr"),
+                                     "output": str(tmp / "noise")})
+    result = Runner(wf, echo=lambda msg: log.info("%s", msg), progress=False).run()
+    results = ResultsStore(result.results)
+    phase = results.stage_attrs("cluster")["phase"]
+    flagged = results.open_stage("anomaly")["anomaly"].values
+    return {"shape": [side, side, len(spectrum)], "n_clusters": int(phase["n_clusters"]),
+            "k_chosen_by": phase["chosen_by"], "warnings": list(phase.get("warnings", [])),
+            "flagged": float(flagged.mean())}
 
 
 def _import_torch() -> None:
@@ -102,7 +170,8 @@ def run_phase_bench(shape=(512, 512), channels=1024, latent_dim=4, epochs=20, wo
     from emscale.runner import Runner
     from emscale.stages.anomaly import AnomalyScorer
     from emscale.stages.cluster import PhaseClustering, phase_stage
-    from emscale.store import write_scan
+    from emscale.evaluate import ground_truth_classes
+    from emscale.store import open_scan, write_scan
     from emscale.synth.eels import EELSGenerator, synth_eels
     from emscale.workflow import validate_workflow
 
@@ -214,6 +283,21 @@ def run_phase_bench(shape=(512, 512), channels=1024, latent_dim=4, epochs=20, wo
             "train_samples_per_s": train.attrs["train"]["samples_per_s"],
             "phase": phases.attrs["phase"],
         }
+        scan_ds = open_scan(paths["scan"])
+        truth = ground_truth_classes(scan_ds.attrs, tuple(shape))
+        figures["with_reference"] = _run_figures(results, truth, label)
+        # as most facility scans arrive: no reference, no region declared normal
+        alone = wf.model_copy(update={
+            "output": str(Path(tmp) / "alone"),
+            "anomaly": wf.anomaly.model_copy(update={
+                "reference": None, "calibration": "robust", "quantile": None,
+                "false_alarm_rate": 0.01})})
+        alone_result = Runner(alone, echo=lambda msg: log.info("%s", msg), progress=False).run()
+        seconds["without_reference"] = sum(alone_result.seconds.values())
+        figures["without_reference"] = _run_figures(ResultsStore(alone_result.results), truth,
+                                                    label)
+        # a uniform specimen: Poisson counts around the clean spectrum of one pure pixel
+        figures["noise"] = _noise_figures(scan_ds, purity, label, alone, Path(tmp), seed)
     return PhaseBench(shape=list(shape), channels=channels, latent_dim=latent_dim, epochs=epochs,
                       workers=workers, features_gb=gb, figures=figures, seconds=seconds,
                       details=json_safe(details))
