@@ -216,22 +216,34 @@ def _phases(add, plt, pca, train, enc, an, cl, timings) -> None:
     ax.set_title("phase map")
     add("phases", "Phase map", fig, _shown(step).strip())
     mean = cl["phase_mean_signal"]
+    minor = set(cl.attrs["phase"].get("minor_phases", []))
+    names = [f"phase {i}: {f:.1%}" + (" (minor)" if i in minor else "")
+             for i, f in enumerate(fractions)]
+    flagged = cl.get("anomaly_mean_signal")
+    n_flagged = int(flagged.attrs.get("pixels", 0)) if flagged is not None else 0
     if mean.ndim == 2:
         fig, ax = plt.subplots(figsize=(7, 3.6))
         axis = mean.dims[1]
         xs = cl[axis].values if axis in cl.coords else np.arange(mean.shape[1])
         for i in range(k):
-            ax.plot(xs, mean.values[i], color=cmap(i), label=f"phase {i}")
+            ax.plot(xs, mean.values[i], color=cmap(i), label=names[i])
+        if n_flagged:
+            ax.plot(xs, flagged.values, "k--", label=f"flagged anomalous: {n_flagged} pixels")
         ax.set(xlabel=f"{axis} ({cl[axis].attrs.get('units', '')})" if axis in cl.coords else axis,
                ylabel="mean preprocessed signal", title="phase mean spectra")
         ax.legend(fontsize=8)
     else:
-        fig, axes = plt.subplots(1, k, figsize=(2.4 * k, 2.6), squeeze=False)
-        for i, ax in enumerate(axes[0]):
-            ax.imshow(mean.values[i], cmap="inferno")
-            ax.set_title(f"phase {i}")
+        panels = [(mean.values[i], names[i]) for i in range(k)]
+        if n_flagged:
+            panels.append((flagged.values, f"flagged: {n_flagged} px"))
+        fig, axes = plt.subplots(1, len(panels), figsize=(2.4 * len(panels), 2.6), squeeze=False)
+        for ax, (image, title) in zip(axes[0], panels):
+            ax.imshow(image, cmap="inferno")
+            ax.set_title(title, fontsize=8)
             ax.axis("off")
-    add("phase_mean", "Phase mean signals", fig, "exact means over all pixels of each phase")
+    add("phase_mean", "Phase mean signals", fig, "exact means over all pixels of each phase"
+        + (" and of the pixels flagged anomalous" if n_flagged else "")
+        + "; minor: under cluster.min_phase_fraction of the pixels")
 
 
 def _anomalies(add, plt, pca, train, enc, an, cl, timings) -> None:

@@ -374,6 +374,11 @@ def test_phase_stage_on_the_synthetic_scan(pipeline):
         np.testing.assert_allclose(ds["phase_mean_signal"].values[c], x[phase == c].mean(0),
                                    rtol=1e-4, atol=1e-9)
     np.testing.assert_allclose(ds["phase_fraction"].values.sum(), 1)
+    # the flagged pixels' mean signal, from the same pass (issue 16: the report shows it)
+    flagged = anomaly.values.ravel()
+    assert ds["anomaly_mean_signal"].attrs["pixels"] == flagged.sum() > 0
+    np.testing.assert_allclose(ds["anomaly_mean_signal"].values, x[flagged].mean(0),
+                               rtol=1e-4, atol=1e-9)
     assert ds["phase_centroid_signal"].shape == (4, CHANNELS)
     assert set(ds.data_vars) >= {"phase", "phase_fraction", "phase_mean_signal", "phase_centroid"}
 

@@ -538,8 +538,10 @@ class PhaseClustering(BaseEstimator):
             self.cluster_centers_ = gm.means_
         self.counts_ = counts[order]
         total = max(int(self.counts_.sum()), 1)
+        self.minor_phases_ = [j for j, c in enumerate(self.counts_)
+                              if self.n_clusters_ > 1 and c / total < self.min_phase_fraction]
         for j, c in enumerate(self.counts_):
-            if self.n_clusters_ > 1 and c / total < self.min_phase_fraction:
+            if j in self.minor_phases_:
                 self._warn(f"phase {j} holds {c / total:.2%} of the labelled pixels (under "
                            f"cluster.min_phase_fraction {self.min_phase_fraction:g}): a minor "
                            "phase or a cluster of anomalies, see its mean signal")
@@ -587,6 +589,7 @@ class PhaseClustering(BaseEstimator):
             out["structure"] = self.structure_
         if getattr(self, "modes_", None) is not None:
             out["modes"], out["islands"] = int(self.modes_), int(self.islands_)
+        out["minor_phases"] = [int(j) for j in getattr(self, "minor_phases_", [])]
         out["warnings"] = list(getattr(self, "warnings_", []))
         return out
 
@@ -743,12 +746,27 @@ def phase_dataset(encoded: xr.Dataset, features: xr.Dataset, clustering: PhaseCl
         pc = pca_clustering or clustering.__class__(**{**clustering.get_params(), "n_clusters":
                                                        clustering.n_clusters_})
         parts.append(_phase_parts(scores, features, pc, prefix="pca_", exclude=exclude))
-    # both clusterings' phase means in one pass over the features
-    stats = phase_means(features, [p[1] for p in parts])
+    labellings = [p[1] for p in parts]
+    if exclude is not None:  # the flagged pixels' mean signal, in the same pass
+        feats = features["features"]
+        flags = exclude.astype(np.int32).chunk(dict(zip(NAV_DIMS, feats.chunks[:2]))
+                                               if feats.chunks else {})
+        labellings.append((feature_matrix(flags)[:, 0].astype(np.int32) - 1, 1))  # 0 flagged
+    # both clusterings' phase means (and the anomalies') in one pass over the features
+    stats = phase_means(features, labellings)
     ds, *rest = [finish(st) for (finish, _), st in zip(parts, stats)]
     for other in rest:
         ds = ds.merge(other, compat="override")
         ds.attrs.update(other.attrs)  # (merge keeps the first dataset's attrs only)
+    if exclude is not None:
+        flagged = stats[-1]
+        n = int(flagged["counts"][0])
+        mean = (flagged["sums"][0] / max(n, 1)).astype(np.float32)
+        if n == 0:
+            mean[:] = np.nan
+        sig_dims = features["features"].dims[2:]
+        ds["anomaly_mean_signal"] = (sig_dims, mean.reshape(features["features"].shape[2:]),
+                                     {"pixels": n})
     return ds
 
 
@@ -797,6 +815,9 @@ STAGE = Stage(
         **_phase_outputs("", "the latent codes"),
         "phase_centroid_signal": Output(("cluster", SIGNAL), "the decoder's signal at each "
                                         "centre"),
+        "anomaly_mean_signal": Output((SIGNAL,), "exact mean preprocessed signal of the pixels "
+                                      "flagged anomalous (attrs: pixels)",
+                                      when="the anomaly stage is read (always in a run)"),
         **_phase_outputs("pca_", "the PCA scores at the latent size",
                          sweep="never in a run: the PCA scores are clustered at the codes' K"),
     },
@@ -804,6 +825,6 @@ STAGE = Stage(
                     "sample_size, counts, inertia or bic, structure (n_clusters auto: "
                     "phase_structure, reasons, best_silhouette, bic_k1, the same for pca_scores), modes "
                     "(of the sweep's BIC-best mixture) and islands (phases split out of "
-                    "bigger ones), warnings",
+                    "bigger ones), minor_phases (under min_phase_fraction), warnings",
            "pca_phase": "the same for the PCA scores"},
 )
