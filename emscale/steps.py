@@ -520,9 +520,70 @@ class Normalize(Step):
         return out.reshape(x.shape), divisor
 
 
+@dataclass
+class Polar(Step):
+    """Rotation-invariant diffraction features. Each pattern is resampled on a polar grid about
+    its centre (bilinear, out to the inscribed circle; put ``centre`` before it), then the
+    magnitudes of its Fourier series along the angle are kept, harmonics 0..``harmonics``: an
+    in-plane rotation of the crystal shifts the angle, which changes only the phases of that
+    series. Grains of one phase in different orientations then have the same features (the aim
+    of atomai's rotation-invariant VAE, here by a fixed transform), and the signal shrinks from
+    ky x kx to radius x harmonic. Harmonic 0 is the azimuthal mean (the radial profile)."""
+
+    keeps_finite: ClassVar[bool] = True
+    name: ClassVar[str] = "polar"
+    kinds: ClassVar[tuple[str, ...]] = ("diffraction",)
+    radii: int | None = None  # radial samples; null: half the pattern's smaller side
+    angles: int = 64
+    harmonics: int = 16
+
+    def prepare(self, coords: Coords) -> None:
+        super().prepare(coords)
+        (_, ky), (_, kx) = coords.items()
+        cy, cx = _centre((ky.size, kx.size))
+        n_r = (min(ky.size, kx.size) // 2) if self.radii is None else int(self.radii)
+        if n_r < 2:
+            raise self.error("radii", f"must be at least 2, got {self.radii!r}")
+        if not (isinstance(self.angles, int) and self.angles >= 4 and self.angles % 2 == 0):
+            raise self.error("angles", f"must be an even integer >= 4, got {self.angles!r}")
+        if not (isinstance(self.harmonics, int) and 0 <= self.harmonics <= self.angles // 2):
+            raise self.error("harmonics", f"must be an integer within 0..{self.angles // 2} "
+                             f"(angles / 2), got {self.harmonics!r}")
+        rho = np.linspace(0.0, min(cy, cx), n_r)
+        theta = 2 * np.pi * np.arange(self.angles) / self.angles
+        y = (cy + rho[:, None] * np.sin(theta)[None, :]).ravel()
+        x = (cx + rho[:, None] * np.cos(theta)[None, :]).ravel()
+        y0 = np.clip(np.floor(y).astype(np.int64), 0, ky.size - 2)
+        x0 = np.clip(np.floor(x).astype(np.int64), 0, kx.size - 2)
+        fy, fx = (y - y0).astype(COMPUTE_DTYPE), (x - x0).astype(COMPUTE_DTYPE)
+        # the four bilinear neighbours of every sample, as flat indices and weights
+        self.index = np.stack([y0 * kx.size + x0, (y0 + 1) * kx.size + x0,
+                               y0 * kx.size + x0 + 1, (y0 + 1) * kx.size + x0 + 1])
+        self.weight = np.stack([(1 - fy) * (1 - fx), fy * (1 - fx), (1 - fy) * fx, fy * fx])
+        step = float(ky[1] - ky[0]) if ky.size > 1 else 1.0
+        self.radius_values = (rho * step).astype(np.float64)
+
+    def output_coords(self) -> Coords:
+        return {"radius": self.radius_values, "harmonic": np.arange(self.harmonics + 1)}
+
+    def apply(self, x, pos):
+        flat = x.reshape(len(x), -1)
+        n_r = len(self.radius_values)
+        out = np.empty((len(x), n_r, self.harmonics + 1), COMPUTE_DTYPE)
+        rows = max(1, (8 << 20) // (4 * self.index.shape[1]))  # 8 MiB of samples at a time
+        for start in range(0, len(x), rows):
+            part = flat[start:start + rows]
+            samples = part[:, self.index[0]] * self.weight[0]
+            for k in range(1, 4):
+                samples += part[:, self.index[k]] * self.weight[k]
+            spectrum = np.fft.rfft(samples.reshape(len(part), n_r, self.angles), axis=2)
+            out[start:start + rows] = np.abs(spectrum[:, :, :self.harmonics + 1]) / self.angles
+        return out
+
+
 STEPS: dict[str, type[Step]] = {s.name: s for s in (
     Crop, Bin, MaskChannels, Background, Centre, CircularCrop, BeamMask, Scale, Anscombe,
-    PoissonWeight, Normalize)}
+    PoissonWeight, Normalize, Polar)}
 
 
 def make_step(spec: dict | Step, index: int, kind: str | None) -> Step:

@@ -336,3 +336,57 @@ def test_review_edge_cases(sync_scheduler):
     spiky[..., 0] += 5000
     pre, _ = run(spectrum_scan(spiky), [{"step": "mask_channels", "auto": True}])
     assert pre.provenance()["fitted"][0]["hot_channels"] == [0]
+
+
+def _spot_pattern(n=64, rotation_deg=0.0):
+    """A centred hexagonal spot pattern (six spots and the direct beam)."""
+    yy, xx = np.mgrid[0:n, 0:n] - (n - 1) / 2
+    out = np.exp(-(yy ** 2 + xx ** 2) / 6)
+    for a in np.deg2rad(np.arange(0, 360, 60) + 11 + rotation_deg):
+        out = out + np.exp(-((yy - 15 * np.sin(a)) ** 2 + (xx - 15 * np.cos(a)) ** 2) / 4)
+    return out.astype(np.float32)
+
+
+def test_polar_features_do_not_change_when_the_crystal_turns():
+    """Issue 16: grains of one phase in other in-plane orientations get the same features."""
+    from emscale.steps import make_step
+
+    step = make_step({"step": "polar", "angles": 64, "harmonics": 16}, 0, "diffraction")
+    step.prepare({"ky": np.arange(64) * 0.05, "kx": np.arange(64) * 0.05})
+    assert {d: v.size for d, v in step.output_coords().items()} == {"radius": 32, "harmonic": 17}
+    assert step.output_coords()["radius"][-1] == pytest.approx(31.5 * 0.05)
+    pattern = _spot_pattern()
+    base = step.apply(pattern[None], None)[0]
+    assert base.shape == (32, 17) and base.dtype == np.float32
+    turned = step.apply(np.rot90(pattern)[None].copy(), None)[0]  # a sample grid rotation
+    np.testing.assert_allclose(turned, base, rtol=1e-5, atol=1e-7)
+    for deg in (17.0, 33.0):  # between grid angles: only the bilinear resampling differs
+        other = step.apply(_spot_pattern(rotation_deg=deg)[None], None)[0]
+        assert np.abs(other - base).sum() < 0.06 * np.abs(base).sum()
+        assert np.abs(_spot_pattern(rotation_deg=deg) - pattern).sum() > pattern.sum()
+    # six-fold symmetry: the 6th harmonic carries the spots, the odd ones next to nothing
+    ring = base[15]
+    assert ring[6] > 10 * max(ring[1], ring[3], ring[5])
+
+
+@pytest.mark.parametrize("params, field", [({"angles": 5}, "angles"), ({"harmonics": 40}, "harmonics"),
+                                           ({"radii": 1}, "radii")])
+def test_polar_settings_are_checked(params, field):
+    from emscale.steps import make_step
+
+    step = make_step({"step": "polar", **params}, 2, "diffraction")
+    with pytest.raises(ConfigError, match=rf"preprocess.steps\[2\].{field}"):
+        step.prepare({"ky": np.arange(32.0), "kx": np.arange(32.0)})
+    with pytest.raises(ConfigError, match="does not apply to a spectrum"):
+        make_step({"step": "polar"}, 0, "spectrum")
+
+
+def test_a_chain_ending_in_polar_gives_radius_by_harmonic_features(sync_scheduler):
+    from emscale.synth.diffraction import synth_diffraction
+
+    scan = synth_diffraction((8, 8), pattern=(64, 64), seed=0)
+    steps = [{"step": "centre", "method": "com"}, {"step": "polar", "harmonics": 8}]
+    out = Preprocessor(steps).fit_transform(scan)
+    assert out["features"].dims == ("y", "x", "radius", "harmonic")
+    assert out["features"].shape == (8, 8, 32, 9)
+    assert np.isfinite(out["features"].values).all()
