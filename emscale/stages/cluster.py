@@ -72,9 +72,9 @@ class ClusterConfig(Section):
     silhouette_size: int = Field(5_000, ge=10,
         description='pixels of the sample the silhouette is computed on')
     min_silhouette: float = Field(0.25, ge=0, le=1, description=
-        'n_clusters auto: below this best silhouette over k_range the codes have no phase '
-        'structure and K = 1 (Kaufman and Rousseeuw: under 0.25, no substantial structure); '
-        '0: never')
+        'n_clusters auto: below this best silhouette over k_range (in the codes, or in the '
+        'PCA scores of the same pixels) there is no phase structure and K = 1 (Kaufman and '
+        'Rousseeuw: under 0.25, no substantial structure); 0: never')
     min_phase_fraction: float = Field(0.01, ge=0, lt=1, description=
         'a phase with a smaller share of the labelled pixels is reported as minor (a warning)')
     islands: bool = Field(True, description=
