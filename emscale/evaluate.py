@@ -130,8 +130,9 @@ def class_recall(classes: np.ndarray, names: list[str], n_phases: int, phase: np
     flagged = flagged.astype(bool)
     n_cls = len(names)
     labelled = phase >= 0
-    table = np.zeros((n_cls, max(int(phase.max()) + 1, 1)), np.int64)
-    np.add.at(table, (classes[labelled], phase[labelled]), 1)
+    cols = max(int(phase.max()) + 1, 1)
+    table = np.bincount(classes[labelled] * cols + phase[labelled],
+                        minlength=n_cls * cols).reshape(n_cls, cols)
     majority = table.argmax(axis=0)  # the majority class of each found phase
     out = {}
     for c, name in enumerate(names):

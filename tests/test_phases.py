@@ -471,3 +471,18 @@ def test_phase_means_read_each_feature_block_once_for_every_clustering(pipeline)
     blocks = [k for k in graph if isinstance(k, tuple) and k[0] == feats.name]
     assert len(blocks) == feats.numblocks[0]
     assert all(len(users[k]) == 1 for k in blocks)
+
+
+def test_class_recall_counts_flagged_own_phase_and_either():
+    from emscale.evaluate import class_recall
+
+    # classes: two phases (0, 1) and one anomaly kind (2); found phases 0, 1; class 2 sits
+    # inside found phase 1 (merged), half of it flagged
+    classes = np.array([0, 0, 0, 1, 1, 1, 2, 2])
+    phase = np.array([0, 0, 1, 1, 1, 1, 1, 1])
+    flagged = np.array([0, 0, 0, 0, 0, 1, 1, 0], bool)
+    out = class_recall(classes, ["a", "b", "odd"], 2, phase, flagged)
+    assert out["classes"]["a"] == {"pixels": 3, "anomaly": False, "flagged": 0.0,
+                                   "own_phase": pytest.approx(2 / 3), "either": pytest.approx(2 / 3)}
+    assert out["classes"]["odd"]["own_phase"] == 0 and out["classes"]["odd"]["either"] == 0.5
+    assert out["false_alarm_rate"] == pytest.approx(1 / 6) and out["worst_either"] == 0.5

@@ -215,3 +215,21 @@ def test_a_stage_write_reports_progress_lines_for_a_batch_log(tmp_path):
     counts = [int(re.match(r"(\d+) of 16 chunks written \(\d+ %\), [\d.]+ GB/s of the scan, "
                            r"[\d.]+ MB/s of output, ", s)[1]) for s in said]
     assert counts == sorted(counts) and counts[-1] <= 16
+
+
+def test_a_rewritten_target_is_opened_again(tmp_path):
+    """Block writes reuse an opened array only while its zarr.json is the same file."""
+    import zarr
+
+    from emscale.results import _store_chunk
+
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    target = str(tmp_path / "a")
+    zarr.create_array(target, shape=(4,), chunks=(2,), dtype="f4", zarr_format=3)
+    _store_chunk(np.full(2, 1.5, np.float32), target, str(marks), (slice(0, 2),))
+    assert zarr.open_array(target)[:2].tolist() == [1.5, 1.5]
+    zarr.create_array(target, shape=(4,), chunks=(2,), dtype="i2", zarr_format=3, overwrite=True)
+    _store_chunk(np.full(2, 7.0, np.float32), target, str(marks), (slice(2, 4),))
+    again = zarr.open_array(target)
+    assert again.dtype == np.int16 and again[2:].tolist() == [7, 7]

@@ -198,16 +198,23 @@ def _class_sums_block(x, labels, *, k):
     return {"sums": sums, "counts": counts.astype(np.float64)}
 
 
-def _sweep_one(sample, k, sil_idx, *, n_init, seed) -> dict:
-    """One K of the sweep: k-means inertia and silhouette, GMM BIC."""
+def _kmeans_silhouette(sample, k, sil_idx, *, n_init, seed):
+    """k-means at K on the sample, and its silhouette on the ``sil_idx`` pixels."""
     from sklearn.cluster import KMeans
     from sklearn.metrics import silhouette_score
-    from sklearn.mixture import GaussianMixture
 
     km = KMeans(k, init="k-means++", n_init=n_init, random_state=seed).fit(sample)
     labels = km.labels_[sil_idx]
     silhouette = (float(silhouette_score(sample[sil_idx], labels))
                   if len(np.unique(labels)) > 1 else float("nan"))
+    return km, silhouette
+
+
+def _sweep_one(sample, k, sil_idx, *, n_init, seed) -> dict:
+    """One K of the sweep: k-means inertia and silhouette, GMM BIC."""
+    from sklearn.mixture import GaussianMixture
+
+    km, silhouette = _kmeans_silhouette(sample, k, sil_idx, n_init=n_init, seed=seed)
     gm = GaussianMixture(k, covariance_type="full", n_init=max(1, n_init // 3),
                          random_state=seed, reg_covar=1e-6).fit(sample)
     return {"inertia": float(km.inertia_), "silhouette": silhouette, "bic": float(gm.bic(sample)),
@@ -215,13 +222,7 @@ def _sweep_one(sample, k, sil_idx, *, n_init, seed) -> dict:
 
 
 def _silhouette_one(sample, k, sil_idx, *, n_init, seed) -> float:
-    from sklearn.cluster import KMeans
-    from sklearn.metrics import silhouette_score
-
-    labels = KMeans(k, init="k-means++", n_init=n_init, random_state=seed).fit(sample).labels_
-    labels = labels[sil_idx]
-    return (float(silhouette_score(sample[sil_idx], labels)) if len(np.unique(labels)) > 1
-            else float("nan"))
+    return _kmeans_silhouette(sample, k, sil_idx, n_init=n_init, seed=seed)[1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,7 +314,7 @@ class PhaseClustering(BaseEstimator):
         return self._criteria(table)[choice], choice
 
     def _structure(self, table: dict, sample: np.ndarray) -> dict:
-        """Whether the sample has phase structure at all. None when the best silhouette over
+        """Whether the sample has phase structure at all. It has none when the best silhouette over
         the sweep is under ``min_silhouette`` (0.17 on the codes and the PCA scores of a uniform
         specimen's Poisson noise here; 0.45-0.76 on the synthetic EELS and 4D-STEM scans) or
         when one Gaussian has a lower BIC than every K of the sweep (the PCA scores of noise
@@ -336,14 +337,14 @@ class PhaseClustering(BaseEstimator):
     def _light_sweep(self, sample: np.ndarray) -> dict:
         """The structure test's part of a sweep, on the PCA scores: the k-means silhouette over
         ``k_range`` and the BIC of two Gaussians (one task per K, as ``_sweep``)."""
+        from sklearn.mixture import GaussianMixture
+
         lo, hi = self.k_range
         ks = list(range(lo, min(hi, len(sample) - 1) + 1))
         sil_idx = np.random.default_rng(self.seed).permutation(len(sample))[:self.silhouette_size]
         shared = dask.delayed(sample, pure=True)
         sil = dask.compute(*[dask.delayed(_silhouette_one, pure=True)(
             shared, k, sil_idx, n_init=min(self.n_init, 3), seed=self.seed) for k in ks])
-        from sklearn.mixture import GaussianMixture
-
         two = GaussianMixture(2, covariance_type="full", n_init=1, random_state=self.seed,
                               reg_covar=1e-6).fit(sample)
         return {"k": ks, "silhouette": list(sil), "bic": [float(two.bic(sample))]}
