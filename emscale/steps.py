@@ -537,18 +537,23 @@ class Polar(Step):
     angles: int = 64
     harmonics: int = 16
 
-    def prepare(self, coords: Coords) -> None:
-        super().prepare(coords)
-        (_, ky), (_, kx) = coords.items()
-        cy, cx = _centre((ky.size, kx.size))
-        n_r = (min(ky.size, kx.size) // 2) if self.radii is None else int(self.radii)
-        if n_r < 2:
-            raise self.error("radii", f"must be at least 2, got {self.radii!r}")
+    def __post_init__(self) -> None:
+        # (checked when the step is made: before a cluster starts or a scan is read)
+        if self.radii is not None and not (isinstance(self.radii, int) and self.radii >= 2):
+            raise self.error("radii", f"must be an integer of at least 2, got {self.radii!r}")
         if not (isinstance(self.angles, int) and self.angles >= 4 and self.angles % 2 == 0):
             raise self.error("angles", f"must be an even integer >= 4, got {self.angles!r}")
         if not (isinstance(self.harmonics, int) and 0 <= self.harmonics <= self.angles // 2):
             raise self.error("harmonics", f"must be an integer within 0..{self.angles // 2} "
                              f"(angles / 2), got {self.harmonics!r}")
+
+    def prepare(self, coords: Coords) -> None:
+        super().prepare(coords)
+        (_, ky), (_, kx) = coords.items()
+        cy, cx = _centre((ky.size, kx.size))
+        n_r = (min(ky.size, kx.size) // 2) if self.radii is None else self.radii
+        if n_r < 2:
+            raise self.error("radii", f"a {ky.size} x {kx.size} pattern has fewer than 2 radii")
         rho = np.linspace(0.0, min(cy, cx), n_r)
         theta = 2 * np.pi * np.arange(self.angles) / self.angles
         y = (cy + rho[:, None] * np.sin(theta)[None, :]).ravel()

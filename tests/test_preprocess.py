@@ -374,9 +374,8 @@ def test_polar_features_do_not_change_when_the_crystal_turns():
 def test_polar_settings_are_checked(params, field):
     from emscale.steps import make_step
 
-    step = make_step({"step": "polar", **params}, 2, "diffraction")
     with pytest.raises(ConfigError, match=rf"preprocess.steps\[2\].{field}"):
-        step.prepare({"ky": np.arange(32.0), "kx": np.arange(32.0)})
+        make_step({"step": "polar", **params}, 2, "diffraction")  # before any data are read
     with pytest.raises(ConfigError, match="does not apply to a spectrum"):
         make_step({"step": "polar"}, 0, "spectrum")
 
