@@ -193,7 +193,7 @@ def _phases(add, plt, pca, train, enc, an, cl, timings) -> None:
         kk = cl["k_candidate"].values
         summary = cl.attrs["phase"]
         chosen_by, islands = summary["chosen_by"], summary.get("islands") or 0
-        swept = k - islands  # the sweep's K; distinct minor populations were split out after
+        swept = k - islands  # the sweep's K; distinct minor populations are phases besides it
         for ax, name in zip(axes, ("inertia", "silhouette", "bic")):
             ax.plot(kk, cl[f"k_{name}"].values, "o-")
             if name == chosen_by or (name == "inertia" and chosen_by == "elbow"):
@@ -202,8 +202,10 @@ def _phases(add, plt, pca, train, enc, an, cl, timings) -> None:
             ax.set(xlabel="K", title=name + (" (elbow)" if name == "inertia" else ""))
         caption = f"K = {k}, chosen by {chosen_by}"
         if islands:
-            caption = (f"K = {swept} chosen by {chosen_by}, and {islands} distinct minor "
-                       f"population(s) inside a bigger phase made phases of their own: K = {k}")
+            outside = (" (the curves: on the pixels outside the small populations)"
+                       if summary.get("minor_populations") else "")
+            caption = (f"K = {swept} chosen by {chosen_by}{outside}, and {islands} distinct "
+                       f"minor population(s) made phases of their own: K = {k}")
         add("kchoice", "Choice of K", fig, caption)
     fractions = cl["phase_fraction"].values
     fig, ax = plt.subplots(figsize=(5.5, 4.5))

@@ -116,13 +116,33 @@ class _Objective:
         # the plain objective's target is its input: standardised once
         return std_inp, std_inp if target is inp else self.standardise(target)
 
-    def loss(self, out, target):
+    def pixel_loss(self, out, target):
+        """The loss of each pixel (mean over its features)."""
         import torch
 
         if self.config.loss == "poisson":
-            return torch.nn.functional.poisson_nll_loss(out + self.log_rest, torch.clamp(target, min=0),
-                                                        log_input=True, full=False)
-        return torch.nn.functional.mse_loss(out, target)
+            each = torch.nn.functional.poisson_nll_loss(out + self.log_rest,
+                                                        torch.clamp(target, min=0),
+                                                        log_input=True, full=False,
+                                                        reduction="none")
+        else:
+            each = torch.nn.functional.mse_loss(out, target, reduction="none")
+        return each.reshape(len(each), -1).mean(1)
+
+    def loss(self, out, target, threshold: float | None = None):
+        """The mean pixel loss; with a ``threshold`` (the trimmed loss), over the pixels at or
+        under it only: what fits worst is not learned."""
+        each = self.pixel_loss(out, target)
+        if threshold is None:
+            return each.mean()
+        return _trimmed_mean(each, threshold)
+
+
+def _trimmed_mean(each, threshold: float):
+    """Mean of the pixel losses at or under ``threshold`` (0 when none is: the batch teaches
+    nothing, as it should)."""
+    keep = each <= threshold
+    return (each * keep).sum() / keep.sum().clamp(min=1)
 
 
 def _seed(seed: int, epoch: int, stream: int) -> int:
@@ -161,7 +181,8 @@ def train_autoencoder(stage_path: str | os.PathLike, config: TrainConfig | None 
     model = build_model(config.model, tuple(shape), config.latent_dim, tuple(config.widths)).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.epochs)
-    history: dict[str, list[float]] = {"train_loss": [], "val_loss": [], "lr": [], "seconds": []}
+    history: dict[str, list[float]] = {"train_loss": [], "val_loss": [], "lr": [], "seconds": [],
+                                       "trim_threshold": []}
     best = {"val": math.inf, "epoch": -1, "state": None}
     bad_epochs, start = 0, 0
     mean, scale = None, None
@@ -184,12 +205,18 @@ def train_autoencoder(stage_path: str | os.PathLike, config: TrainConfig | None 
             break
         t0 = time.perf_counter()
         gen = torch.Generator().manual_seed(_seed(seed, epoch, 0))
-        total, count = _train_epoch(model, opt, stream, objective, epoch, config.batch_size, gen)
+        # the trimmed loss's cut: from the previous epoch's validation pixels (none in the first)
+        cut = history["trim_threshold"][-1] if config.trim and history["trim_threshold"] else None
+        total, count = _train_epoch(model, opt, stream, objective, epoch, config.batch_size, gen,
+                                    threshold=cut)
         seen += count
         train_time += time.perf_counter() - t0  # the training steps only, for samples/s
         history["lr"].append(float(opt.param_groups[0]["lr"]))
         sched.step()
-        val = evaluate_loss(model, stream, objective, config.batch_size, gen_seed=seed)
+        val, cut = evaluate_loss(model, stream, objective, config.batch_size, gen_seed=seed,
+                                 trim=config.trim)
+        if config.trim:
+            history["trim_threshold"].append(cut)
         dt = time.perf_counter() - t0
         history["train_loss"].append(total / max(count, 1))
         history["val_loss"].append(val)
@@ -242,19 +269,21 @@ def _resume(ckpt: Path, key: str, device, model, opt, sched):
     best = {"val": float(state["best_val"]), "epoch": int(state["best_epoch"]),
             "state": state["best_state"]}
     log.info("resuming %s from epoch %d", ckpt, int(state["epoch"]))
-    return ({k: list(v) for k, v in state["history"].items()}, best, int(state["bad_epochs"]),
+    history = {"trim_threshold": [], **{k: list(v) for k, v in state["history"].items()}}
+    return (history, best, int(state["bad_epochs"]),
             int(state["epoch"]) + 1, state["mean"].cpu().numpy(), float(state["scale"]))
 
 
 def _train_epoch(model, opt, stream: ChunkStream, objective: _Objective, epoch: int,
-                 batch_size: int, gen) -> tuple[float, int]:
-    """One pass over the training pixels: (summed loss, pixels)."""
+                 batch_size: int, gen, threshold: float | None = None) -> tuple[float, int]:
+    """One pass over the training pixels: (summed loss, pixels). With a ``threshold``, the
+    pixels whose loss is above it do not contribute (the trimmed loss)."""
     model.train()
     total, count = 0.0, 0
     for x, clean in stream.batches(0, epoch, batch_size):
         inp, target = objective.batch(x, clean, gen)
         out, _ = model(inp)
-        loss = objective.loss(out, target)
+        loss = objective.loss(out, target, threshold)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -264,24 +293,31 @@ def _train_epoch(model, opt, stream: ChunkStream, objective: _Objective, epoch: 
 
 
 def evaluate_loss(model, stream: ChunkStream, objective: _Objective, batch_size: int,
-                  gen_seed: int = 0) -> float:
-    """Mean loss over the validation set (noise drawn the same way every epoch)."""
+                  gen_seed: int = 0, trim: float = 0.0) -> tuple[float, float | None]:
+    """Mean loss over the validation set (noise drawn the same way every epoch), and with
+    ``trim`` the cut of the trimmed loss: the (1 - trim) quantile of the validation pixels'
+    losses, the mean then taken over the pixels under it."""
     import torch
 
     gen = torch.Generator().manual_seed(_seed(gen_seed, 0, 1))
     model.eval()
-    total, count = 0.0, 0
     x_all, clean_all = stream.validation_set()
+    step = max(batch_size, 4096)
+    losses = []
     with torch.no_grad():
-        for s in range(0, len(x_all), max(batch_size, 4096)):
-            x = x_all[s:s + max(batch_size, 4096)]
-            clean = None if clean_all is None else clean_all[s:s + max(batch_size, 4096)]
-            inp, target = objective.batch(x, clean, gen)
+        for s in range(0, len(x_all), step):
+            clean = None if clean_all is None else clean_all[s:s + step]
+            inp, target = objective.batch(x_all[s:s + step], clean, gen)
             out, _ = model(inp)
-            total += float(objective.loss(out, target)) * len(x)
-            count += len(x)
+            losses.append(objective.pixel_loss(out, target).double().cpu())
     model.train()
-    return total / count if count else float("nan")
+    if not losses:
+        return float("nan"), None
+    each = torch.cat(losses)
+    if not trim:
+        return float(each.mean()), None
+    cut = float(torch.quantile(each, 1 - trim))
+    return float(_trimmed_mean(each, cut)), cut
 
 
 def train_on_cluster(client, stage_path, config: TrainConfig, **kwargs) -> TrainResult:

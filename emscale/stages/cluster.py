@@ -81,6 +81,11 @@ class ClusterConfig(Section):
         "n_clusters auto: a distinct minor population (a separate mode of the codes' density "
         "in the sweep's BIC-best Gaussian mixture) that the chosen K put inside a bigger phase "
         "becomes a phase of its own")
+    island_share: float = Field(0.05, ge=0, lt=0.5, description=
+        "n_clusters auto, islands: a separate mode of the codes' density with at most this share "
+        'of the sampled pixels (contamination, beam damage, a precipitate) is a phase of its own '
+        'from the start, and K is chosen on the other pixels (small populations bend the '
+        "inertia's elbow and take phases that the big ones need); 0: only the split after K")
     ridge_ratio: float = Field(0.2, gt=0, lt=1, description=
         'two mixture components are one mode when their density along the ridgeline between '
         'them stays above this share of the lower peak (Hennig 2010)')
@@ -239,8 +244,9 @@ class PhaseClustering(BaseEstimator):
                  silhouette_size: int = _DEFAULTS["silhouette_size"],
                  min_silhouette: float = _DEFAULTS["min_silhouette"],
                  min_phase_fraction: float = _DEFAULTS["min_phase_fraction"],
-                 islands: bool = _DEFAULTS["islands"], ridge_ratio: float = _DEFAULTS["ridge_ratio"],
-                 seed: int = 0):
+                 islands: bool = _DEFAULTS["islands"],
+                 island_share: float = _DEFAULTS["island_share"],
+                 ridge_ratio: float = _DEFAULTS["ridge_ratio"], seed: int = 0):
         self.method = method
         self.n_clusters = n_clusters
         self.k_range = k_range
@@ -253,6 +259,7 @@ class PhaseClustering(BaseEstimator):
         self.min_silhouette = min_silhouette
         self.min_phase_fraction = min_phase_fraction
         self.islands = islands
+        self.island_share = island_share
         self.ridge_ratio = ridge_ratio
         self.seed = seed
 
@@ -393,10 +400,11 @@ class PhaseClustering(BaseEstimator):
         self.sample_size_ = len(sample)
         self.warnings_: list[str] = []
         self.structure_ = None
+        self.modes_, self.islands_, minor, self._mode_of_sample = None, 0, [], None
+        chosen, sample_fits, chosen_fits = sample, {}, {}
         if self.n_clusters == "auto":
             # (the final fit starts from the chosen K's sample fit: no refit)
             self.k_table_, sample_fits = self._sweep(sample)
-            k, self.k_chosen_by_ = self._choose(self.k_table_)
             self.structure_ = self._structure(self.k_table_, sample)
             if pca_scores is not None and self.structure_["phase_structure"]:
                 other = self._sample(pca_scores, valid)  # the same pixels
@@ -406,28 +414,42 @@ class PhaseClustering(BaseEstimator):
                     self.structure_["phase_structure"] = False
                     self.structure_["reasons"] = [f"in the PCA scores, {r}"
                                                   for r in other_structure["reasons"]]
-            if self.structure_["phase_structure"]:
-                self._check_choice(k, self.k_chosen_by_)
-            else:
+            chosen_fits = sample_fits
+            if self.structure_["phase_structure"] and self.islands and self.island_share > 0:
+                minor = self._minor_modes(sample, sample_fits)
+            if minor:  # K for the big phases is chosen without the small populations
+                chosen = sample[~np.isin(self._mode_of_sample, minor)]
+                self.k_table_, chosen_fits = self._sweep(chosen)
+                self.structure_["without_minor"] = self._structure(self.k_table_, chosen)
+            k, self.k_chosen_by_ = self._choose(self.k_table_)
+            if not self.structure_["phase_structure"]:
                 k, self.k_chosen_by_ = 1, "no phase structure"
                 self._warn("no phase structure: " + "; ".join(self.structure_["reasons"])
                            + ". K = 1 (set cluster.n_clusters to force phases)")
+            elif minor and not self.structure_["without_minor"]["phase_structure"]:
+                k, self.k_chosen_by_ = 1, "one phase besides the minor populations"
+                self._warn("no phase structure besides the minor populations: "
+                           + "; ".join(self.structure_["without_minor"]["reasons"]))
+            else:
+                self._check_choice(k, self.k_chosen_by_)
         else:
             self.k_table_, k, self.k_chosen_by_ = None, int(self.n_clusters), "fixed"
-            sample_fits = {}
-        self.n_clusters_ = k
         spread = float(np.sqrt(sample.var(axis=0).sum())) or 1.0
-        fitted = sample_fits.get(k)
+        fitted = chosen_fits.get(k)
+        if fitted is None:
+            fitted = (KMeans(k, init="k-means++", n_init=self.n_init,
+                             random_state=self.seed).fit(chosen) if self.method == "kmeans"
+                      else None,
+                      GaussianMixture(k, covariance_type="full", n_init=max(1, self.n_init // 3),
+                                      random_state=self.seed, reg_covar=1e-6).fit(chosen)
+                      if self.method == "gmm" else None)
+        self.n_clusters_ = k + len(minor)
+        self.minor_populations_ = len(minor)
         if self.method == "kmeans":
-            km = fitted[0] if fitted else KMeans(k, init="k-means++", n_init=self.n_init,
-                                                 random_state=self.seed).fit(sample)
-            self._lloyd(x, valid, km.cluster_centers_.astype(np.float64), spread)
+            centres, _ = self._with_modes(sample, minor, centres=fitted[0].cluster_centers_)
+            self._lloyd(x, valid, centres.astype(np.float64), spread)
         else:
-            gm = fitted[1] if fitted else GaussianMixture(
-                k, covariance_type="full", n_init=max(1, self.n_init // 3),
-                random_state=self.seed, reg_covar=1e-6).fit(sample)
-            self._em(x, valid, gm)
-        self.modes_, self.islands_ = None, 0
+            self._em(x, valid, self._with_modes(sample, minor, gm=fitted[1])[1])
         if self.n_clusters == "auto" and self.islands and self.structure_["phase_structure"]:
             if self._split_islands(sample, sample_fits):  # then refine all centres again
                 if self.method == "kmeans":
@@ -472,22 +494,71 @@ class PhaseClustering(BaseEstimator):
         n_params = k * d + k * d * (d + 1) / 2 + k - 1
         self.bic_ = float(-2 * self.log_likelihood_ + n_params * math.log(max(n, 1)))
 
+    def _modes(self, sample: np.ndarray, sample_fits: dict):
+        """The modes of the sample's density (once per fit): the sweep's BIC-best Gaussian
+        mixture, the mode of each of its components, and the mode of each sampled pixel."""
+        from emscale.mixture_modes import mode_groups
+
+        if getattr(self, "_mode_of_sample", None) is None or len(self._mode_of_sample) != len(sample):
+            bics = [sample_fits[k][1].bic(sample) for k in sorted(sample_fits)]
+            gm_bic = sample_fits[sorted(sample_fits)[int(np.argmin(bics))]][1]
+            groups = mode_groups(gm_bic.weights_, gm_bic.means_, gm_bic.covariances_,
+                                 self.ridge_ratio)
+            self._mode_fit = gm_bic, groups
+            self._mode_of_sample = groups[gm_bic.predict(sample)]
+            self.modes_ = int(groups.max()) + 1
+        return (*self._mode_fit, self._mode_of_sample)
+
+    def _minor_modes(self, sample: np.ndarray, sample_fits: dict) -> list[int]:
+        """The modes of the density holding at most ``island_share`` of the sample (and enough
+        pixels to be a population, not a few outliers): each becomes a phase of its own."""
+        _, _, mode = self._modes(sample, sample_fits)
+        if self.modes_ < 2:
+            return []
+        shares = np.bincount(mode, minlength=self.modes_) / len(sample)
+        minor = [g for g in range(self.modes_)
+                 if max(20 / len(sample), 0.001) <= shares[g] <= self.island_share]
+        if not (shares > self.island_share).any():
+            return []  # nothing big to choose K on
+        for g in minor:
+            self._warn(f"a distinct minor population of {shares[g]:.1%} of the sampled pixels "
+                       "(a separate mode of the codes' density) is a phase of its own; K was "
+                       "chosen on the other pixels (cluster.island_share)")
+        self.islands_ = len(minor)
+        return minor
+
+    def _with_modes(self, sample: np.ndarray, groups: list[int], centres=None, gm=None):
+        """Centres (k-means) and/or a Gaussian mixture with one more cluster per mode of
+        ``groups``: the mean of its sampled pixels, its components merged into one Gaussian."""
+        from sklearn.mixture._gaussian_mixture import _compute_precision_cholesky
+
+        from emscale.mixture_modes import merged_gaussian
+
+        if not groups:
+            return centres, gm
+        gm_bic, comp_mode, mode = self._modes(sample, {})
+        if centres is not None:
+            centres = np.vstack([centres] + [sample[mode == g].mean(0) for g in groups])
+        if gm is not None:
+            parts = [merged_gaussian(gm_bic.weights_[comp_mode == g], gm_bic.means_[comp_mode == g],
+                                     gm_bic.covariances_[comp_mode == g]) for g in groups]
+            w_new = np.array([p[0] for p in parts])
+            gm.weights_ = np.concatenate([gm.weights_ * (1 - w_new.sum()), w_new])
+            gm.means_ = np.vstack([gm.means_, [p[1] for p in parts]])
+            gm.covariances_ = np.concatenate([gm.covariances_, [p[2] for p in parts]])
+            gm.precisions_cholesky_ = _compute_precision_cholesky(gm.covariances_, "full")
+            gm.n_components = len(gm.weights_)
+        return centres, gm
+
     def _split_islands(self, sample: np.ndarray, sample_fits: dict) -> int:
         """Give each distinct minor population its own phase: a mode of the sample's density
         (``mixture_modes`` on the Gaussian mixture the BIC chose in the sweep) that sits mostly
         inside one phase and is less than half of it was merged into it (the elbow counts the
         big phases: a small, well separated one barely lowers the inertia). Returns how many."""
-        from emscale.mixture_modes import merged_gaussian, mode_groups
-
-        ks, bics = self.k_table_["k"], self.k_table_["bic"]
-        gm_bic = sample_fits[ks[int(np.argmin(bics))]][1]
-        groups = mode_groups(gm_bic.weights_, gm_bic.means_, gm_bic.covariances_,
-                             self.ridge_ratio)
-        self.modes_ = int(groups.max()) + 1
+        _, _, mode = self._modes(sample, sample_fits)
         if self.modes_ < 2:
             return 0
         phase = self._predict_rows(sample.astype(np.float64))
-        mode = groups[gm_bic.predict(sample)]
         sizes = np.bincount(phase, minlength=self.n_clusters_)
         islands = []
         for g in range(self.modes_):
@@ -504,22 +575,11 @@ class PhaseClustering(BaseEstimator):
         if not islands:
             return 0
         if self.method == "kmeans":
-            extra = [sample[mode == g].mean(0) for g in islands]
-            self.cluster_centers_ = np.vstack([self.cluster_centers_, extra])
+            self.cluster_centers_, _ = self._with_modes(sample, islands, centres=self.cluster_centers_)
         else:
-            gm = self.gmm_
-            parts = [merged_gaussian(gm_bic.weights_[groups == g], gm_bic.means_[groups == g],
-                                     gm_bic.covariances_[groups == g]) for g in islands]
-            w_new = np.array([p[0] for p in parts])
-            from sklearn.mixture._gaussian_mixture import _compute_precision_cholesky
-
-            gm.weights_ = np.concatenate([gm.weights_ * (1 - w_new.sum()), w_new])
-            gm.means_ = np.vstack([gm.means_, [p[1] for p in parts]])
-            gm.covariances_ = np.concatenate([gm.covariances_, [p[2] for p in parts]])
-            gm.precisions_cholesky_ = _compute_precision_cholesky(gm.covariances_, "full")
-            gm.n_components = len(gm.weights_)
-            self.cluster_centers_ = gm.means_
-        self.islands_ = len(islands)
+            _, self.gmm_ = self._with_modes(sample, islands, gm=self.gmm_)
+            self.cluster_centers_ = self.gmm_.means_
+        self.islands_ += len(islands)
         self.n_clusters_ += len(islands)
         return len(islands)
 
@@ -590,6 +650,7 @@ class PhaseClustering(BaseEstimator):
             out["structure"] = self.structure_
         if getattr(self, "modes_", None) is not None:
             out["modes"], out["islands"] = int(self.modes_), int(self.islands_)
+            out["minor_populations"] = int(self.minor_populations_)
         out["minor_phases"] = [int(j) for j in getattr(self, "minor_phases_", [])]
         out["warnings"] = list(getattr(self, "warnings_", []))
         return out

@@ -59,6 +59,10 @@ class TrainConfig(Section):
     max_train_pixels: Optional[int] = Field(65536, ge=1, description=
         'at most this many training pixels (a regular grid); null: all')
     max_val_pixels: int = Field(16384, ge=1, description='at most this many validation pixels')
+    trim: float = Field(0.0, ge=0, lt=0.5, description=
+        'trimmed loss: the pixels whose loss is in the top this share (cut at that quantile of '
+        "the previous epoch's validation losses) do not train the model, so rare structure "
+        '(anomalies) is not learned and stays visible in the reconstruction error; 0: off')
     patience: int = Field(10, ge=1, description=
         'stop after this many epochs without a better validation loss')
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description=
