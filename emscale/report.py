@@ -16,6 +16,7 @@ import html
 import io
 import json
 import logging
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -78,24 +79,23 @@ def _exact(*lazy):
     return [float(v) for v in dask.compute(*lazy)]
 
 
-def _warnings_html(cl) -> str:
+def _warnings_html(cl, verdict: str | None = None) -> str:
     """What the cluster stage warned of (no phase structure, K at the edge of k_range,
-    criteria that disagree, minor phases), first on the page: a reader decides with them."""
+    criteria that disagree, minor phases), and why the PCA map comes first if it does, first on
+    the page: a reader decides with them."""
     if cl is None:
         return ""
-    items = [(f"{'PCA scores' if key == 'pca_phase' else 'latent codes'}: {w}")
-             for key in ("phase", "pca_phase") for w in cl.attrs.get(key, {}).get("warnings", [])]
+    items = [f"{verdict}: the phase map of the PCA scores is shown first"] if verdict else []
+    items += [(f"{'PCA scores' if key == 'pca_phase' else 'latent codes'}: {w}")
+              for key in ("phase", "pca_phase") for w in cl.attrs.get(key, {}).get("warnings", [])]
     if not items:
         return ""
     rows = "".join(f"<li>{html.escape(w)}</li>" for w in items)
     return f"<section class='warnings'><h2>Warnings</h2><ul>{rows}</ul></section>"
 
 
-def _truth_table(results) -> str:
+def _truth_table(scores: dict | None) -> str:
     """For a synthetic scan: the run scored against its ground truth (an HTML table)."""
-    from emscale.evaluate import truth_scores
-
-    scores = truth_scores(results)
     if not scores:
         return ""
     names = {"ari_phase": "ARI of the phase map (autoencoder codes) vs the true phases",
@@ -112,6 +112,26 @@ def _truth_table(results) -> str:
     return ("<section><h2>Against the ground truth (synthetic scan)</h2><table>"
             f"{rows}</table><p>{scores['labelled_pixels']} labelled pixels, "
             f"{scores['anomalous_pixels']} anomalous (label -1).</p></section>")
+
+
+def _autoencoder_verdict(scores: dict | None, enc) -> str | None:
+    """Why the autoencoder has not earned its place in this run, or None: against the ground
+    truth where there is one (the ARI of the two phase maps), else the reconstruction error at
+    the same size (an autoencoder that reconstructs no better than PCA's linear subspace has no
+    better codes to offer)."""
+    if scores and scores.get("ari_phase") is not None and scores.get("ari_pca_phase") is not None:
+        if scores["ari_pca_phase"] > scores["ari_phase"]:
+            return (f"against the ground truth, the PCA scores' phase map is the better one "
+                    f"(ARI {scores['ari_pca_phase']:.3f} against the autoencoder codes' "
+                    f"{scores['ari_phase']:.3f})")
+        return None
+    if enc is None or "pca_recon_error" not in enc:
+        return None
+    ae, linear = _exact(enc["recon_error"].mean(), enc["pca_recon_error"].mean())
+    if ae >= linear:
+        return (f"the autoencoder reconstructs no better than PCA with as many components "
+                f"(mean error {ae:.4g} against {linear:.4g})")
+    return None
 
 
 def _scree(add, plt, pca, train, enc, an, cl, timings) -> None:
@@ -168,11 +188,11 @@ def _loss(add, plt, pca, train, enc, an, cl, timings) -> None:
     add("loss", "Loss curves", fig)
 
 
-def _phases(add, plt, pca, train, enc, an, cl, timings) -> None:
+def _phases(add, plt, pca, train, enc, an, cl, timings, verdict=None) -> None:
     if cl is None:
         return
     phase, step = _view(cl["phase"])
-    k = cl.sizes["cluster"]
+    k = int(cl.attrs["phase"]["n_clusters"])
     cmap = plt.get_cmap("tab10" if k <= 10 else "tab20")
     if enc is not None:
         z = _view(enc["latent"], points=MAX_POINTS)[0].reshape(-1, latent_dim(enc))
@@ -207,16 +227,23 @@ def _phases(add, plt, pca, train, enc, an, cl, timings) -> None:
             caption = (f"K = {swept} chosen by {chosen_by}{outside}, and {islands} distinct "
                        f"minor population(s) made phases of their own: K = {k}")
         add("kchoice", "Choice of K", fig, caption)
-    fractions = cl["phase_fraction"].values
-    fig, ax = plt.subplots(figsize=(5.5, 4.5))
-    masked = np.ma.masked_less(phase, 0)
-    ax.imshow(masked, cmap=cmap, vmin=-0.5, vmax=cmap.N - 0.5, interpolation="nearest",
-              extent=_extent(cl["phase"]))
-    handles = [plt.Rectangle((0, 0), 1, 1, color=cmap(i)) for i in range(k)]
-    ax.legend(handles, [f"phase {i}: {f:.1%}" for i, f in enumerate(fractions)],
-              loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8)
-    ax.set_title("phase map")
-    add("phases", "Phase map", fig, _shown(step).strip())
+    fractions = cl["phase_fraction"].values[:k]
+    maps = [("phase", "autoencoder codes")]
+    if "pca_phase" in cl:
+        maps.insert(1 if verdict is None else 0, ("pca_phase", "PCA scores"))
+    fig, axes = plt.subplots(1, len(maps), figsize=(6.2 * len(maps), 4.5), squeeze=False,
+                             layout="constrained")
+    for ax, (name, what) in zip(axes[0], maps):
+        n = int(cl.attrs.get(name, {}).get("n_clusters", k))
+        ax.imshow(np.ma.masked_less(_view(cl[name])[0], 0), cmap=cmap, vmin=-0.5,
+                  vmax=cmap.N - 0.5, interpolation="nearest", extent=_extent(cl[name]))
+        handles = [plt.Rectangle((0, 0), 1, 1, color=cmap(i % cmap.N)) for i in range(n)]
+        ax.legend(handles, [f"phase {i}: {f:.1%}"
+                            for i, f in enumerate(cl[f"{name}_fraction"].values[:n])],
+                  loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8)
+        ax.set_title(f"phase map of the {what}")
+    first = ("PCA scores first: " + verdict + ". ") if verdict else ""
+    add("phases", "Phase map", fig, first + _shown(step).strip())
     mean = cl["phase_mean_signal"]
     minor = set(cl.attrs["phase"].get("minor_phases", []))
     names = [f"phase {i}: {f:.1%}" + (" (minor)" if i in minor else "")
@@ -294,9 +321,14 @@ def write_report(results, out_dir: Path, timings: dict[str, float] | None = None
     def add(name, title, fig, caption=""):
         sections.append((title, _save(fig, out_dir / f"{name}.png"), caption))
 
-    for section in (_scree, _errors, _loss, _phases, _anomalies, _timings):
+    from emscale.evaluate import truth_scores
+
+    scores = truth_scores(results)
+    verdict = _autoencoder_verdict(scores, enc) if cl is not None else None
+    for section in (_scree, _errors, _loss, partial(_phases, verdict=verdict), _anomalies,
+                    _timings):
         section(add, plt, pca, train, enc, an, cl, timings)
-    truth = _warnings_html(cl) + _truth_table(results)
+    truth = _warnings_html(cl, verdict) + _truth_table(scores)
     prov = results.attrs.get("provenance", {})
     body = truth + "\n".join(
         f"<section><h2>{html.escape(t)}</h2><img src='data:image/png;base64,{b64}'>"

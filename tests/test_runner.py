@@ -230,6 +230,31 @@ def test_the_report_shows_big_maps_strided_and_prints_exact_figures(first_run, t
     assert "one pixel in 3 along y and x" in page
 
 
+def test_the_report_puts_the_pca_map_first_where_the_autoencoder_loses(first_run, tmp_path,
+                                                                      monkeypatch):
+    """Against the ground truth where there is one (ARI), else by the reconstruction error at the
+    same size: the page says why and shows the PCA scores' phase map first."""
+    import xarray as xr
+
+    from emscale import evaluate, report
+
+    enc = lambda ae, linear: xr.Dataset({"recon_error": (("y", "x"), np.full((2, 2), ae)),
+                                         "pca_recon_error": (("y", "x"), np.full((2, 2), linear))})
+    assert report._autoencoder_verdict(None, enc(1.0, 1.1)) is None
+    assert "no better than PCA" in report._autoencoder_verdict(None, enc(1.2, 1.1))
+    truth = {"ari_phase": 0.55, "ari_pca_phase": 0.56}
+    assert "ARI 0.560 against" in report._autoencoder_verdict(truth, enc(1.0, 1.1))
+    assert report._autoencoder_verdict({**truth, "ari_phase": 0.6}, enc(1.2, 1.1)) is None
+    _, result = first_run
+    results = ResultsStore(result.results)
+    scores = evaluate.truth_scores(results)
+    monkeypatch.setattr(evaluate, "truth_scores", lambda r: {**scores, "ari_phase": 0.1,
+                                                              "ari_pca_phase": 0.2})
+    page = report.write_report(results, tmp_path / "report").read_text()
+    assert "PCA scores first: against the ground truth" in page
+    assert "the phase map of the PCA scores is shown first</li>" in page
+
+
 def test_command_line_values_override_the_file(tmp_path):
     path = _write(tmp_path, {**SMALL, "output": "elsewhere"})
     wf = load_workflow(path, output=tmp_path / "here")
