@@ -83,7 +83,8 @@ class ModelSpec:
 
         cfg = self.config
         shape = self.signal_shape if cfg["model"] == "conv" else (int(np.prod(self.signal_shape)),)
-        model = build_model(cfg["model"], tuple(shape), int(cfg["latent_dim"]), tuple(cfg["widths"]))
+        model = build_model(cfg["model"], tuple(shape), int(cfg["latent_dim"]), tuple(cfg["widths"]),
+                            variational=bool(cfg.get("variational", False)))
         state = {}
         for item in self.layout:
             n = int(np.prod(item["shape"])) if item["shape"] else 1

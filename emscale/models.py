@@ -8,9 +8,14 @@
 - ``linear``: one linear map each way, no bias, on centred data: the sanity check, whose optimum
   spans PCA's subspace (Baldi & Hornik 1989).
 
-``build_model(kind, input_shape, latent_dim, widths)`` makes one; every model has ``encode``,
-``decode`` and ``forward`` returning ``(reconstruction, latent)`` on ``(batch, features)`` input
-(patterns are flattened too, so that the data path is the same for both kinds).
+``build_model(kind, input_shape, latent_dim, widths, variational=False)`` makes one; every model
+has ``encode``, ``decode`` and ``forward`` returning ``(reconstruction, latent)`` on ``(batch,
+features)`` input (patterns are flattened too, so that the data path is the same for both kinds).
+
+Variational (``mlp`` and ``conv``; Kingma and Welling 2014): a second head beside the encoder's last
+layer gives the log-variance of each code; training decodes ``mean + sigma * noise`` and keeps the
+KL divergence to N(0, 1) of each pixel in ``model.kl`` for the loss; ``encode`` gives the mean,
+so encoding, clustering and the dense inference path are those of a plain autoencoder.
 """
 
 from __future__ import annotations
@@ -26,6 +31,17 @@ KINDS = ("mlp", "conv", "linear")
 
 
 class Autoencoder(nn.Module):
+    generator: torch.Generator | None = None  # the variational noise's (CPU) generator
+    kl: torch.Tensor | None = None  # the last forward's KL divergence per pixel (variational)
+
+    @property
+    def variational(self) -> bool:
+        return "log_var" in self._modules
+
+    def make_variational(self) -> None:
+        """Add the log-variance head beside the encoder's last (linear) layer."""
+        self.log_var = nn.Linear(self.encoder[-1].in_features, self.encoder[-1].out_features)
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder(self._in(x))
 
@@ -33,8 +49,17 @@ class Autoencoder(nn.Module):
         return self._out(self.decoder(z))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        z = self.encode(x)
-        return self.decode(z), z
+        if not self.variational:
+            z = self.encode(x)
+            return self.decode(z), z
+        h = self.encoder[:-1](self._in(x))
+        mean, log_var = self.encoder[-1](h), self.log_var(h).clamp(-12.0, 8.0)
+        self.kl = 0.5 * (mean.square() + log_var.exp() - 1.0 - log_var).sum(1)
+        z = mean
+        if self.training:
+            noise = torch.randn(mean.shape, generator=self.generator).to(mean.device)
+            z = mean + noise * torch.exp(0.5 * log_var)
+        return self.decode(z), mean
 
     def _in(self, x):
         return x
@@ -104,8 +129,18 @@ class ConvAutoencoder(Autoencoder):
 
 
 def build_model(kind: str, input_shape: tuple[int, ...], latent_dim: int,
-                widths: tuple[int, ...] = (256, 64)) -> Autoencoder:
+                widths: tuple[int, ...] = (256, 64), variational: bool = False) -> Autoencoder:
     """An autoencoder for inputs of ``input_shape`` (signal dims), checked against the config."""
+    model = _build(kind, input_shape, latent_dim, widths)
+    if variational:
+        if kind == "linear":
+            raise ConfigError("train.variational: the linear autoencoder (the PCA check) is not "
+                              "variational; use 'mlp' or 'conv'")
+        model.make_variational()
+    return model
+
+
+def _build(kind, input_shape, latent_dim, widths) -> Autoencoder:
     n_features = int(math.prod(input_shape))
     if kind not in KINDS:
         raise ConfigError(f"train.model: {kind!r} is not one of {KINDS}")

@@ -2,7 +2,8 @@
 
 Figures, from the results store only: the PCA scree; autoencoder against PCA reconstruction error
 at the same k; the loss curves; a 2-D view of the latent codes coloured by phase; the K-choice
-curves; the phase map with fractions; the phase mean spectra or patterns; the anomaly map and the
+curves; the phase maps (codes, PCA scores) with fractions; the phase mean spectra or patterns; a
+latent traverse (the decoder's signal along each code coordinate); the anomaly map and the
 score histogram with its threshold; seconds per stage. The client never holds a whole map (a
 100 GB scan has 24 million pixels): maps are shown at every s-th pixel (at most ``MAX_SIDE`` per
 side, more than a figure shows; the caption says so), histograms and the latent view use those
@@ -275,6 +276,62 @@ def _phases(add, plt, pca, train, enc, an, cl, timings, verdict=None) -> None:
         + "; minor: under cluster.min_phase_fraction of the pixels")
 
 
+def _traverse(add, plt, pca, train, enc, an, cl, timings, steps: int = 7, max_dims: int = 8) -> None:
+    """What each latent coordinate means: the decoder's signal as one coordinate goes from the
+    5th to the 95th percentile of the codes, the others at their median (the lecture's latent
+    traverse; for a variational autoencoder the prior's axes)."""
+    if train is None or enc is None or cl is None or "phase_mean_signal" not in cl:
+        return
+    from emscale.model_spec import ModelSpec
+
+    mean = cl["phase_mean_signal"]
+    spec = ModelSpec.from_train_stage(train, mean.shape[1:])
+    k = latent_dim(enc)
+    z = _view(enc["latent"], points=MAX_POINTS)[0].reshape(-1, k)
+    z = z[np.isfinite(z).all(1)]
+    if not len(z):
+        return
+    dims = min(k, max_dims)
+    centre, (lo, hi) = np.median(z, 0), np.percentile(z, [5, 95], axis=0)
+    codes = np.repeat(centre[None], dims * steps, axis=0)
+    for j in range(dims):
+        codes[j * steps:(j + 1) * steps, j] = np.linspace(lo[j], hi[j], steps)
+    signals = spec.decode(codes).reshape(dims, steps, *mean.shape[1:])
+    colours = plt.get_cmap("viridis")(np.linspace(0, 1, steps))
+    if mean.ndim == 2:
+        axis = mean.dims[1]
+        xs = cl[axis].values if axis in cl.coords else np.arange(mean.shape[1])
+        cols = min(dims, 4)
+        rows = -(-dims // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), squeeze=False,
+                                 layout="constrained", sharex=True)
+        for j, ax in enumerate(axes.ravel()):
+            if j >= dims:
+                ax.axis("off")
+                continue
+            for i in range(steps):
+                ax.plot(xs, signals[j, i], color=colours[i], lw=1)
+            ax.set_title(f"z{j}: {lo[j]:.3g} .. {hi[j]:.3g}", fontsize=9)
+        for ax in axes[-1]:
+            ax.set_xlabel(f"{axis} ({cl[axis].attrs.get('units', '')})" if axis in cl.coords
+                          else axis)
+        for ax in axes[:, 0]:
+            ax.set_ylabel("decoded signal")
+    else:
+        fig, axes = plt.subplots(dims, steps, figsize=(1.3 * steps, 1.3 * dims), squeeze=False)
+        for j in range(dims):
+            for i in range(steps):
+                axes[j, i].imshow(signals[j, i], cmap="inferno")
+                axes[j, i].set_xticks([])
+                axes[j, i].set_yticks([])
+            axes[j, 0].set_ylabel(f"z{j}", fontsize=8)
+    kind = "variational autoencoder" if spec.config.get("variational") else "autoencoder"
+    add("traverse", "Latent traverse", fig,
+        f"the {kind}'s decoded signal as one latent coordinate goes from the 5th to the 95th "
+        "percentile of the codes (dark to light), the others at their median"
+        + (f"; the first {dims} of {k} coordinates" if dims < k else ""))
+
+
 def _anomalies(add, plt, pca, train, enc, an, cl, timings) -> None:
     if an is None:
         return
@@ -325,8 +382,8 @@ def write_report(results, out_dir: Path, timings: dict[str, float] | None = None
 
     scores = truth_scores(results)
     verdict = _autoencoder_verdict(scores, enc) if cl is not None else None
-    for section in (_scree, _errors, _loss, partial(_phases, verdict=verdict), _anomalies,
-                    _timings):
+    for section in (_scree, _errors, _loss, partial(_phases, verdict=verdict), _traverse,
+                    _anomalies, _timings):
         section(add, plt, pca, train, enc, an, cl, timings)
     truth = _warnings_html(cl, verdict) + _truth_table(scores)
     prov = results.attrs.get("provenance", {})

@@ -116,8 +116,9 @@ class _Objective:
         # the plain objective's target is its input: standardised once
         return std_inp, std_inp if target is inp else self.standardise(target)
 
-    def pixel_loss(self, out, target):
-        """The loss of each pixel (mean over its features)."""
+    def pixel_loss(self, out, target, model=None):
+        """The loss of each pixel (mean over its features); for a variational ``model``, plus
+        ``kl_weight`` x its KL divergence (of the last forward) per feature."""
         import torch
 
         if self.config.loss == "poisson":
@@ -127,12 +128,15 @@ class _Objective:
                                                         reduction="none")
         else:
             each = torch.nn.functional.mse_loss(out, target, reduction="none")
-        return each.reshape(len(each), -1).mean(1)
+        each = each.reshape(len(each), -1)
+        if model is not None and model.variational:
+            return each.mean(1) + model.kl * (self.config.kl_weight / each.shape[1])
+        return each.mean(1)
 
-    def loss(self, out, target, threshold: float | None = None):
+    def loss(self, out, target, threshold: float | None = None, model=None):
         """The mean pixel loss; with a ``threshold`` (the trimmed loss), over the pixels at or
         under it only: what fits worst is not learned."""
-        each = self.pixel_loss(out, target)
+        each = self.pixel_loss(out, target, model)
         if threshold is None:
             return each.mean()
         return _trimmed_mean(each, threshold)
@@ -146,7 +150,8 @@ def _trimmed_mean(each, threshold: float):
 
 
 def _seed(seed: int, epoch: int, stream: int) -> int:
-    """Independent seeds for (run seed, epoch, stream): 0 training draws, 1 validation noise."""
+    """Independent seeds for (run seed, epoch, stream): 0 training draws, 1 validation noise, 2
+    the variational codes' draws."""
     return int(np.random.SeedSequence([seed, epoch, stream]).generate_state(1)[0])
 
 
@@ -178,7 +183,8 @@ def train_autoencoder(stage_path: str | os.PathLike, config: TrainConfig | None 
     shape = stream.signal_shape if config.model == "conv" else (stream.n_features,)
     device = pick_device(config)
     torch.manual_seed(seed)
-    model = build_model(config.model, tuple(shape), config.latent_dim, tuple(config.widths)).to(device)
+    model = build_model(config.model, tuple(shape), config.latent_dim, tuple(config.widths),
+                        variational=config.variational).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.epochs)
     history: dict[str, list[float]] = {"train_loss": [], "val_loss": [], "lr": [], "seconds": [],
@@ -205,6 +211,7 @@ def train_autoencoder(stage_path: str | os.PathLike, config: TrainConfig | None 
             break
         t0 = time.perf_counter()
         gen = torch.Generator().manual_seed(_seed(seed, epoch, 0))
+        model.generator = torch.Generator().manual_seed(_seed(seed, epoch, 2))  # variational draws
         # the trimmed loss's cut: from the previous epoch's validation pixels (none in the first)
         cut = history["trim_threshold"][-1] if config.trim and history["trim_threshold"] else None
         total, count = _train_epoch(model, opt, stream, objective, epoch, config.batch_size, gen,
@@ -247,6 +254,7 @@ def train_autoencoder(stage_path: str | os.PathLike, config: TrainConfig | None 
             break
     if best["state"] is not None:
         model.load_state_dict(best["state"])
+    model.generator, model.kl = None, None  # (a generator cannot be pickled to the client)
     model.eval()
     return TrainResult(model=model, history=history, best_epoch=best["epoch"], mean=mean,
                        scale=scale, config=config, device=str(device),
@@ -283,7 +291,7 @@ def _train_epoch(model, opt, stream: ChunkStream, objective: _Objective, epoch: 
     for x, clean in stream.batches(0, epoch, batch_size):
         inp, target = objective.batch(x, clean, gen)
         out, _ = model(inp)
-        loss = objective.loss(out, target, threshold)
+        loss = objective.loss(out, target, threshold, model)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -309,7 +317,7 @@ def evaluate_loss(model, stream: ChunkStream, objective: _Objective, batch_size:
             clean = None if clean_all is None else clean_all[s:s + step]
             inp, target = objective.batch(x_all[s:s + step], clean, gen)
             out, _ = model(inp)
-            losses.append(objective.pixel_loss(out, target).double().cpu())
+            losses.append(objective.pixel_loss(out, target, model).double().cpu())
     model.train()
     if not losses:
         return float("nan"), None

@@ -255,6 +255,23 @@ def test_the_report_puts_the_pca_map_first_where_the_autoencoder_loses(first_run
     assert "the phase map of the PCA scores is shown first</li>" in page
 
 
+def test_a_variational_workflow_runs_end_to_end_with_a_latent_traverse(tmp_path, local_client):
+    """``train.variational``: trained with the KL term, encoded by its mean (the dense numpy
+    path, which knows nothing of the variance head), and the report's traverse says so."""
+    wf = validate_workflow({**SMALL, "output": str(tmp_path / "out"),
+                            "train": {**SMALL["train"], "variational": True, "kl_weight": 0.5}})
+    result = run_workflow(wf, echo=lambda *a: None)
+    results = ResultsStore(result.results)
+    train = results.open_stage("train")
+    assert train.attrs["train"]["config"]["variational"] is True
+    assert any(item["name"] == "log_var.weight" for item in train["weights"].attrs["layout"])
+    latent = results.open_stage("encode")["latent"].values
+    assert latent.shape[-1] == 3 and np.isfinite(latent).all()
+    page = result.report.read_text()
+    assert "Latent traverse" in page and "the variational autoencoder&#x27;s decoded" in page
+    assert (result.report.parent / "traverse.png").exists()
+
+
 def test_command_line_values_override_the_file(tmp_path):
     path = _write(tmp_path, {**SMALL, "output": "elsewhere"})
     wf = load_workflow(path, output=tmp_path / "here")

@@ -123,6 +123,54 @@ def test_the_trimmed_loss_does_not_learn_a_rare_population(tmp_path):
     assert errors[0.1] > 50 * errors[0.0], errors
 
 
+@pytest.mark.parametrize("model", ["mlp", "conv"])
+def test_variational_autoencoder_trains_resumes_and_encodes_its_mean(eels_stage, tmp_path, model):
+    """The KL term is in the loss, codes are drawn around their mean in training only (the
+    mean is the code), a killed run resumes identical, and the stage rebuilds the same model."""
+    import torch
+
+    if model == "conv":
+        from emscale.synth.diffraction import synth_diffraction
+
+        import dask
+
+        scan = synth_diffraction((16, 16), pattern=(64, 64), seed=2,
+                                 policy=ChunkPolicy(target_mib=0.5))
+        results = ResultsStore(tmp_path / "c.zarr")
+        with dask.config.set(scheduler="synchronous"):
+            write_preprocess_stage(results, scan, Preprocessor([{"step": "bin", "factor": 2}]))
+        stage = results.path / "preprocess"
+        kw = dict(model="conv", widths=(8, 16), latent_dim=3, threads=2, batch_size=32,
+                  val_fraction=0.25, tile=4)
+    else:
+        stage, kw = eels_stage, SMALL
+    config = TrainConfig(epochs=4, variational=True, kl_weight=1.0, **kw)
+    straight = train_autoencoder(stage, config, checkpoint_dir=tmp_path / "a")
+    train_autoencoder(stage, config, checkpoint_dir=tmp_path / "b", stop_after_epoch=1)
+    resumed = train_autoencoder(stage, config, checkpoint_dir=tmp_path / "b")
+    for k, v in straight.model.state_dict().items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k
+    net = straight.model
+    assert net.variational and "log_var.weight" in net.state_dict()
+    x = torch.as_tensor(ChunkStream(stage, config).validation_set()[0][:64])
+    x = (x - torch.as_tensor(straight.mean)) / straight.scale
+    with torch.no_grad():
+        rec, z = net(x)
+        assert torch.equal(z, net.encode(x)) and torch.equal(rec, net.decode(z))  # eval: the mean
+        assert net.kl.shape == (len(x),) and (net.kl >= 0).all() and net.kl.mean() > 0.01
+        net.train()
+        net.generator = torch.Generator().manual_seed(0)
+        rec_drawn, z_train = net(x)
+        assert torch.equal(z_train, z) and not torch.equal(rec_drawn, rec)  # decoded a draw
+    net.eval()
+    out = write_train_stage(ResultsStore(tmp_path / "r.zarr"), straight)
+    rebuilt, _, _ = load_model(out, ChunkStream(stage, config).signal_shape)
+    with torch.no_grad():
+        assert torch.allclose(rebuilt.encode(x), z)
+    with pytest.raises(ConfigError, match="train.variational"):
+        TrainConfig.of("train", model="linear", variational=True)
+
+
 @pytest.mark.parametrize("overrides, field", [
     (dict(latent_dim=112), "latent_dim"), (dict(epochs=0), "epochs"), (dict(loss="l1"), "loss"),
     (dict(batch_size=-1), "batch_size"), (dict(val_fraction=1.0), "val_fraction"),

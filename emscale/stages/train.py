@@ -33,6 +33,12 @@ class TrainConfig(Section):
     model: Literal["mlp", "conv", "linear"] = Field("mlp", description=
         'autoencoder: MLP (spectra), convolutional (patterns) or linear (the PCA check)')
     latent_dim: int = Field(4, ge=1, description='size of the latent code that is clustered')
+    variational: bool = Field(False, description=
+        'a variational autoencoder (mlp, conv): codes drawn around a mean with a learned spread, '
+        "KL divergence to N(0, 1) in the loss; the mean is the pixel's code")
+    kl_weight: float = Field(1.0, ge=0, allow_inf_nan=False, description=
+        "variational: the loss is the reconstruction loss (mean per feature) + kl_weight x the "
+        'KL divergence per feature (beta-VAE: above 1, smoother, more disentangled codes)')
     widths: tuple[int, ...] = Field((256, 64), description=
         'hidden layer widths of the encoder (the decoder mirrors them)')
     epochs: int = Field(30, ge=1, description='passes over the training pixels')
@@ -78,6 +84,9 @@ class TrainConfig(Section):
             raise ValueError(f"widths: must be positive integers, got {list(self.widths)}")
         if self.noise == "poisson" and self.objective == "denoise" and not self.noise_level < 1:
             raise ValueError("noise_level: poisson thinning keeps a share of the counts: below 1")
+        if self.variational and self.model == "linear":
+            raise ValueError("variational: the linear autoencoder (the PCA check) is not "
+                             "variational; use 'mlp' or 'conv'")
         if self.loss == "poisson" and self.model == "linear":
             raise ValueError("loss: the linear autoencoder (the PCA check) trains with 'mse'")
         return self
