@@ -493,7 +493,12 @@ def bench_quality_cmd(
     per_phase: int = typer.Option(100, "--per-phase", help="Spectra per phase group (4 groups)."),
     width: int = typer.Option(20, "--width", help="Pixels per row of the generated scans "
                               "(4 x per-phase must make whole bands of this width)."),
-    channels: int = typer.Option(1024, "--channels", help="Energy channels."),
+    data: str = typer.Option("emscale", "--data", help="Spectra of the experiment: 'emscale' "
+                             "(emscale's iron-oxide generator: edges, plasmon, thickness) or "
+                             "'lecture' (the lecture's two Gaussian peaks, 700-740 eV, as it "
+                             "describes them)."),
+    channels: Optional[int] = typer.Option(None, "--channels", help="Energy channels (default: "
+                                           "1024 for emscale's spectra, 200 for the lecture's)."),
     latent: int = typer.Option(4, "--latent", help="The bottleneck k of the main figures."),
     sweep: str = typer.Option("1,2,3,4,5,6,7,8", "--sweep", help="Bottleneck sizes of the sweep, "
                               "comma-separated (empty: no sweep)."),
@@ -523,7 +528,7 @@ def bench_quality_cmd(
         ks = tuple(int(k) for k in sweep.split(",") if k.strip())
     except ValueError:
         raise ConfigError(f"--sweep: comma-separated positive integers, got {sweep!r}") from None
-    settings = LectureSettings(per_phase=per_phase, width=width, channels=channels,
+    settings = LectureSettings(per_phase=per_phase, width=width, channels=channels, data=data,
                                latent_dim=latent, epochs=epochs, batch_size=batch_size,
                                seed=seed, sweep=ks, repeats=repeats)
     result = run_quality_bench(settings, large_shape=large_shape if large else None,

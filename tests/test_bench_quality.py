@@ -95,3 +95,35 @@ def test_bench_quality_cli_writes_every_figure(tmp_path, capsys):
                                        "ae_silhouette"}
     assert {"ari", "pca_ari", "anomaly_recall", "pca_fitted_on_scan_mse"} <= set(data["large"])
     assert data["large"]["truth"]["ari_phase"] == data["large"]["ari"]
+
+
+def test_the_lecture_s_spectra_are_as_it_describes_them(tmp_path):
+    """4 groups of equal size, two Gaussian peaks near 707 and 720 eV in 700-740 eV, about 50
+    electrons per channel, noise that gives the lecture's noisy-input error (0.00449), the same
+    spectra whatever the chunking, and a written store that regenerates its clean signal."""
+    from emscale.store import ChunkPolicy, open_scan, write_scan
+    from emscale.synth.lecture import LectureGenerator, synth_lecture
+
+    gen = LectureGenerator(seed=42)
+    clean = gen.clean_block(0, 20, 0, 20).reshape(400, -1).astype(np.float64)
+    label = gen.truth_block(0, 20, 0, 20)[0].ravel()
+    assert np.bincount(label).tolist() == [100] * 4
+    assert gen.energy[0] == 700 and gen.energy[-1] == 740
+    assert clean.mean() == pytest.approx(50, rel=0.01)
+    peak = [gen.energy[np.argmax(clean[label == g].mean(0))] for g in range(4)]
+    assert all(706.5 < p < 710 for p in peak), peak
+    second = gen.energy > 715
+    l2 = [gen.energy[second][np.argmax(clean[label == g][:, second].mean(0))] for g in range(4)]
+    assert all(719 < p < 724 for p in l2), l2
+    assert len({round(p, 1) for p in peak}) == 4  # distinct positions per group
+    noisy = gen.noisy_block(clean.reshape(20, 20, -1).astype(np.float32), 0, 0)
+    x = noisy.reshape(400, -1) / noisy.reshape(400, -1).sum(1, keepdims=True)
+    c = clean / clean.sum(1, keepdims=True)
+    assert np.mean((x - c) ** 2) / c.mean(0).max() ** 2 == pytest.approx(0.00449, rel=0.1)
+    np.testing.assert_array_equal(gen.clean_block(5, 12, 3, 9), clean.reshape(20, 20, -1)[5:12, 3:9])
+    write_scan(synth_lecture(seed=7, policy=ChunkPolicy(target_mib=0.05)), tmp_path / "s.zarr")
+    scan = open_scan(tmp_path / "s.zarr")
+    np.testing.assert_allclose(scan["clean"].values,
+                               LectureGenerator(seed=7).clean_block(0, 20, 0, 20), rtol=1e-6)
+    with pytest.raises(ConfigError, match="data"):
+        LectureSettings(data="other").check()

@@ -65,7 +65,10 @@ class LectureSettings:
 
     per_phase: int = 100        # spectra per phase group
     width: int = 20             # pixels per row of the synthetic scan (rows = N_PHASES * per_phase / width)
-    channels: int = 1024
+    channels: int | None = None  # None: 1024 (emscale's spectra, 480-800 eV), 200 (the lecture's)
+    # "emscale": emscale's iron-oxide generator (edges, plasmon, thickness), bands layout;
+    # "lecture": the lecture's two-Gaussian spectra as it describes them (emscale.synth.lecture)
+    data: str = "emscale"
     latent_dim: int = 4
     widths: tuple = (256, 64)   # encoder hidden layers (the decoder mirrors them): 3 layers each
     epochs: int = 300
@@ -86,8 +89,14 @@ class LectureSettings:
                               f"make {N_PHASES} bands of whole rows of {self.width} pixels")
         return (n // self.width, self.width)
 
+    def __post_init__(self) -> None:
+        if self.channels is None:
+            self.channels = 200 if self.data == "lecture" else 1024
+
     def check(self) -> None:
         self.shape  # noqa: B018 (raises when the bands do not fit)
+        if self.data not in ("emscale", "lecture"):
+            raise ConfigError(f"data: 'emscale' or 'lecture', got {self.data!r}")
         for name in ("per_phase", "latent_dim", "epochs", "batch_size", "n_init", "repeats"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be a positive integer, got {getattr(self, name)}")
@@ -111,8 +120,10 @@ class QualityBench:
     def table(self) -> str:
         f = self.figures
         s = self.settings
+        data = ("the lecture's two-Gaussian spectra, 700-740 eV" if s.get("data") == "lecture"
+                else "emscale's iron-oxide spectra, 480-800 eV")
         lines = [f"quality bench: the lecture's experiment: {N_PHASES} x {s['per_phase']} "
-                 f"synthetic EELS spectra x {s['channels']} channels (train seed {s['seed']}, "
+                 f"synthetic EELS spectra ({data}) x {s['channels']} channels (train seed {s['seed']}, "
                  f"held-out test seed {s['seed'] + 1}), MLP {s['channels']}-"
                  f"{'-'.join(map(str, s['widths']))}-{s['latent_dim']} GELU, {s['epochs']} "
                  f"epochs, batch {s['batch_size']}, cosine schedule",
@@ -187,8 +198,13 @@ def _scan(path: Path, settings: LectureSettings, seed: int) -> Path:
     from emscale.store import write_scan
     from emscale.synth.eels import synth_eels
 
-    write_scan(synth_eels(settings.shape, channels=settings.channels, seed=seed, layout="bands"),
-               path)
+    from emscale.synth.lecture import synth_lecture
+
+    if settings.data == "lecture":
+        write_scan(synth_lecture(settings.shape, channels=settings.channels, seed=seed), path)
+    else:
+        write_scan(synth_eels(settings.shape, channels=settings.channels, seed=seed,
+                              layout="bands"), path)
     return path
 
 
@@ -507,7 +523,8 @@ def run_quality_bench(settings: LectureSettings | None = None, large_shape=(256,
     lecture = run_lecture(settings, workdir=workdir)
     large = None
     if large_shape is not None:
-        large = run_large(tuple(large_shape), channels=settings.channels,
+        large = run_large(tuple(large_shape),
+                          channels=settings.channels if settings.data == "emscale" else 1024,
                           latent_dim=settings.latent_dim, epochs=large_epochs, workers=workers,
                           seed=settings.seed, workdir=workdir)
     return QualityBench(settings={**dataclasses.asdict(settings), "shape": list(settings.shape)},

@@ -96,6 +96,10 @@ def generator_from_attrs(attrs: dict) -> Generator:
         from emscale.synth.eels import EELSGenerator
 
         return EELSGenerator(**params)
+    if name == "lecture":
+        from emscale.synth.lecture import LectureGenerator
+
+        return LectureGenerator(**params)
     from emscale.synth.diffraction import DiffractionGenerator
 
     return DiffractionGenerator(**params)
@@ -158,6 +162,34 @@ def poisson_gaussian_counts(clean: np.ndarray, rng: np.random.Generator, read_no
             counts += rng.normal(0.0, read_noise, size=counts.shape).astype(np.float32)
         flat_out[i:i + rows] = np.clip(np.rint(counts), 0, top)
     return out
+
+
+class SpectrumImage:
+    """What the synthetic spectrum-image generators (dataclasses with ``seed``, ``shape``,
+    ``energy``, ``energy_range``, ``read_noise``, ``count_dtype``) share: the noisy counts of a
+    block, the coordinates, and their parameters for the store's attrs."""
+
+    def noisy_block(self, clean: np.ndarray, y0: int, x0: int) -> np.ndarray:
+        from emscale.synth.layout import block_rng
+
+        return poisson_gaussian_counts(clean, block_rng(self.seed, y0, x0), self.read_noise,
+                                       self.count_dtype)
+
+    def coords(self) -> dict[str, Any]:
+        return {
+            "energy": ("energy", self.energy, {"units": "eV", "long_name": "energy loss"}),
+            "y": ("y", np.arange(self.shape[0]) * 1.0, {"units": "nm", "long_name": "scan y"}),
+            "x": ("x", np.arange(self.shape[1]) * 1.0, {"units": "nm", "long_name": "scan x"}),
+        }
+
+    def parameters(self) -> dict[str, Any]:
+        """The generator's parameters (JSON-able): what rebuilds it (``generator_from_attrs``)."""
+        from dataclasses import asdict
+
+        params = {k: v for k, v in asdict(self).items() if k != "kind"}
+        params["shape"] = list(self.shape)
+        params["energy_range"] = list(self.energy_range)
+        return params
 
 
 def count_dtype_for(max_expected: float):

@@ -17,7 +17,7 @@ sharp pi* peak at 531 eV). Shot noise at the chosen dose plus Gaussian read nois
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -26,14 +26,13 @@ from scipy.signal import fftconvolve
 
 from emscale.errors import ConfigError
 from emscale.store import ChunkPolicy
-from emscale.synth import count_dtype_for, lazy_scan, poisson_gaussian_counts
+from emscale.synth import SpectrumImage, count_dtype_for, lazy_scan
 from emscale.synth.layout import (
     AnomalyBlobs,
     BandLayout,
     GrainLayout,
     SmoothField,
     block_coords,
-    block_rng,
 )
 
 PLASMON_EV = 22.0
@@ -66,7 +65,7 @@ def _step(e: np.ndarray, onset, width) -> np.ndarray:
 
 
 @dataclass
-class EELSGenerator:
+class EELSGenerator(SpectrumImage):
     """Iron-oxide core-loss spectrum images; see the module docstring for the physics."""
 
     shape: tuple[int, int] = (64, 64)
@@ -238,21 +237,8 @@ class EELSGenerator:
         weights = self._pixels(y0, y1, x0, x1)[0]
         return weights.max(axis=1).reshape(y1 - y0, x1 - x0)
 
-    def noisy_block(self, clean: np.ndarray, y0: int, x0: int) -> np.ndarray:
-        return poisson_gaussian_counts(clean, block_rng(self.seed, y0, x0), self.read_noise,
-                                       self.count_dtype)
-
-    def coords(self) -> dict[str, Any]:
-        return {
-            "energy": ("energy", self.energy, {"units": "eV", "long_name": "energy loss"}),
-            "y": ("y", np.arange(self.shape[0]) * 1.0, {"units": "nm", "long_name": "scan y"}),
-            "x": ("x", np.arange(self.shape[1]) * 1.0, {"units": "nm", "long_name": "scan x"}),
-        }
-
     def attrs(self) -> dict[str, Any]:
-        params = {k: v for k, v in asdict(self).items() if k != "kind"}
-        params["shape"] = list(self.shape)
-        params["energy_range"] = list(self.energy_range)
+        params = self.parameters()
         attrs = {
             "kind": "spectrum",
             "synthetic": True,
