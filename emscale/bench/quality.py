@@ -233,7 +233,7 @@ def _train(results, settings: LectureSettings, k: int, normal_region=None, seed=
                          epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr,
                          weight_decay=settings.weight_decay, objective="denoise", noise="clean",
                          tile=_tile(settings), patience=settings.epochs, threads=settings.threads,
-                         max_train_pixels=None)
+                         max_train_pixels=None, trim=0.0)  # the lecture's plain loss
     normal = NormalData(region=normal_region)
     t0 = time.perf_counter()
     ds = run_stage(REGISTRY["train"], {"preprocess": results.open_stage("preprocess")}, config,

@@ -25,6 +25,9 @@ from emscale.config import Section, json_safe
 from emscale.stages.base import Context, Output, Stage
 
 
+SELF_TRIM = 0.1  # the trimmed share when a scan is trained on itself (anomalies included)
+
+
 class TrainConfig(Section):
     """The ``train`` section."""
 
@@ -65,10 +68,12 @@ class TrainConfig(Section):
     max_train_pixels: Optional[int] = Field(65536, ge=1, description=
         'at most this many training pixels (a regular grid); null: all')
     max_val_pixels: int = Field(16384, ge=1, description='at most this many validation pixels')
-    trim: float = Field(0.0, ge=0, lt=0.5, description=
+    trim: Optional[float] = Field(None, ge=0, lt=0.5, description=
         'trimmed loss: the pixels whose loss is in the top this share (cut at that quantile of '
         "the previous epoch's validation losses) do not train the model, so rare structure "
-        '(anomalies) is not learned and stays visible in the reconstruction error; 0: off')
+        '(anomalies) is not learned and stays visible in the reconstruction error; 0: off; '
+        f'null: {SELF_TRIM} when the model trains on the scan itself (no anomaly.reference, no '
+        'normal_region), else 0')
     patience: int = Field(10, ge=1, description=
         'stop after this many epochs without a better validation loss')
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description=
@@ -153,8 +158,12 @@ def _build(ctx: Context) -> xr.Dataset:
             else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="emscale-train-")))
         checkpoints = workdir / "checkpoints" / ctx.key
         path = _training_set(ctx, stage, checkpoints / "train_set.zarr")
+        config = ctx.config
+        if config.trim is None:  # anomalies are in the training data only without both
+            itself = normal.region is None and normal.training_features is None
+            config = config.model_copy(update={"trim": SELF_TRIM if itself else 0.0})
         with _epoch_lines(checkpoints, ctx.note):
-            result = train_where_the_data_are(path, ctx.config, seed=ctx.seed,
+            result = train_where_the_data_are(path, config, seed=ctx.seed,
                                               normal_region=normal.region,
                                               checkpoint_dir=checkpoints)
     if result.resumed_from is not None:
