@@ -63,6 +63,9 @@ def test_the_features_are_recomputed_not_stored(first_run):
     pre = results.open_stage("preprocess")
     assert pre["features"].shape == (32, 32, 128)  # rerun from the scan store, lazily
     assert pre.attrs["scan_store"].endswith("scan.zarr")
+    # no reference, no normal region: trained on the scan itself, anomalies included: trimmed
+    train = results.stage_attrs("train")["train"]
+    assert train["config"]["trim"] == 0.1 and train["normal_region"] is None
 
 
 def test_a_workflow_runs_every_stage_and_writes_the_report(first_run):
@@ -337,6 +340,8 @@ def test_anomaly_screening_against_a_reference_scan(tmp_path, local_client):
     flagged = results.open_stage("anomaly")["anomaly"]
     assert flagged.attrs["calibration"] == "reference"
     assert ResultsStore(tmp_path / "out" / "reference.zarr").has_stage("encode")
+    # trained on the reference, which has no anomalies: the plain loss (no trimming)
+    assert results.stage_attrs("train")["train"]["config"]["trim"] == 0.0
     assert results.attrs["provenance"]["input"]["path"].endswith("scan.zarr")
 
 

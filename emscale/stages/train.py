@@ -160,7 +160,7 @@ def _build(ctx: Context) -> xr.Dataset:
         path = _training_set(ctx, stage, checkpoints / "train_set.zarr")
         config = ctx.config
         if config.trim is None:  # anomalies are in the training data only without both
-            itself = normal.region is None and normal.training_features is None
+            itself = normal.region is None and normal.reference is None
             config = config.model_copy(update={"trim": SELF_TRIM if itself else 0.0})
         with _epoch_lines(checkpoints, ctx.note):
             result = train_where_the_data_are(path, config, seed=ctx.seed,
