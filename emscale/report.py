@@ -3,7 +3,8 @@
 Figures, from the results store only: the PCA scree; autoencoder against PCA reconstruction error
 at the same k; the loss curves; a 2-D view of the latent codes coloured by phase; the K-choice
 curves; the phase maps (codes, PCA scores) with fractions; the phase mean spectra or patterns; a
-latent traverse (the decoder's signal along each code coordinate); the anomaly map and the
+latent traverse (the decoder's signal along each code coordinate); the orientation map (a chain
+with a polar step); the anomaly map and the
 score histogram with its threshold; seconds per stage. The client never holds a whole map (a
 100 GB scan has 24 million pixels): maps are shown at every s-th pixel (at most ``MAX_SIDE`` per
 side, more than a figure shows; the caption says so), histograms and the latent view use those
@@ -332,6 +333,29 @@ def _traverse(add, plt, pca, train, enc, an, cl, timings, steps: int = 7, max_di
         + (f"; the first {dims} of {k} coordinates" if dims < k else ""))
 
 
+def _orientation(add, plt, pca, train, enc, an, cl, timings, pre=None) -> None:
+    """The in-plane orientation map of a chain with a polar step: colour is the angle (cyclic),
+    over the period of the most common symmetry."""
+    if pre is None or "polar_orientation" not in pre:
+        return
+    angle, step = _view(pre["polar_orientation"])
+    symmetry = _view(pre["polar_symmetry"])[0]
+    found = symmetry[np.isfinite(symmetry) & (symmetry > 0)].astype(int)
+    if not found.size:
+        return
+    m = int(np.bincount(found).argmax())
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    im = ax.imshow(np.ma.masked_where(symmetry != m, angle), cmap="twilight", vmin=0,
+                   vmax=360 / m, interpolation="nearest", extent=_extent(pre["polar_orientation"]))
+    fig.colorbar(im, ax=ax, shrink=0.8, label="degree")
+    ax.set_title(f"in-plane orientation ({m}-fold, modulo {360 / m:g} degrees)")
+    share = float((symmetry == m).mean())
+    add("orientation", "Orientation", fig,
+        f"the phase of each pattern's strongest angular harmonic (polar step), relative within a "
+        f"phase; pixels whose strongest harmonic is not {m} ({1 - share:.0%}) are blank."
+        + _shown(step))
+
+
 def _anomalies(add, plt, pca, train, enc, an, cl, timings) -> None:
     if an is None:
         return
@@ -382,8 +406,9 @@ def write_report(results, out_dir: Path, timings: dict[str, float] | None = None
 
     scores = truth_scores(results)
     verdict = _autoencoder_verdict(scores, enc) if cl is not None else None
+    pre = _stage(results, "preprocess")
     for section in (_scree, _errors, _loss, partial(_phases, verdict=verdict), _traverse,
-                    _anomalies, _timings):
+                    partial(_orientation, pre=pre), _anomalies, _timings):
         section(add, plt, pca, train, enc, an, cl, timings)
     truth = _warnings_html(cl, verdict) + _truth_table(scores)
     prov = results.attrs.get("provenance", {})

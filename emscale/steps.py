@@ -96,6 +96,14 @@ class Step:
         """What the fit learned, for provenance (JSON-able)."""
         return {}
 
+    # per-pixel maps a step gives beside its output (name -> (long_name, units)); the preprocess
+    # stage stores them with its other maps
+    maps: ClassVar[dict[str, tuple[str, str]]] = {}
+
+    def apply_maps(self, x: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, dict]:
+        """``apply`` and this step's ``maps`` of the block's pixels (float32, one value each)."""
+        return self.apply(x, pos), {}
+
 
 def _axis(coords: Coords, step: Step, param: str) -> tuple[str, np.ndarray]:
     (dim, values), = coords.items()
@@ -568,13 +576,26 @@ class Polar(Step):
         step = float(ky[1] - ky[0]) if ky.size > 1 else 1.0
         self.radius_values = (rho * step).astype(np.float64)
 
+    maps: ClassVar[dict[str, tuple[str, str]]] = {
+        "orientation": ("in-plane orientation: the phase of the strongest angular harmonic m "
+                        "(m >= 2) on its strongest ring, over m; relative within a phase "
+                        "(the same crystal turned by a gives a + constant), modulo 360/m",
+                        "degree"),
+        "symmetry": ("the angular harmonic m of the orientation (6: a six-fold pattern)", ""),
+    }
+
     def output_coords(self) -> Coords:
         return {"radius": self.radius_values, "harmonic": np.arange(self.harmonics + 1)}
 
     def apply(self, x, pos):
+        return self.apply_maps(x, pos)[0]
+
+    def apply_maps(self, x, pos):
         flat = x.reshape(len(x), -1)
         n_r = len(self.radius_values)
         out = np.empty((len(x), n_r, self.harmonics + 1), COMPUTE_DTYPE)
+        orientation = np.full(len(x), np.nan, COMPUTE_DTYPE)
+        symmetry = np.zeros(len(x), COMPUTE_DTYPE)
         rows = max(1, (8 << 20) // (4 * self.index.shape[1]))  # 8 MiB of samples at a time
         for start in range(0, len(x), rows):
             part = flat[start:start + rows]
@@ -582,8 +603,26 @@ class Polar(Step):
             for k in range(1, 4):
                 samples += part[:, self.index[k]] * self.weight[k]
             spectrum = np.fft.rfft(samples.reshape(len(part), n_r, self.angles), axis=2)
-            out[start:start + rows] = np.abs(spectrum[:, :, :self.harmonics + 1]) / self.angles
-        return out
+            spectrum = spectrum[:, :, :self.harmonics + 1]
+            out[start:start + rows] = np.abs(spectrum) / self.angles
+            if self.harmonics >= 2:
+                orientation[start:start + rows], symmetry[start:start + rows] = \
+                    _orientation(spectrum)
+        return out, {"orientation": orientation, "symmetry": symmetry}
+
+
+def _orientation(spectrum: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per pixel, from its angular Fourier series (pixels, radius, harmonic): the harmonic m >= 2
+    with the most power over the rings, and -arg(c_m) / m in degrees modulo 360 / m on the ring
+    where it is strongest (turning the pattern by a multiplies c_m by exp(-i m a))."""
+    power = np.abs(spectrum[:, :, 2:]) ** 2
+    m = 2 + power.sum(axis=1).argmax(axis=1)
+    rows = np.arange(len(spectrum))
+    ring = np.abs(spectrum[rows, :, m]).argmax(axis=1)
+    coefficient = spectrum[rows, ring, m]
+    period = 360.0 / m
+    angle = np.mod(-np.degrees(np.angle(coefficient)) / m, period)
+    return angle.astype(COMPUTE_DTYPE), m.astype(COMPUTE_DTYPE)
 
 
 STEPS: dict[str, type[Step]] = {s.name: s for s in (

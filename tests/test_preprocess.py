@@ -369,6 +369,22 @@ def test_polar_features_do_not_change_when_the_crystal_turns():
     assert ring[6] > 10 * max(ring[1], ring[3], ring[5])
 
 
+def test_polar_gives_the_orientation_of_the_crystal():
+    """The orientation map: the spots turned by a give the orientation + a (modulo 60 degrees
+    for six-fold patterns), and the symmetry 6."""
+    from emscale.steps import make_step
+
+    step = make_step({"step": "polar", "angles": 128, "harmonics": 16}, 0, "diffraction")
+    step.prepare({"ky": np.arange(64) * 1.0, "kx": np.arange(64) * 1.0})
+    turns = [0.0, 7.0, 17.0, 33.0, 50.0]
+    _, maps = step.apply_maps(np.stack([_spot_pattern(rotation_deg=d) for d in turns]), None)
+    assert maps["symmetry"].tolist() == [6] * len(turns)
+    seen = maps["orientation"] - maps["orientation"][0]
+    off = (seen - np.array(turns) + 30) % 60 - 30  # the difference, modulo the period
+    assert np.abs(off).max() < 1.5, (maps["orientation"], turns)
+    assert maps["orientation"][0] == pytest.approx(11, abs=1.5)  # the spots' own angle
+
+
 @pytest.mark.parametrize("params, field", [({"angles": 5}, "angles"), ({"harmonics": 40}, "harmonics"),
                                            ({"radii": 1}, "radii")])
 def test_polar_settings_are_checked(params, field):
@@ -388,4 +404,17 @@ def test_a_chain_ending_in_polar_gives_radius_by_harmonic_features(sync_schedule
     out = Preprocessor(steps).fit_transform(scan)
     assert out["features"].dims == ("y", "x", "radius", "harmonic")
     assert out["features"].shape == (8, 8, 32, 9)
+    # its maps, beside the stage's others
+    assert out["polar_orientation"].dims == ("y", "x") and out["polar_orientation"].attrs["units"] == "degree"
+    symmetry = out["polar_symmetry"].values
+    assert ((symmetry >= 2) & (symmetry <= 8)).all()
+    period = 360 / symmetry
+    assert ((out["polar_orientation"].values >= 0) & (out["polar_orientation"].values < period)).all()
+    from emscale import report  # the report's map of it
+
+    shown = []
+    report._orientation(lambda *a: shown.append(a), report._figure(), *[None] * 6, pre=out)
+    (name, title, fig, caption), = shown
+    assert name == "orientation" and "strongest angular harmonic" in caption
+    assert "modulo" in fig.axes[0].get_title()
     assert np.isfinite(out["features"].values).all()

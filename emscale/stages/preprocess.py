@@ -147,7 +147,12 @@ def _run_chain(where, block, *, steps, nonfinite, negative):
             raw = steps.pop(0).apply(raw, pos)
     x, valid, n_bad, n_neg = _clean_values(raw, pos, nonfinite, negative, kind)
     intensity = np.ones(x.shape[0], COMPUTE_DTYPE)  # the divisors of per-pixel scalings
+    side = []  # the steps' own maps (``Step.maps``), in chain order
     for step in steps:
+        if step.maps:
+            x, maps = step.apply_maps(x, pos)
+            side += [np.asarray(maps[name], COMPUTE_DTYPE) for name in step.maps]
+            continue
         # the chain's own array (not the decoded block, which other tasks may share) may be
         # overwritten by a step
         x, divisor = step.apply_scaled(x, pos, writable=not np.may_share_memory(x, block))
@@ -165,7 +170,8 @@ def _run_chain(where, block, *, steps, nonfinite, negative):
         x[~valid] = 0
     shape = lambda a: a.reshape(nav)  # noqa: E731
     counts = (shape(n.astype(np.int32)) for n in (n_bad, n_neg, n_after))
-    return (x.reshape(*nav, *x.shape[1:]), shape(valid), *counts, shape(intensity))
+    side = [shape(np.where(valid, m, np.float32(np.nan))) for m in side]
+    return (x.reshape(*nav, *x.shape[1:]), shape(valid), *counts, shape(intensity), *side)
 
 
 def _statistics_block(features, valid, yy, xx, *, step):
@@ -271,6 +277,7 @@ class Preprocessor(BaseEstimator):
         tail = tuple(v.size for v in out_coords.values())
         outputs = [(tail, COMPUTE_DTYPE), ((), bool), ((), np.int32), ((), np.int32),
                    ((), np.int32), ((), COMPUTE_DTYPE)]
+        outputs += [((), COMPUTE_DTYPE) for step in steps for _ in step.maps]
         return tuple(map_nav_blocks(fn, [data], outputs, name="preprocess", origin_step=stride))
 
     def transform(self, scan: xr.Dataset, stride: int = 1) -> xr.Dataset:
@@ -280,7 +287,7 @@ class Preprocessor(BaseEstimator):
             raise ConfigError("preprocess: call fit before transform")
         if validate_scan(scan) != self.kind_:
             raise ConfigError(f"preprocess: fitted on a {self.kind_} scan, got a {scan.attrs['kind']}")
-        features, valid, n_bad, n_neg, n_after, intensity = self._lazy(
+        features, valid, n_bad, n_neg, n_after, intensity, *side = self._lazy(
             scan, self.steps_, self.signal_coords_, stride)
         nav = {d: scan[d][::stride] for d in NAV_DIMS if d in scan.coords}
         sig_dims = tuple(self.signal_coords_)
@@ -300,6 +307,10 @@ class Preprocessor(BaseEstimator):
             coords=coords,
             attrs={"kind": self.kind_, "preprocess": self.provenance()},
         )
+        names = [(step.name, name, about) for step in self.steps_
+                 for name, about in step.maps.items()]
+        for (step, name, (long_name, units)), values in zip(names, side):
+            ds[f"{step}_{name}"] = (NAV_DIMS, values, {"long_name": long_name, "units": units})
         return ds
 
     def fit_transform(self, scan: xr.Dataset) -> xr.Dataset:
@@ -444,6 +455,12 @@ STAGE = Stage(
                                  "same fitted chain", when="a synthetic scan (it has clean), "
                                  "where features are stored"),
         "label": Output(NAV_DIMS, "ground-truth phase id, -1 anomalous", when="a synthetic scan"),
+        "polar_orientation": Output(NAV_DIMS, "in-plane orientation of the pattern (the phase "
+                                    "of its strongest angular harmonic m, modulo 360/m); "
+                                    "relative within a phase", "degree",
+                                    when="a polar step in the chain"),
+        "polar_symmetry": Output(NAV_DIMS, "the angular harmonic m of polar_orientation",
+                                 when="a polar step in the chain"),
     },
     attrs={"preprocess": "the fitted chain (steps with parameters, fitted statistics) and the "
                          "value policy", "source": "the raw file's path, size and sha256",
