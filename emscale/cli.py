@@ -464,22 +464,28 @@ def bench_train_cmd(
 
 @bench_app.command("phases")
 def bench_phases_cmd(
+    kind: str = typer.Option("eels", "--kind", help="eels (spectra, the MLP, k-means) or 4dstem "
+                             "(diffraction patterns, the shipped 4D-STEM workflow's chain, conv "
+                             "autoencoder and Gaussian mixture)."),
     shape: tuple[int, int] = typer.Option((512, 512), "--shape", help="Navigation size of the "
                                           "generated scans (NY NX)."),
-    channels: int = typer.Option(1024, "--channels", help="Energy channels."),
-    latent: int = typer.Option(4, "--latent", help="Autoencoder latent size (and PCA k)."),
+    channels: int = typer.Option(1024, "--channels", help="Energy channels (eels)."),
+    pattern: tuple[int, int] = typer.Option((128, 128), "--pattern", help="Detector pixels "
+                                            "(4dstem)."),
+    latent: Optional[int] = typer.Option(None, "--latent", help="Autoencoder latent size (and "
+                                         "PCA k); default 4 (eels), 8 (4dstem)."),
     epochs: int = typer.Option(20, "--epochs", help="Training epochs (on at most 65536 pixels)."),
     workers: int = typer.Option(2, "--workers", help="LocalCluster worker processes (1 thread each)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the scan, the training and the clustering."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the figures to this file."),
 ) -> None:
-    """Phase map and anomaly map of a synthetic EELS scan with anomalies, through the whole chain
+    """Phase map and anomaly map of a synthetic EELS or 4D-STEM scan with anomalies, through the whole chain
     on a LocalCluster: ARI against the ground truth (autoencoder and PCA), anomaly recall and
     false-alarm rate, encode + score throughput against the read floor."""
     from emscale.bench.phases import run_phase_bench
 
     result = run_phase_bench(shape=shape, channels=channels, latent_dim=latent, epochs=epochs,
-                             workers=workers, seed=seed)
+                             workers=workers, seed=seed, kind=kind, pattern=pattern)
     typer.echo(result.table())
     if json_path:
         json_path.write_text(json.dumps(result.to_dict(), indent=2))

@@ -29,3 +29,21 @@ def test_bench_phases_runs_the_chain_and_writes_json(tmp_path, capsys):
     assert figures["noise"]["shape"] == [128, 128, 64] and figures["noise"]["flagged"] < 0.05
     assert figures["noise"]["n_clusters"] == 1
     assert figures["noise"]["k_chosen_by"] == "no phase structure"
+
+
+def test_bench_phases_on_a_4dstem_scan(tmp_path, capsys):
+    """``--kind 4dstem``: the shipped 4D-STEM workflow's chain (conv autoencoder, Gaussian
+    mixture) on generated diffraction scans, the same figures per class."""
+    out = tmp_path / "phases.json"
+    code = main(["bench", "phases", "--kind", "4dstem", "--shape", "16", "16", "--pattern", "64",
+                 "64", "--epochs", "1", "--json", str(out)])
+    assert code == 0
+    assert "4D-STEM 16 x 16 x 64 x 64" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    figures = result["figures"]
+    assert result["kind"] == "4dstem" and result["latent_dim"] == 8
+    for run in ("with_reference", "without_reference"):
+        classes = figures[run]["classes"]["classes"]
+        assert len(classes) >= 2 and all(0 <= c["either"] <= 1 for c in classes.values())
+    assert figures["noise"]["shape"] == [16, 16, 64, 64]
+    assert result["details"]["phase"]["method"] == "gmm"

@@ -40,14 +40,17 @@ import numpy as np
 
 from emscale.bench.memory import peak_bytes, reset_peak
 from emscale.config import json_safe
+from emscale.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class PhaseBench:
+    kind: str
     shape: list
-    channels: int
+    channels: int | None
+    pattern: list | None
     latent_dim: int
     epochs: int
     workers: int
@@ -61,7 +64,10 @@ class PhaseBench:
 
     def table(self) -> str:
         f, s = self.figures, self.seconds
-        lines = [f"phase bench: synthetic EELS {self.shape[0]} x {self.shape[1]} x {self.channels} "
+        signal = (f"EELS {self.shape[0]} x {self.shape[1]} x {self.channels}" if self.kind == "eels"
+                  else f"4D-STEM {self.shape[0]} x {self.shape[1]} x {self.pattern[0]} x "
+                       f"{self.pattern[1]}")
+        lines = [f"phase bench: synthetic {signal} "
                  f"with anomalies, latent k={self.latent_dim}, {self.epochs} epochs, "
                  f"{self.workers} workers x 1 thread, features {self.features_gb:.3f} GB float32",
                  f"{'figure':<44}{'value':>10}",
@@ -141,10 +147,12 @@ def _noise_figures(scan_ds, purity, label, workflow, tmp: Path, seed: int,
     from emscale.results import ResultsStore
 
     y, x = np.argwhere((purity >= 0.99) & (label == 0))[0]
-    spectrum = scan_ds["clean"].isel(y=int(y), x=int(x)).values.astype(np.float64)
-    counts = np.random.default_rng([seed, 16]).poisson(spectrum, (side, side, len(spectrum)))
-    ds = xr.Dataset({"signal": (("y", "x", "energy"), counts.astype(np.uint16))},
-                    coords={"energy": scan_ds["energy"]}, attrs={"kind": "spectrum"})
+    signal = scan_ds["clean"].isel(y=int(y), x=int(x)).values.astype(np.float64)
+    counts = np.random.default_rng([seed, 16]).poisson(signal, (side, side, *signal.shape))
+    sig_dims = scan_ds["signal"].dims[2:]
+    ds = xr.Dataset({"signal": (("y", "x", *sig_dims), counts.astype(np.uint16))},
+                    coords={d: scan_ds[d] for d in sig_dims if d in scan_ds.coords},
+                    attrs={"kind": scan_ds.attrs["kind"]})
     write_scan(ds, tmp / "noise.zarr")
     wf = workflow.model_copy(update={"input": str(tmp / "noise.zarr"),
                                      "output": str(tmp / "noise")})
@@ -152,7 +160,7 @@ def _noise_figures(scan_ds, purity, label, workflow, tmp: Path, seed: int,
     results = ResultsStore(result.results)
     phase = results.stage_attrs("cluster")["phase"]
     flagged = results.open_stage("anomaly")["anomaly"].values
-    return {"shape": [side, side, len(spectrum)], "n_clusters": int(phase["n_clusters"]),
+    return {"shape": [side, side, *signal.shape], "n_clusters": int(phase["n_clusters"]),
             "k_chosen_by": phase["chosen_by"], "warnings": list(phase.get("warnings", [])),
             "flagged": float(flagged.mean())}
 
@@ -161,8 +169,42 @@ def _import_torch() -> None:
     import torch  # noqa: F401
 
 
-def run_phase_bench(shape=(512, 512), channels=1024, latent_dim=4, epochs=20, workers=2,
-                    seed=0, max_train_pixels=65536, workdir=None) -> PhaseBench:
+def _sections(kind: str, shape, latent_dim: int, epochs: int, max_train_pixels: int) -> dict:
+    """The workflow's sections of the bench: for EELS unit-sum spectra, an MLP and k-means with
+    the elbow; for 4D-STEM those of the shipped ``workflows/4dstem-phase-mapping.yaml`` (bin 2,
+    centre, sqrt; conv autoencoder; a Gaussian mixture with K by BIC)."""
+    tile = max(8, min(shape) // 16)
+    if kind == "eels":
+        return {"preprocess": {"steps": [{"step": "normalize", "method": "sum"}]},
+                "pca": {"n_components": max(16, latent_dim), "solver": "gram"},
+                "train": {"latent_dim": latent_dim, "epochs": epochs, "batch_size": 256,
+                          "tile": tile, "max_train_pixels": max_train_pixels},
+                "cluster": {"method": "kmeans"}}
+    return {"preprocess": {"steps": [{"step": "bin", "factor": 2},
+                                     {"step": "centre", "method": "com"},
+                                     {"step": "scale", "method": "sqrt"}]},
+            "pca": {"n_components": max(16, latent_dim), "solver": "gram"},
+            "train": {"model": "conv", "latent_dim": latent_dim, "widths": [16, 32, 64],
+                      "epochs": epochs, "batch_size": 128, "objective": "denoise",
+                      "noise": "gaussian", "tile": tile, "max_train_pixels": max_train_pixels},
+            "cluster": {"method": "gmm", "k_range": [2, 10]}}
+
+
+def _synth(kind: str, shape, channels: int, pattern, anomaly: bool, seed: int):
+    if kind == "eels":
+        from emscale.synth.eels import synth_eels
+
+        return synth_eels(tuple(shape), channels=channels, anomaly=anomaly, seed=seed)
+    from emscale.synth.diffraction import synth_diffraction
+
+    return synth_diffraction(tuple(shape), pattern=tuple(pattern), anomaly=anomaly, seed=seed)
+
+
+def run_phase_bench(shape=(512, 512), channels=1024, latent_dim=None, epochs=20, workers=2,
+                    seed=0, max_train_pixels=65536, workdir=None, kind: str = "eels",
+                    pattern=(128, 128)) -> PhaseBench:
+    """``kind``: ``eels`` (``channels`` energy channels, latent 4 by default) or ``4dstem``
+    (``pattern`` detector pixels, the shipped 4D-STEM workflow's chain and models, latent 8)."""
     from distributed import Client
     from sklearn.metrics import adjusted_rand_score
 
@@ -172,9 +214,12 @@ def run_phase_bench(shape=(512, 512), channels=1024, latent_dim=4, epochs=20, wo
     from emscale.stages.cluster import PhaseClustering, phase_stage
     from emscale.evaluate import ground_truth_classes
     from emscale.store import open_scan, write_scan
-    from emscale.synth.eels import EELSGenerator, synth_eels
+    from emscale.synth import generator_from_attrs
     from emscale.workflow import validate_workflow
 
+    if kind not in ("eels", "4dstem"):
+        raise ConfigError(f"kind: 'eels' or '4dstem', got {kind!r}")
+    latent_dim = latent_dim or (4 if kind == "eels" else 8)
     seconds: dict = {}
     with tempfile.TemporaryDirectory(dir=workdir) as tmp, \
             local_cluster(n_workers=workers, threads_per_worker=1) as cluster, \
@@ -184,17 +229,12 @@ def run_phase_bench(shape=(512, 512), channels=1024, latent_dim=4, epochs=20, wo
         for name, scan_seed, anomaly in (("reference", seed + 1, False), ("scan", seed, True)):
             paths[name] = Path(tmp) / f"{name}.zarr"
             _timed(seconds, f"synth_{name}", lambda: write_scan(
-                synth_eels(tuple(shape), channels=channels, anomaly=anomaly, seed=scan_seed),
-                paths[name]))
+                _synth(kind, shape, channels, pattern, anomaly, scan_seed), paths[name]))
         wf = validate_workflow({
             "input": str(paths["scan"]), "output": str(Path(tmp) / "run"), "seed": seed,
-            "preprocess": {"steps": [{"step": "normalize", "method": "sum"}]},
-            "pca": {"n_components": max(16, latent_dim), "solver": "gram"},
-            "train": {"latent_dim": latent_dim, "epochs": epochs, "batch_size": 256,
-                      "tile": max(8, min(shape) // 16), "max_train_pixels": max_train_pixels},
+            **_sections(kind, shape, latent_dim, epochs, max_train_pixels),
             "anomaly": {"reference": str(paths["reference"]), "calibration": "reference",
-                        "quantile": 0.99},
-            "cluster": {"method": "kmeans"}}, source="bench phases")
+                        "quantile": 0.99}}, source="bench phases")
 
         def run(until=None):
             result = Runner(wf, echo=lambda msg: log.info("%s", msg), until=until,
@@ -226,7 +266,7 @@ def run_phase_bench(shape=(512, 512), channels=1024, latent_dim=4, epochs=20, wo
         normal = label >= 0
         true_k = int(label.max()) + 1
         fixed = phase_stage(encoded["latent"], features,
-                            PhaseClustering("kmeans", n_clusters=true_k, seed=seed),
+                            PhaseClustering(wf.cluster.method, n_clusters=true_k, seed=seed),
                             exclude=scored["anomaly"])
         flagged = scored["anomaly"].values
         phase, pca_phase = phases["phase"].values, phases["pca_phase"].values
@@ -237,7 +277,8 @@ def run_phase_bench(shape=(512, 512), channels=1024, latent_dim=4, epochs=20, wo
             return float(adjusted_rand_score(label[where], labels[where]))
 
         # the label of a boundary pixel is its majority phase: ARI over the pure pixels too
-        gen = EELSGenerator(shape=tuple(shape), channels=channels, anomaly=True, seed=seed)
+        scan_ds = open_scan(paths["scan"])
+        gen = generator_from_attrs(scan_ds.attrs)
         purity = np.concatenate([gen.purity_block(y, min(y + 64, shape[0]), 0, shape[1])
                                  for y in range(0, shape[0], 64)])
         pure = normal & (purity >= 0.9)
@@ -283,7 +324,6 @@ def run_phase_bench(shape=(512, 512), channels=1024, latent_dim=4, epochs=20, wo
             "train_samples_per_s": train.attrs["train"]["samples_per_s"],
             "phase": phases.attrs["phase"],
         }
-        scan_ds = open_scan(paths["scan"])
         truth = ground_truth_classes(scan_ds.attrs, tuple(shape))
         figures["with_reference"] = _run_figures(results, truth, label)
         # as most facility scans arrive: no reference, no region declared normal
@@ -297,7 +337,11 @@ def run_phase_bench(shape=(512, 512), channels=1024, latent_dim=4, epochs=20, wo
         figures["without_reference"] = _run_figures(ResultsStore(alone_result.results), truth,
                                                     label)
         # a uniform specimen: Poisson counts around the clean spectrum of one pure pixel
-        figures["noise"] = _noise_figures(scan_ds, purity, label, alone, Path(tmp), seed)
-    return PhaseBench(shape=list(shape), channels=channels, latent_dim=latent_dim, epochs=epochs,
+        # (a 4D-STEM noise scan smaller: 48 x 48 patterns of 128 x 128 are 0.3 GB of counts)
+        figures["noise"] = _noise_figures(scan_ds, purity, label, alone, Path(tmp), seed,
+                                          side=128 if kind == "eels" else min(48, max(shape)))
+    return PhaseBench(kind=kind, shape=list(shape), channels=channels if kind == "eels" else None,
+                      pattern=None if kind == "eels" else list(pattern),
+                      latent_dim=latent_dim, epochs=epochs,
                       workers=workers, features_gb=gb, figures=figures, seconds=seconds,
                       details=json_safe(details))

@@ -268,6 +268,11 @@ class DiffractionGenerator:
 
     # -- Generator protocol -----------------------------------------------------------------
 
+    def purity_block(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """The dominant phase's weight per pixel (1: a pure pixel; about 0.5 on a boundary)."""
+        w, *_ = self.layout.evaluate(*block_coords(y0, y1, x0, x1))
+        return w.max(axis=1).reshape(y1 - y0, x1 - x0)
+
     def truth_block(self, y0: int, y1: int, x0: int, x1: int) -> tuple[np.ndarray, np.ndarray]:
         y, x = block_coords(y0, y1, x0, x1)
         w, *_ = self.layout.evaluate(y, x)
