@@ -465,8 +465,8 @@ def bench_train_cmd(
 @bench_app.command("phases")
 def bench_phases_cmd(
     kind: str = typer.Option("eels", "--kind", help="eels (spectra, the MLP, k-means) or 4dstem "
-                             "(diffraction patterns, the shipped 4D-STEM workflow's chain, conv "
-                             "autoencoder and Gaussian mixture)."),
+                             "(diffraction patterns, the shipped 4D-STEM workflow's chain: "
+                             "central disk masked, log, polar features; MLP; k-means)."),
     shape: tuple[int, int] = typer.Option((512, 512), "--shape", help="Navigation size of the "
                                           "generated scans (NY NX)."),
     channels: int = typer.Option(1024, "--channels", help="Energy channels (eels)."),

@@ -84,7 +84,8 @@ class ModelSpec:
         cfg = self.config
         shape = self.signal_shape if cfg["model"] == "conv" else (int(np.prod(self.signal_shape)),)
         model = build_model(cfg["model"], tuple(shape), int(cfg["latent_dim"]), tuple(cfg["widths"]),
-                            variational=bool(cfg.get("variational", False)))
+                            variational=bool(cfg.get("variational", False)),
+                            pca_path=bool(cfg.get("pca_path", False)))
         state = {}
         for item in self.layout:
             n = int(np.prod(item["shape"])) if item["shape"] else 1

@@ -8,7 +8,7 @@
 - ``linear``: one linear map each way, no bias, on centred data: the sanity check, whose optimum
   spans PCA's subspace (Baldi & Hornik 1989).
 
-``build_model(kind, input_shape, latent_dim, widths, variational=False)`` makes one; every model
+``build_model(kind, input_shape, latent_dim, widths, variational=False, pca_path=False)`` makes one; every model
 has ``encode``, ``decode`` and ``forward`` returning ``(reconstruction, latent)`` on ``(batch,
 features)`` input (patterns are flattened too, so that the data path is the same for both kinds).
 
@@ -16,6 +16,13 @@ Variational (``mlp`` and ``conv``; Kingma and Welling 2014): a second head besid
 layer gives the log-variance of each code; training decodes ``mean + sigma * noise`` and keeps the
 KL divergence to N(0, 1) of each pixel in ``model.kl`` for the loss; ``encode`` gives the mean,
 so encoding, clustering and the dense inference path are those of a plain autoencoder.
+
+PCA path (``mlp`` and ``conv``): a linear map each way beside the network, set to the training
+pixels' principal components, with the network's last layer each way set to zero: the code is the
+PCA scores plus what the network adds, the reconstruction PCA's plus the network's correction. So
+training starts exactly at PCA's reconstruction at ``latent_dim`` and moves only where the loss
+falls (residual learning; the idea of ReZero's zero-initialised branches), instead of having to
+find PCA's subspace again from random weights.
 """
 
 from __future__ import annotations
@@ -42,11 +49,40 @@ class Autoencoder(nn.Module):
         """Add the log-variance head beside the encoder's last (linear) layer."""
         self.log_var = nn.Linear(self.encoder[-1].in_features, self.encoder[-1].out_features)
 
+    @property
+    def pca_path(self) -> bool:
+        return "path_in" in self._modules
+
+    def make_pca_path(self, n_features: int, latent_dim: int) -> None:
+        """Add the linear maps beside the network (set by ``start_at_pca``)."""
+        self.path_in = nn.Linear(n_features, latent_dim, bias=False)
+        self.path_out = nn.Linear(latent_dim, n_features, bias=False)
+
+    def start_at_pca(self, components: torch.Tensor) -> None:
+        """The PCA path on ``components`` (latent_dim, features; orthonormal rows, of the
+        standardised features) and the network's last layer each way at zero: the model is then
+        exactly PCA at latent_dim."""
+        last_in = self.encoder[-1]
+        last_out = [m for m in self.decoder if isinstance(m, (nn.Linear, nn.ConvTranspose2d))][-1]
+        with torch.no_grad():
+            self.path_in.weight.copy_(components)
+            self.path_out.weight.copy_(components.T)
+        # fixed: Adam's first steps move every weight by about the learning rate, which on
+        # unit-norm components of a thousand features is a few per cent of each
+        self.path_in.weight.requires_grad_(False)
+        self.path_out.weight.requires_grad_(False)
+        with torch.no_grad():
+            for layer in (last_in, last_out):
+                layer.weight.zero_()
+                layer.bias.zero_()
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self.encoder(self._in(x))
+        z = self.encoder(self._in(x))
+        return z + self.path_in(x) if self.pca_path else z
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self._out(self.decoder(z))
+        y = self._out(self.decoder(z))
+        return y + self.path_out(z) if self.pca_path else y
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.variational:
@@ -54,6 +90,8 @@ class Autoencoder(nn.Module):
             return self.decode(z), z
         h = self.encoder[:-1](self._in(x))
         mean, log_var = self.encoder[-1](h), self.log_var(h).clamp(-12.0, 8.0)
+        if self.pca_path:
+            mean = mean + self.path_in(x)
         self.kl = 0.5 * (mean.square() + log_var.exp() - 1.0 - log_var).sum(1)
         z = mean
         if self.training:
@@ -129,9 +167,15 @@ class ConvAutoencoder(Autoencoder):
 
 
 def build_model(kind: str, input_shape: tuple[int, ...], latent_dim: int,
-                widths: tuple[int, ...] = (256, 64), variational: bool = False) -> Autoencoder:
+                widths: tuple[int, ...] = (256, 64), variational: bool = False,
+                pca_path: bool = False) -> Autoencoder:
     """An autoencoder for inputs of ``input_shape`` (signal dims), checked against the config."""
     model = _build(kind, input_shape, latent_dim, widths)
+    if pca_path:
+        if kind == "linear":
+            raise ConfigError("train.pca_path: the linear autoencoder is the PCA check itself; "
+                              "use 'mlp' or 'conv'")
+        model.make_pca_path(int(math.prod(input_shape)), latent_dim)
     if variational:
         if kind == "linear":
             raise ConfigError("train.variational: the linear autoencoder (the PCA check) is not "

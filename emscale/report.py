@@ -263,6 +263,21 @@ def _phases(add, plt, pca, train, enc, an, cl, timings, verdict=None) -> None:
         ax.set(xlabel=f"{axis} ({cl[axis].attrs.get('units', '')})" if axis in cl.coords else axis,
                ylabel="mean preprocessed signal", title="phase mean spectra")
         ax.legend(fontsize=8)
+    elif mean.dims[1:] == ("radius", "harmonic"):  # polar features: profiles along the radius
+        fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), layout="constrained", sharex=True)
+        radius = cl["radius"].values
+        series = [(mean.values[i], names[i], cmap(i), "-") for i in range(k)]
+        if n_flagged:
+            series.append((flagged.values, f"flagged anomalous: {n_flagged} pixels", "k", "--"))
+        for values, name, colour, style in series:
+            axes[0].plot(radius, values[:, 0], style, color=colour, label=name)
+            axes[1].plot(radius, values[:, 1:].max(axis=1), style, color=colour)
+        units = cl["radius"].attrs.get("units", "")
+        axes[0].set(title="azimuthal mean (harmonic 0)", ylabel="mean preprocessed signal",
+                    xlabel=f"radius ({units})" if units else "radius")
+        axes[1].set(title="strongest angular harmonic (m >= 1): spots",
+                    xlabel=f"radius ({units})" if units else "radius")
+        axes[0].legend(fontsize=8)
     else:
         panels = [(mean.values[i], names[i]) for i in range(k)]
         if n_flagged:

@@ -168,6 +168,8 @@ def gather_training_set(stage, config: "TrainConfig", path: str | os.PathLike, *
     return path
 
 
+EXACT_PCA_FEATURES = 4096  # an eigendecomposition of the scatter matrix up to here (0.3 s)
+
 class ChunkStream:
     """Training and validation pixels of a ``preprocess`` stage, streamed chunk by chunk; the
     split and the shuffles are drawn from ``seed``; only pixels inside ``normal_region`` (y0, y1,
@@ -387,6 +389,27 @@ class ChunkStream:
             self._validation = (np.concatenate(xs),
                                 None if self.clean is None else np.concatenate(cs))
         return self._validation
+
+    def principal_components(self, k: int, mean: np.ndarray, scale: float, seed: int,
+                             max_bytes: int = 256 << 20) -> np.ndarray:
+        """The ``k`` leading principal axes (k, features; orthonormal rows) of the standardised
+        training pixels (at most ``max_bytes`` of them, an even subsample when there are more):
+        exact up to ``EXACT_PCA_FEATURES`` features, else a randomized SVD (12 power iterations;
+        a close eigenvalue pair may then come out mixed, which only moves the start)."""
+        from sklearn.utils.extmath import randomized_svd
+
+        rows = max(4 * k, max_bytes // (4 * self.n_features))
+        # (the stream's pixels are at most its navigation grid: every stride-th keeps the sample
+        # under max_bytes without holding more first)
+        stride = max(1, -(-int(np.prod(self.nav_shape)) // rows))
+        x = np.concatenate([x.numpy()[::stride].copy()  # (the batches are reused buffers)
+                            for x, _ in self.batches(0, None, 1 << 16)])
+        x = (x - mean) / np.float32(scale)
+        if self.n_features <= EXACT_PCA_FEATURES:  # the scatter matrix and its eigenvectors
+            _, vectors = np.linalg.eigh((x.T @ x).astype(np.float64))
+            return np.ascontiguousarray(vectors[:, ::-1][:, :k].T, np.float32)
+        _, _, vt = randomized_svd(x, k, n_oversamples=max(10, k), n_iter=12, random_state=seed)
+        return vt.astype(np.float32)
 
     def moments(self) -> tuple[np.ndarray, float]:
         """Per-feature mean and one overall standard deviation of the training pixels (one pass,

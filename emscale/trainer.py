@@ -184,7 +184,7 @@ def train_autoencoder(stage_path: str | os.PathLike, config: TrainConfig | None 
     device = pick_device(config)
     torch.manual_seed(seed)
     model = build_model(config.model, tuple(shape), config.latent_dim, tuple(config.widths),
-                        variational=config.variational).to(device)
+                        variational=config.variational, pca_path=config.pca_path).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.epochs)
     history: dict[str, list[float]] = {"train_loss": [], "val_loss": [], "lr": [], "seconds": [],
@@ -200,6 +200,9 @@ def train_autoencoder(stage_path: str | os.PathLike, config: TrainConfig | None 
         resumed_from = start - 1
     if mean is None:
         mean, scale = stream.moments()
+        if config.pca_path:  # (a resumed model has its weights from the checkpoint)
+            components = stream.principal_components(config.latent_dim, mean, scale, seed)
+            model.start_at_pca(torch.from_numpy(components).to(device))
     data_scale = scale
     if config.model == "linear":
         scale = 1.0  # the PCA check: centred, not scaled (noise keeps the data's spread)

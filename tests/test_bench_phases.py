@@ -32,8 +32,8 @@ def test_bench_phases_runs_the_chain_and_writes_json(tmp_path, capsys):
 
 
 def test_bench_phases_on_a_4dstem_scan(tmp_path, capsys):
-    """``--kind 4dstem``: the shipped 4D-STEM workflow's chain (conv autoencoder, Gaussian
-    mixture) on generated diffraction scans, the same figures per class."""
+    """``--kind 4dstem``: the shipped 4D-STEM workflow's chain (polar features, an MLP with the
+    PCA path, k-means) on generated diffraction scans, the same figures per class."""
     out = tmp_path / "phases.json"
     code = main(["bench", "phases", "--kind", "4dstem", "--shape", "16", "16", "--pattern", "64",
                  "64", "--epochs", "1", "--json", str(out)])
@@ -46,4 +46,4 @@ def test_bench_phases_on_a_4dstem_scan(tmp_path, capsys):
         classes = figures[run]["classes"]["classes"]
         assert len(classes) >= 2 and all(0 <= c["either"] <= 1 for c in classes.values())
     assert figures["noise"]["shape"] == [16, 16, 64, 64]
-    assert result["details"]["phase"]["method"] == "gmm"
+    assert result["details"]["phase"]["method"] == "kmeans"

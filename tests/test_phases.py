@@ -13,6 +13,7 @@ import dask.array as da
 import numpy as np
 import pytest
 import torch
+import xarray as xr
 from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
 
@@ -199,13 +200,58 @@ def test_a_declared_normal_region(pipeline, tmp_path):
 
 def test_mahalanobis_equals_numpy(pipeline):
     e = pipeline["encoded"]
-    scorer = AnomalyScorer().fit(e)
+    scorer = AnomalyScorer(density="gaussian").fit(e)
     z = e["latent"].values.reshape(-1, LATENT).astype(np.float64)
     cov = np.cov(z.T)
     np.testing.assert_allclose(scorer.latent_covariance_, cov, rtol=1e-6)
     d = z - z.mean(0)
     ref = np.sqrt(np.einsum("ni,ij,nj->n", d, np.linalg.inv(cov), d))
     np.testing.assert_allclose(scorer.score(e)["mahalanobis"].values.ravel(), ref, rtol=1e-3)
+
+
+def _encoded_codes(z: np.ndarray, side: int) -> xr.Dataset:
+    rng = np.random.default_rng(1)
+    err = np.exp(rng.normal(0, 0.1, len(z))).astype(np.float32)
+    return xr.Dataset({"latent": (("y", "x", "latent_dim"),
+                                  da.from_array(z.reshape(side, side, -1).astype(np.float32),
+                                                chunks=(16, side, -1))),
+                       "recon_error": (("y", "x"), da.from_array(err.reshape(side, side),
+                                                                 chunks=(16, side)))},
+                      attrs={"encode": {"latent_dim": z.shape[1]}})
+
+
+def test_the_mixture_density_keeps_the_false_alarm_rate_on_several_phases():
+    """Codes of two phases (80 % and 17 % of the pixels, far apart) and a rare population (3 %)
+    between them: one Gaussian around all of them is wide enough to take in half of the rare
+    population (measured 0.455 flagged); the mixture's distance is to the phase a code belongs
+    to, and the rare population, a component under the minor share, is far from every normal
+    one."""
+    rng = np.random.default_rng(0)
+    side, d = 64, 4
+    n = side * side
+    kind = rng.choice(3, n, p=[0.80, 0.17, 0.03])
+    centres = np.array([[0, 0, 0, 0], [12, 0, 0, 0], [5, 9, 0, 0]], float)
+    z = centres[kind] + rng.normal(0, 1, (n, d))
+    e = _encoded_codes(z, side)
+    with dask.config.set(scheduler="threads"):
+        one = AnomalyScorer(method="mahalanobis", density="gaussian").fit(e)
+        mix = AnomalyScorer(method="mahalanobis", density="mixture").fit(e)
+        one_flags = one.score(e)["anomaly"].values.ravel()
+        scored = mix.score(e)
+    flags = scored["anomaly"].values.ravel()
+    assert one_flags[kind == 2].mean() < 0.7
+    assert flags[kind < 2].mean() <= 0.02 and flags[kind == 1].mean() <= 0.03
+    assert flags[kind == 2].mean() >= 0.95
+    summary = scored.attrs["anomaly"]
+    assert summary["density"] == "mixture" and sum(summary["mixture_weights"]) == pytest.approx(1)
+    # the distance is the Mahalanobis distance to the most likely major component
+    gm = mix.mixture_
+    i = 17
+    q = z[i] - gm["means"]
+    d2 = np.einsum("ki,kij,kj->k", q, gm["precisions"], q)
+    logp = gm["log_weights"] + 0.5 * np.linalg.slogdet(gm["precisions"])[1] - 0.5 * d2
+    assert scored["mahalanobis"].values.ravel()[i] == pytest.approx(np.sqrt(d2[logp.argmax()]),
+                                                                     rel=1e-4)
 
 
 def test_anomaly_settings_rejected(pipeline):

@@ -346,11 +346,19 @@ def test_anomaly_screening_against_a_reference_scan(tmp_path, local_client):
 
 
 def test_4dstem_phase_mapping_workflow(tmp_path, local_client):
+    """The shipped chain (central disk masked, log, polar features) and its MLP with the PCA
+    path: phase means along the radius in the detector's units, the orientation map, the
+    report's sections for both."""
     wf = _shrunk(WORKFLOW_DIR / "4dstem-phase-mapping.yaml", tmp_path, input=None,
                  synth={"kind": "4dstem", "shape": [16, 16], "pattern": [64, 64], "seed": 3},
-                 train={"model": "conv", "latent_dim": 3, "widths": [8, 16], "epochs": 2,
-                        "tile": 4, "threads": 1, "batch_size": 64, "noise": "gaussian"})
+                 train={"model": "mlp", "latent_dim": 3, "widths": [32, 16], "pca_path": True,
+                        "epochs": 2, "tile": 4, "threads": 1, "batch_size": 64,
+                        "noise": "gaussian"})
     result = run_workflow(wf, echo=lambda *a: None)
-    cl = ResultsStore(result.results).open_stage("cluster")
-    assert cl["phase_mean_signal"].dims == ("cluster", "ky", "kx")
-    assert "Phase mean signals" in result.report.read_text()
+    results = ResultsStore(result.results)
+    cl = results.open_stage("cluster")
+    assert cl["phase_mean_signal"].dims == ("cluster", "radius", "harmonic")
+    assert cl["radius"].attrs["units"] == "1/nm"
+    assert "polar_orientation" in results.open_stage("preprocess")
+    html = result.report.read_text()
+    assert "Phase mean signals" in html and "Orientation" in html

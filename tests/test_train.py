@@ -362,3 +362,72 @@ def test_the_gathered_set_of_a_normal_region_has_the_region_s_grid_pixels(eels_s
     train = positions(gathered, 0)
     assert train and all(9 <= y < 40 and 3 <= x < 37 for y, x in train)
     assert all(y % gathered.step == 0 and x % gathered.step == 0 for y, x in train)
+
+
+@pytest.mark.parametrize("model", ["mlp", "conv"])
+def test_the_pca_path_starts_at_pca_and_only_improves_on_it(eels_stage, tmp_path, model):
+    """With ``pca_path`` the untrained model is exactly PCA at latent_dim (its codes the PCA
+    scores, its reconstruction PCA's), training lowers the loss from there, and the encode
+    stage's numpy evaluator gives the torch module's codes."""
+    import dask
+    import torch
+    from sklearn.decomposition import PCA
+
+    from emscale.model_spec import ModelSpec
+    from emscale.models import build_model
+    from emscale.stages.encode import DenseInference
+
+    if model == "conv":
+        from emscale.synth.diffraction import synth_diffraction
+
+        scan = synth_diffraction((16, 16), pattern=(64, 64), seed=2,
+                                 policy=ChunkPolicy(target_mib=0.5))
+        results = ResultsStore(tmp_path / "c.zarr")
+        with dask.config.set(scheduler="synchronous"):
+            write_preprocess_stage(results, scan, Preprocessor([{"step": "bin", "factor": 2},
+                                                                {"step": "scale", "method": "sqrt"}]))
+        stage = results.path / "preprocess"
+        kw = dict(model="conv", widths=(8, 16), latent_dim=3, threads=2, batch_size=32,
+                  val_fraction=0.25, tile=4)
+    else:
+        stage, kw = eels_stage, SMALL
+    config = TrainConfig(epochs=4 if model == "mlp" else 12, pca_path=True, objective="plain",
+                         **kw)
+    stream = ChunkStream(stage, config)
+    mean, scale = stream.moments()
+    x = np.concatenate([b.numpy().copy() for b, _ in stream.batches(0, None, 4096)])
+    xs = (x - mean) / scale
+    shape = stream.signal_shape if model == "conv" else (stream.n_features,)
+    net = build_model(config.model, shape, config.latent_dim, config.widths, pca_path=True)
+    components = stream.principal_components(config.latent_dim, mean, scale, 0)
+    net.start_at_pca(torch.from_numpy(components))
+    with torch.no_grad():
+        rec, z = net(torch.from_numpy(xs))
+    assert np.allclose(z.numpy(), xs @ components.T, atol=1e-4)
+    assert np.allclose(rec.numpy(), (xs @ components.T) @ components, atol=1e-4)
+    # the components are the PCA's (the same subspace as scikit-learn's exact PCA)
+    pca = PCA(config.latent_dim).fit(xs)
+    assert np.degrees(subspace_angles(components.T, pca.components_.T)).max() < 1.0
+    pca_mse = float((((xs @ components.T) @ components - xs) ** 2).mean())
+
+    result = train_autoencoder(stage, config)
+    with torch.no_grad():
+        trained = float(((result.model(torch.from_numpy(xs))[0].numpy() - xs) ** 2).mean())
+    # the training pixels' loss falls under PCA's; the model kept (the best validation epoch: on
+    # a 16 x 16 scan the first) stays at PCA's level
+    assert result.history["train_loss"][-1] < pca_mse and trained < 1.01 * pca_mse, \
+        (result.history, trained, pca_mse)
+    out = write_train_stage(ResultsStore(tmp_path / "r.zarr"), result)
+    spec = ModelSpec.from_train_stage(out, stream.signal_shape)
+    with torch.no_grad():
+        codes = spec.model().encode(torch.from_numpy(xs[:64])).numpy()
+        assert np.allclose(codes, result.model.encode(torch.from_numpy(xs[:64])).numpy(),
+                           atol=1e-5)
+    if model == "mlp":
+        dense = DenseInference(spec)
+        assert np.allclose(dense.encode(x[:64]), codes, atol=1e-3)
+        with torch.no_grad():
+            back = spec.model().decode(torch.from_numpy(codes)).numpy() * spec.scale + spec.mean
+        assert np.allclose(dense.decode(codes), back, atol=1e-3)
+    with pytest.raises(ConfigError, match="train.pca_path"):
+        TrainConfig.of("train", model="linear", pca_path=True)

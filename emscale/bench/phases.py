@@ -138,7 +138,7 @@ def _run_figures(results, truth, label) -> dict:
 
 def _noise_figures(scan_ds, purity, label, workflow, tmp: Path, seed: int,
                    side: int = 128) -> dict:
-    """The no-reference workflow on a uniform specimen (one pure phase's clean spectrum, Poisson
+    """The no-reference workflow on a uniform specimen (one pure pixel's clean signal, Poisson
     counts): K and its verdict, and what is flagged (about the false-alarm rate is right)."""
     import xarray as xr
 
@@ -146,7 +146,14 @@ def _noise_figures(scan_ds, purity, label, workflow, tmp: Path, seed: int,
     from emscale.store import write_scan
     from emscale.results import ResultsStore
 
-    y, x = np.argwhere((purity >= 0.99) & (label == 0))[0]
+    # EELS: phase 0; 4D-STEM: its most common phase (its phase 0 is vacuum, whose patterns
+    # are nothing but the central disk, which the chain masks)
+    phase = 0 if scan_ds.attrs["kind"] == "eels" else int(np.bincount(label[label >= 0]).argmax())
+    candidates = np.argwhere((purity >= 0.99) & (label == phase))
+    if not len(candidates):  # a small scan: the purest pixel of that phase
+        candidates = [np.unravel_index(np.argmax(np.where(label == phase, purity, -1)),
+                                       label.shape)]
+    y, x = candidates[0]
     signal = scan_ds["clean"].isel(y=int(y), x=int(x)).values.astype(np.float64)
     counts = np.random.default_rng([seed, 16]).poisson(signal, (side, side, *signal.shape))
     sig_dims = scan_ds["signal"].dims[2:]
@@ -169,25 +176,35 @@ def _import_torch() -> None:
     import torch  # noqa: F401
 
 
-def _sections(kind: str, shape, latent_dim: int, epochs: int, max_train_pixels: int) -> dict:
+def _sections(kind: str, shape, latent_dim: int, epochs: int, max_train_pixels: int,
+              pattern=(128, 128)) -> dict:
     """The workflow's sections of the bench: for EELS unit-sum spectra, an MLP and k-means with
     the elbow; for 4D-STEM those of the shipped ``workflows/4dstem-phase-mapping.yaml`` (bin 2,
-    centre, sqrt; conv autoencoder; a Gaussian mixture with K by BIC)."""
+    centre, the central disk masked, log, polar; an MLP with the PCA path, no trimmed loss;
+    anomalies by the codes' density alone; k-means with the elbow), with the mask's
+    radius from the generator's probe (its disk radius in binned pixels plus 1.5 for the edge)."""
     tile = max(8, min(shape) // 16)
     if kind == "eels":
         return {"preprocess": {"steps": [{"step": "normalize", "method": "sum"}]},
                 "pca": {"n_components": max(16, latent_dim), "solver": "gram"},
                 "train": {"latent_dim": latent_dim, "epochs": epochs, "batch_size": 256,
                           "tile": tile, "max_train_pixels": max_train_pixels},
-                "cluster": {"method": "kmeans"}}
+                "cluster": {"method": "kmeans"}, "anomaly": {}}
+    from emscale.synth.diffraction import DISK_FRACTION
+
+    radius = round(DISK_FRACTION * min(pattern) / 2 + 1.5, 2)
     return {"preprocess": {"steps": [{"step": "bin", "factor": 2},
                                      {"step": "centre", "method": "com"},
-                                     {"step": "scale", "method": "sqrt"}]},
+                                     {"step": "beam_mask", "radius": radius},
+                                     {"step": "scale", "method": "log"},
+                                     {"step": "polar"}]},
             "pca": {"n_components": max(16, latent_dim), "solver": "gram"},
-            "train": {"model": "conv", "latent_dim": latent_dim, "widths": [16, 32, 64],
-                      "epochs": epochs, "batch_size": 128, "objective": "denoise",
-                      "noise": "gaussian", "tile": tile, "max_train_pixels": max_train_pixels},
-            "cluster": {"method": "gmm", "k_range": [2, 10]}}
+            "train": {"model": "mlp", "latent_dim": latent_dim, "widths": [256, 64],
+                      "pca_path": True,
+                      "epochs": epochs, "batch_size": 256, "objective": "denoise",
+                      "noise": "gaussian", "tile": tile, "max_train_pixels": max_train_pixels,
+                      "trim": 0},
+            "cluster": {"method": "kmeans"}, "anomaly": {"method": "mahalanobis"}}
 
 
 def _synth(kind: str, shape, channels: int, pattern, anomaly: bool, seed: int):
@@ -230,11 +247,12 @@ def run_phase_bench(shape=(512, 512), channels=1024, latent_dim=None, epochs=20,
             paths[name] = Path(tmp) / f"{name}.zarr"
             _timed(seconds, f"synth_{name}", lambda: write_scan(
                 _synth(kind, shape, channels, pattern, anomaly, scan_seed), paths[name]))
+        sections = _sections(kind, shape, latent_dim, epochs, max_train_pixels, pattern)
         wf = validate_workflow({
             "input": str(paths["scan"]), "output": str(Path(tmp) / "run"), "seed": seed,
-            **_sections(kind, shape, latent_dim, epochs, max_train_pixels),
-            "anomaly": {"reference": str(paths["reference"]), "calibration": "reference",
-                        "quantile": 0.99}}, source="bench phases")
+            **sections,
+            "anomaly": {**sections["anomaly"], "reference": str(paths["reference"]),
+                        "calibration": "reference", "quantile": 0.99}}, source="bench phases")
 
         def run(until=None):
             result = Runner(wf, echo=lambda msg: log.info("%s", msg), until=until,
@@ -259,7 +277,8 @@ def run_phase_bench(shape=(512, 512), channels=1024, latent_dim=None, epochs=20,
         run()  # cluster and the report
         encoded, scored = results.open_stage("encode"), results.open_stage("anomaly")
         phases, train = results.open_stage("cluster"), results.open_stage("train")
-        robust = AnomalyScorer(calibration="robust", false_alarm_rate=0.01)
+        robust = AnomalyScorer(method=wf.anomaly.method, calibration="robust",
+                               false_alarm_rate=0.01)
         _timed(seconds, "robust_fit", lambda: robust.fit(encoded))
         by_robust = robust.score(encoded)["anomaly"].values
         label = features["label"].values

@@ -27,6 +27,7 @@ calibration in its attrs) for that scan or any other encoded with the same model
 from __future__ import annotations
 
 import math
+from functools import partial
 from pathlib import Path
 from typing import ClassVar, Literal, Optional
 
@@ -56,6 +57,9 @@ class AnomalyConfig(Section):
 
     method: Literal["combined", "recon_error", "mahalanobis"] = Field("combined", description=
         'anomaly score: reconstruction error, latent Mahalanobis distance, or the larger of both')
+    density: Literal["mixture", "gaussian"] = Field("mixture", description=
+        'the normal codes as a Gaussian mixture (K by BIC, up to 8; the distance is to the '
+        'component the code most likely belongs to: phases are several clouds) or one Gaussian')
     calibration: Literal["reference", "robust"] = Field("robust", description=
         'threshold: quantile of normal data (reference/region), or median/MAD of the scan itself')
     false_alarm_rate: Optional[float] = Field(None, gt=0, le=0.5, description=(
@@ -112,24 +116,55 @@ def _moments_block(values, mask):
     return {"n": len(lv), "mean": m, "m2": np.array([((lv - m) ** 2).sum()])}
 
 
-def _mahalanobis_block(latent, mean, precision):
-    d = np.asarray(latent, np.float64) - mean
-    return np.sqrt(np.maximum(np.einsum("...i,ij,...j->...", d, precision, d), 0)).astype(np.float32)
+def _mahalanobis_block(latent, mean, precision, log_weight=None):
+    """Distance of each code to the normal codes: to their mean (one Gaussian: ``mean`` (d,),
+    ``precision`` (d, d)) or, for a mixture (``mean`` (K, d), ``precision`` (K, d, d),
+    ``log_weight`` (K,)), to the component the code most likely belongs to."""
+    z = np.asarray(latent, np.float64)
+    if log_weight is None:
+        d = z - mean
+        return np.sqrt(np.maximum(np.einsum("...i,ij,...j->...", d, precision, d), 0)).astype(np.float32)
+    flat = z.reshape(-1, z.shape[-1])
+    d2 = np.stack([np.einsum("ij,jk,ik->i", flat - m, p, flat - m) for m, p in zip(mean, precision)],
+                  axis=1)
+    # the most likely component: log weight - d2 / 2 + log det(precision) / 2
+    log_det = np.array([np.linalg.slogdet(p)[1] for p in precision])
+    best = np.argmax(log_weight + 0.5 * log_det - 0.5 * d2, axis=1)
+    out = np.sqrt(np.maximum(d2[np.arange(len(flat)), best], 0)).astype(np.float32)
+    return out.reshape(z.shape[:-1])
+
+
+def _sample_block(latent, mask, *, stride):
+    """Every ``stride``-th of the block's masked pixels with finite codes."""
+    z = np.asarray(latent, np.float64).reshape(-1, latent.shape[-1])
+    keep = np.asarray(mask, bool).ravel() & np.isfinite(z).all(axis=1)
+    return z[keep][::stride]
+
+
+def _concatenate(parts):
+    return np.concatenate(parts)
+
+
+MIXTURE_SAMPLE = 20000  # codes the mixture is fitted on (a spatially even sample)
+MIXTURE_COMPONENTS = 8  # the most components tried (BIC chooses)
+MINOR_SHARE = 0.05  # a component of at most this weight is not normal (cluster.island_share's)
 
 
 class AnomalyScorer(BaseEstimator):
     def __init__(self, method: str = _DEFAULTS["method"],
                  calibration: str = _DEFAULTS["calibration"],
+                 density: str = _DEFAULTS["density"],
                  quantile: float | None = _DEFAULTS["quantile"],
                  false_alarm_rate: float | None = _DEFAULTS["false_alarm_rate"]):
         self.method = method
         self.calibration = calibration
+        self.density = density
         self.quantile = quantile
         self.false_alarm_rate = false_alarm_rate
 
     def _check(self) -> None:
         AnomalyConfig.of("anomaly", method=self.method, calibration=self.calibration,
-                         quantile=self.quantile, false_alarm_rate=self.false_alarm_rate)
+                         density=self.density, quantile=self.quantile, false_alarm_rate=self.false_alarm_rate)
 
     @property
     def target_rate(self) -> float:
@@ -157,6 +192,7 @@ class AnomalyScorer(BaseEstimator):
         self.latent_covariance_ = cov
         self.latent_precision_ = np.linalg.inv(cov + ridge * np.eye(len(cov)))
         self.n_normal_ = int(codes["n"])
+        self.mixture_ = self._mixture(latent, mask) if self.density == "mixture" else None
         maha = self._mahalanobis(latent)
         if self.calibration == "reference":
             le = stats["log_error"]
@@ -169,7 +205,7 @@ class AnomalyScorer(BaseEstimator):
         else:
             (self.log_error_centre_, self.log_error_spread_), \
                 (self.log_distance_centre_, self.log_distance_spread_) = \
-                _robust([da.log(err), da.log(maha)], mask)
+                _robust([_log(err), _log(maha)], mask)
             p = self.target_rate
             # max of two (nearly independent) standard normals exceeds t with probability
             # 1 - Phi(t)^2
@@ -189,12 +225,44 @@ class AnomalyScorer(BaseEstimator):
         m = m if isinstance(m, da.Array) else da.from_array(np.asarray(m, bool), chunks=chunks)
         return m.astype(bool).rechunk(chunks)
 
+    def _mixture(self, latent: da.Array, mask: da.Array) -> dict:
+        """A Gaussian mixture of the normal codes, K by BIC: the codes of a scan with several
+        phases are several clouds, around which one Gaussian's distance is not Gaussian (a
+        smaller phase far from the mean is 'far' as a whole: 16 % of a 4D-STEM scan's cubic
+        pixels flagged here)."""
+        from sklearn.mixture import GaussianMixture
+
+        stride = max(1, self.n_normal_ // MIXTURE_SAMPLE)
+        sample = reduce_blocks(partial(_sample_block, stride=stride), _concatenate, latent, mask,
+                               name="anomaly-code-sample")
+        ridge = 1e-6 * max(float(np.trace(self.latent_covariance_)) / len(sample.T), 1e-30)
+        best, best_bic = None, np.inf
+        for k in range(1, min(MIXTURE_COMPONENTS, len(sample) // (4 * sample.shape[1])) + 1):
+            gm = GaussianMixture(k, covariance_type="full", reg_covar=ridge, random_state=0,
+                                 n_init=1).fit(sample)
+            bic = gm.bic(sample)
+            if bic < best_bic:
+                best, best_bic = gm, bic
+        # the normal codes are the components above the minor share: a small component far
+        # from the rest is rare structure, whose codes are then far from every normal one
+        major = best.weights_ > MINOR_SHARE
+        if not major.any():
+            major = best.weights_ == best.weights_.max()
+        return {"means": best.means_[major], "precisions": best.precisions_[major],
+                "log_weights": np.log(best.weights_[major]), "weights": best.weights_.tolist(),
+                "major": major.tolist()}
+
     def _mahalanobis(self, latent: da.Array) -> da.Array:
+        if self.mixture_ is not None:
+            m = self.mixture_
+            return latent.map_blocks(_mahalanobis_block, m["means"], m["precisions"],
+                                     m["log_weights"], drop_axis=2, dtype=np.float32,
+                                     token="anomaly-mahalanobis-mixture")
         return latent.map_blocks(_mahalanobis_block, self.latent_mean_, self.latent_precision_,
                                  drop_axis=2, dtype=np.float32, token="anomaly-mahalanobis")
 
     def _z(self, values, centre, spread):
-        return (da.log(values) - centre) / spread
+        return (_log(values) - centre) / spread
 
     def _score(self, err: da.Array, maha: da.Array) -> da.Array:
         z_err = self._z(err, self.log_error_centre_, self.log_error_spread_)
@@ -230,10 +298,18 @@ class AnomalyScorer(BaseEstimator):
 
     def summary(self) -> dict:
         return {"latent_mean": self.latent_mean_.tolist(),
+                "density": self.density,
+                "mixture_weights": None if self.mixture_ is None else self.mixture_["weights"],
                 "log_error_centre": self.log_error_centre_,
                 "log_error_spread": self.log_error_spread_,
                 "log_distance_centre": self.log_distance_centre_,
                 "log_distance_spread": self.log_distance_spread_}
+
+
+def _log(values: da.Array) -> da.Array:
+    """The log of a score, a zero (a perfect reconstruction, a code on the mean: all of them on
+    an empty pattern) taken as the smallest float32 rather than minus infinity."""
+    return da.log(da.maximum(values, np.finfo(np.float32).tiny))
 
 
 def _centre_spread(moments: dict) -> tuple[float, float]:
@@ -265,7 +341,8 @@ def fit_where_normal(scorer: AnomalyScorer, encoded: xr.Dataset, normal) -> Anom
 
 def _build(ctx: Context) -> xr.Dataset:
     cfg = ctx.config
-    scorer = AnomalyScorer(cfg.method, cfg.calibration, cfg.quantile, cfg.false_alarm_rate)
+    scorer = AnomalyScorer(cfg.method, cfg.calibration, density=cfg.density, quantile=cfg.quantile,
+                           false_alarm_rate=cfg.false_alarm_rate)
     encoded = ctx.input("encode")
     return fit_where_normal(scorer, encoded, ctx.normal).score(encoded)
 

@@ -79,8 +79,8 @@ class ClusterConfig(Section):
         'a phase with a smaller share of the labelled pixels is reported as minor (a warning)')
     islands: bool = Field(True, description=
         "n_clusters auto: a distinct minor population (a separate mode of the codes' density "
-        "in the sweep's BIC-best Gaussian mixture) that the chosen K put inside a bigger phase "
-        "becomes a phase of its own")
+        "in the sweep's BIC-best Gaussian mixture, at most island_share of the sample when that "
+        "is not 0) that the chosen K put inside a bigger phase becomes a phase of its own")
     island_share: float = Field(0.05, ge=0, lt=0.5, description=
         "n_clusters auto, islands: a separate mode of the codes' density with at most this share "
         'of the sampled pixels (contamination, beam damage, a precipitate) is a phase of its own '
@@ -553,8 +553,9 @@ class PhaseClustering(BaseEstimator):
     def _split_islands(self, sample: np.ndarray, sample_fits: dict) -> int:
         """Give each distinct minor population its own phase: a mode of the sample's density
         (``mixture_modes`` on the Gaussian mixture the BIC chose in the sweep) that sits mostly
-        inside one phase and is less than half of it was merged into it (the elbow counts the
-        big phases: a small, well separated one barely lowers the inertia). Returns how many."""
+        inside one phase, is less than half of it and holds at most ``island_share`` of the
+        sample (when that is not 0) was merged into it (the elbow counts the big phases: a small,
+        well separated one barely lowers the inertia). Returns how many."""
         _, _, mode = self._modes(sample, sample_fits)
         if self.modes_ < 2:
             return 0
@@ -567,7 +568,10 @@ class PhaseClustering(BaseEstimator):
             if n_g < max(20, 0.001 * len(sample)):
                 continue
             host = int(np.bincount(phase[members], minlength=self.n_clusters_).argmax())
-            if (phase[members] == host).mean() > 0.5 and n_g < 0.5 * sizes[host]:
+            # small, as the populations split out before K (a bigger mode inside a phase was,
+            # on 4D-STEM scans, its thicker grains: 12 % of the pixels, one phase all the same)
+            small = n_g <= self.island_share * len(sample) if self.island_share > 0 else True
+            if small and (phase[members] == host).mean() > 0.5 and n_g < 0.5 * sizes[host]:
                 islands.append(g)
                 self._warn(f"a distinct population of {n_g / len(sample):.1%} of the sampled "
                            "pixels (a separate mode of the codes' density) was inside a bigger "
@@ -631,6 +635,7 @@ class PhaseClustering(BaseEstimator):
 
     def _blockwise(self, x, valid, proba):
         fn = partial(_predict_block, model=self, proba=proba)
+        x = x if isinstance(x, da.Array) else da.from_array(np.asarray(x), chunks=(65536, -1))
         if valid is None:
             valid = da.ones(x.shape[0], bool, chunks=(x.chunks[0],))
         chunks = (x.chunks[0], (self.n_clusters_,)) if proba else (x.chunks[0],)

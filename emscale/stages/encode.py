@@ -129,6 +129,13 @@ class DenseInference:
             w, b = dec[-1][1], dec[-1][2]
             dec[-1] = ("linear", w * spec.scale, b * spec.scale + spec.mean)
         self.encoder, self.decoder, self.poisson = enc, dec, spec.poisson
+        self.path_in = self.path_out = None
+        if model.pca_path:  # the linear maps beside the network, on the same folding
+            w_in = model.path_in.weight.detach().numpy().astype(np.float32).T
+            self.path_in = (np.ascontiguousarray(w_in / spec.scale),
+                            -(spec.mean @ w_in) / spec.scale)
+            w_out = model.path_out.weight.detach().numpy().astype(np.float32).T
+            self.path_out = np.ascontiguousarray(w_out if spec.poisson else w_out * spec.scale)
 
     @staticmethod
     def _run(layers, h):
@@ -143,10 +150,16 @@ class DenseInference:
         return h
 
     def encode(self, x):
-        return self._run(self.encoder, x)
+        z = self._run(self.encoder, x)
+        if self.path_in is not None:
+            z += x @ self.path_in[0]
+            z += self.path_in[1]
+        return z
 
     def decode(self, z):
         y = self._run(self.decoder, z)
+        if self.path_out is not None:
+            y += z @ self.path_out
         return np.exp(y, out=y) if self.poisson else y
 
 

@@ -291,7 +291,7 @@ class Preprocessor(BaseEstimator):
             scan, self.steps_, self.signal_coords_, stride)
         nav = {d: scan[d][::stride] for d in NAV_DIMS if d in scan.coords}
         sig_dims = tuple(self.signal_coords_)
-        coords = {**nav, **{d: (d, v, scan[d].attrs if d in scan.coords else {})
+        coords = {**nav, **{d: (d, v, _coord_attrs(scan, d))
                             for d, v in self.signal_coords_.items()}}
         ds = xr.Dataset(
             {
@@ -324,6 +324,16 @@ class Preprocessor(BaseEstimator):
             "nonfinite": self.nonfinite,
             "negative": self.negative,
         }
+
+
+def _coord_attrs(scan: xr.Dataset, dim: str) -> dict:
+    """A feature coordinate's attrs: the scan's, or for the polar step's radius those of ky (its
+    unit: the detector's calibration)."""
+    if dim in scan.coords:
+        return dict(scan[dim].attrs)
+    if dim == "radius" and "ky" in scan.coords and "units" in scan["ky"].attrs:
+        return {"units": scan["ky"].attrs["units"], "long_name": "distance from the pattern centre"}
+    return {}
 
 
 def _positions(scan: xr.Dataset) -> tuple[da.Array, da.Array]:

@@ -42,6 +42,11 @@ class TrainConfig(Section):
     kl_weight: float = Field(1.0, ge=0, allow_inf_nan=False, description=
         "variational: the loss is the reconstruction loss (mean per feature) + kl_weight x the "
         'KL divergence per feature (beta-VAE: above 1, smoother, more disentangled codes)')
+    pca_path: bool = Field(False, description=
+        "a linear path beside the network (mlp, conv), set to the training pixels' principal "
+        'components, the network adding to it from zero: training starts at PCA\'s '
+        'reconstruction at latent_dim and only improves on it; the codes are the PCA scores plus '
+        "the network's correction")
     widths: tuple[int, ...] = Field((256, 64), description=
         'hidden layer widths of the encoder (the decoder mirrors them)')
     epochs: int = Field(30, ge=1, description='passes over the training pixels')
@@ -92,6 +97,12 @@ class TrainConfig(Section):
         if self.variational and self.model == "linear":
             raise ValueError("variational: the linear autoencoder (the PCA check) is not "
                              "variational; use 'mlp' or 'conv'")
+        if self.pca_path and self.loss == "poisson":
+            raise ValueError("pca_path: the PCA of the features is the start of a squared-error "
+                             "fit; the Poisson loss fits a log-rate: use loss 'mse'")
+        if self.pca_path and self.model == "linear":
+            raise ValueError("pca_path: the linear autoencoder is the PCA check itself; use "
+                             "'mlp' or 'conv'")
         if self.loss == "poisson" and self.model == "linear":
             raise ValueError("loss: the linear autoencoder (the PCA check) trains with 'mse'")
         return self
