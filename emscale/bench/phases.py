@@ -181,7 +181,7 @@ def _sections(kind: str, shape, latent_dim: int, epochs: int, max_train_pixels: 
     """The workflow's sections of the bench: for EELS unit-sum spectra, an MLP and k-means with
     the elbow; for 4D-STEM those of the shipped ``workflows/4dstem-phase-mapping.yaml`` (bin 2,
     centre, the central disk masked, log, polar; an MLP with the PCA path, no trimmed loss;
-    anomalies by the codes' density alone; k-means with the elbow), with the mask's
+    anomalies by the distance to the codes' mixture alone; k-means with the elbow), with the mask's
     radius from the generator's probe (its disk radius in binned pixels plus 1.5 for the edge)."""
     tile = max(8, min(shape) // 16)
     if kind == "eels":
@@ -204,7 +204,8 @@ def _sections(kind: str, shape, latent_dim: int, epochs: int, max_train_pixels: 
                       "epochs": epochs, "batch_size": 256, "objective": "denoise",
                       "noise": "gaussian", "tile": tile, "max_train_pixels": max_train_pixels,
                       "trim": 0},
-            "cluster": {"method": "kmeans"}, "anomaly": {"method": "mahalanobis"}}
+            "cluster": {"method": "kmeans"},
+            "anomaly": {"method": "mahalanobis", "density": "mixture"}}
 
 
 def _synth(kind: str, shape, channels: int, pattern, anomaly: bool, seed: int):
@@ -277,8 +278,8 @@ def run_phase_bench(shape=(512, 512), channels=1024, latent_dim=None, epochs=20,
         run()  # cluster and the report
         encoded, scored = results.open_stage("encode"), results.open_stage("anomaly")
         phases, train = results.open_stage("cluster"), results.open_stage("train")
-        robust = AnomalyScorer(method=wf.anomaly.method, calibration="robust",
-                               false_alarm_rate=0.01)
+        robust = AnomalyScorer(method=wf.anomaly.method, density=wf.anomaly.density,
+                               calibration="robust", false_alarm_rate=0.01)
         _timed(seconds, "robust_fit", lambda: robust.fit(encoded))
         by_robust = robust.score(encoded)["anomaly"].values
         label = features["label"].values

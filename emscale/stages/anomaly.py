@@ -57,9 +57,10 @@ class AnomalyConfig(Section):
 
     method: Literal["combined", "recon_error", "mahalanobis"] = Field("combined", description=
         'anomaly score: reconstruction error, latent Mahalanobis distance, or the larger of both')
-    density: Literal["mixture", "gaussian"] = Field("mixture", description=
-        'the normal codes as a Gaussian mixture (K by BIC, up to 8; the distance is to the '
-        'component the code most likely belongs to: phases are several clouds) or one Gaussian')
+    density: Literal["gaussian", "mixture"] = Field("gaussian", description=
+        'the normal codes as one Gaussian, or as a Gaussian mixture (K by BIC, up to 8; the '
+        'distance is to the component the code most likely belongs to: phases are several '
+        'clouds; with calibration robust, components of at most 5 % are not normal)')
     calibration: Literal["reference", "robust"] = Field("robust", description=
         'threshold: quantile of normal data (reference/region), or median/MAD of the scan itself')
     false_alarm_rate: Optional[float] = Field(None, gt=0, le=0.5, description=(
@@ -232,6 +233,8 @@ class AnomalyScorer(BaseEstimator):
         pixels flagged here)."""
         from sklearn.mixture import GaussianMixture
 
+        from emscale.mixture_modes import mode_groups
+
         stride = max(1, self.n_normal_ // MIXTURE_SAMPLE)
         sample = reduce_blocks(partial(_sample_block, stride=stride), _concatenate, latent, mask,
                                name="anomaly-code-sample")
@@ -243,14 +246,20 @@ class AnomalyScorer(BaseEstimator):
             bic = gm.bic(sample)
             if bic < best_bic:
                 best, best_bic = gm, bic
-        # the normal codes are the components above the minor share: a small component far
-        # from the rest is rare structure, whose codes are then far from every normal one
-        major = best.weights_ > MINOR_SHARE
+        # on the scan itself, the normal codes are the modes of the density (components joined
+        # by their ridgeline, as the clusters' islands) above the minor share: a small mode far
+        # from the rest is rare structure, whose codes are then far from every normal one, while
+        # a phase the BIC split into small components stays normal (a 4D-STEM phase of 16 %
+        # in 4 % pieces: 24 % of it flagged). Codes declared normal (a reference's, a region's)
+        # are all normal.
+        groups = mode_groups(best.weights_, best.means_, best.covariances_)
+        mode_weight = np.bincount(groups, weights=best.weights_)[groups]
+        major = mode_weight > (MINOR_SHARE if self.calibration == "robust" else 0.0)
         if not major.any():
             major = best.weights_ == best.weights_.max()
         return {"means": best.means_[major], "precisions": best.precisions_[major],
                 "log_weights": np.log(best.weights_[major]), "weights": best.weights_.tolist(),
-                "major": major.tolist()}
+                "modes": groups.tolist(), "major": major.tolist()}
 
     def _mahalanobis(self, latent: da.Array) -> da.Array:
         if self.mixture_ is not None:
