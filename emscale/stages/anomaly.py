@@ -240,7 +240,8 @@ class AnomalyScorer(BaseEstimator):
                                name="anomaly-code-sample")
         ridge = 1e-6 * max(float(np.trace(self.latent_covariance_)) / len(sample.T), 1e-30)
         best, best_bic = None, np.inf
-        for k in range(1, min(MIXTURE_COMPONENTS, len(sample) // (4 * sample.shape[1])) + 1):
+        # (at least 4 codes per dimension and component; one Gaussian on a very small scan)
+        for k in range(1, max(1, min(MIXTURE_COMPONENTS, len(sample) // (4 * sample.shape[1]))) + 1):
             gm = GaussianMixture(k, covariance_type="full", reg_covar=ridge, random_state=0,
                                  n_init=1).fit(sample)
             bic = gm.bic(sample)
