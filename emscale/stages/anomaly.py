@@ -117,20 +117,15 @@ def _moments_block(values, mask):
     return {"n": len(lv), "mean": m, "m2": np.array([((lv - m) ** 2).sum()])}
 
 
-def _mahalanobis_block(latent, mean, precision, log_weight=None):
-    """Distance of each code to the normal codes: to their mean (one Gaussian: ``mean`` (d,),
-    ``precision`` (d, d)) or, for a mixture (``mean`` (K, d), ``precision`` (K, d, d),
-    ``log_weight`` (K,)), to the component the code most likely belongs to."""
+def _mahalanobis_block(latent, means, precisions, log_prior):
+    """Distance of each code to the normal codes: its Mahalanobis distance to the component (of
+    ``means`` (K, d), ``precisions`` (K, d, d); one for a single Gaussian) it most likely belongs
+    to, by ``log_prior`` (K,: log weight + log det(precision) / 2) - d^2 / 2."""
     z = np.asarray(latent, np.float64)
-    if log_weight is None:
-        d = z - mean
-        return np.sqrt(np.maximum(np.einsum("...i,ij,...j->...", d, precision, d), 0)).astype(np.float32)
     flat = z.reshape(-1, z.shape[-1])
-    d2 = np.stack([np.einsum("ij,jk,ik->i", flat - m, p, flat - m) for m, p in zip(mean, precision)],
-                  axis=1)
-    # the most likely component: log weight - d2 / 2 + log det(precision) / 2
-    log_det = np.array([np.linalg.slogdet(p)[1] for p in precision])
-    best = np.argmax(log_weight + 0.5 * log_det - 0.5 * d2, axis=1)
+    d2 = np.stack([np.einsum("ij,jk,ik->i", flat - m, p, flat - m)
+                   for m, p in zip(means, precisions)], axis=1)
+    best = np.argmax(log_prior - 0.5 * d2, axis=1) if len(means) > 1 else 0
     out = np.sqrt(np.maximum(d2[np.arange(len(flat)), best], 0)).astype(np.float32)
     return out.reshape(z.shape[:-1])
 
@@ -148,7 +143,7 @@ def _concatenate(parts):
 
 MIXTURE_SAMPLE = 20000  # codes the mixture is fitted on (a spatially even sample)
 MIXTURE_COMPONENTS = 8  # the most components tried (BIC chooses)
-MINOR_SHARE = 0.05  # a component of at most this weight is not normal (cluster.island_share's)
+MINOR_SHARE = 0.05  # a mode of at most this weight is not normal (cluster.island_share's)
 
 
 class AnomalyScorer(BaseEstimator):
@@ -165,7 +160,8 @@ class AnomalyScorer(BaseEstimator):
 
     def _check(self) -> None:
         AnomalyConfig.of("anomaly", method=self.method, calibration=self.calibration,
-                         density=self.density, quantile=self.quantile, false_alarm_rate=self.false_alarm_rate)
+                         density=self.density, quantile=self.quantile,
+                         false_alarm_rate=self.false_alarm_rate)
 
     @property
     def target_rate(self) -> float:
@@ -259,18 +255,22 @@ class AnomalyScorer(BaseEstimator):
         major = mode_weight > MINOR_SHARE
         if not major.any():
             major = best.weights_ == best.weights_.max()
-        return {"means": best.means_[major], "precisions": best.precisions_[major],
-                "log_weights": np.log(best.weights_[major]), "weights": best.weights_.tolist(),
-                "modes": groups.tolist(), "major": major.tolist()}
+        precisions = best.precisions_[major]
+        log_det = np.array([np.linalg.slogdet(p)[1] for p in precisions])
+        return {"means": best.means_[major], "precisions": precisions,
+                "log_prior": np.log(best.weights_[major]) + 0.5 * log_det,
+                "weights": best.weights_.tolist(), "modes": groups.tolist(),
+                "major": major.tolist()}
 
     def _mahalanobis(self, latent: da.Array) -> da.Array:
         if self.mixture_ is not None:
             m = self.mixture_
-            return latent.map_blocks(_mahalanobis_block, m["means"], m["precisions"],
-                                     m["log_weights"], drop_axis=2, dtype=np.float32,
-                                     token="anomaly-mahalanobis-mixture")
-        return latent.map_blocks(_mahalanobis_block, self.latent_mean_, self.latent_precision_,
-                                 drop_axis=2, dtype=np.float32, token="anomaly-mahalanobis")
+            means, precisions, log_prior = m["means"], m["precisions"], m["log_prior"]
+        else:
+            means, precisions = self.latent_mean_[None], self.latent_precision_[None]
+            log_prior = np.zeros(1)
+        return latent.map_blocks(_mahalanobis_block, means, precisions, log_prior, drop_axis=2,
+                                 dtype=np.float32, token="anomaly-mahalanobis")
 
     def _z(self, values, centre, spread):
         return (_log(values) - centre) / spread
