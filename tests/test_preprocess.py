@@ -418,3 +418,49 @@ def test_a_chain_ending_in_polar_gives_radius_by_harmonic_features(sync_schedule
     assert name == "orientation" and "strongest angular harmonic" in caption
     assert "modulo" in fig.axes[0].get_title()
     assert np.isfinite(out["features"].values).all()
+
+
+def test_compact_features_are_stored_and_a_crop_of_spectra_is_recomputed(tmp_path, sync_scheduler):
+    """store_features "auto": polar features (a few % of a pattern) are kept in the group, so the
+    stages after preprocess skip the chain; a crop of spectra (half the scan) is rerun where
+    read. A synthetic scan's clean features come from its scan either way, on the sampled
+    pixels only."""
+    import shutil
+
+    from emscale.stages.preprocess import features_of, preprocess_stage
+    from emscale.store import ChunkPolicy, open_scan, write_scan
+    from emscale.synth.diffraction import synth_diffraction
+    from emscale.synth.eels import synth_eels
+
+    policy = ChunkPolicy(target_mib=0.25)
+    write_scan(synth_diffraction((12, 10), pattern=(64, 64), seed=0, store_clean=True, policy=policy),
+               tmp_path / "d.zarr", policy=policy)
+    scan = open_scan(tmp_path / "d.zarr")
+    steps = [{"step": "bin", "factor": 2}, {"step": "centre", "method": "com"},
+             {"step": "scale", "method": "log"}, {"step": "polar", "harmonics": 8}]
+    results = ResultsStore(tmp_path / "d-results.zarr")
+    results.write_stage("preprocess", preprocess_stage(scan, Preprocessor(steps), "auto"))
+    import zarr
+
+    group = zarr.open_group(str(results.path / "preprocess"), mode="r")
+    assert "features" in group and "clean_features" not in group
+    stage = results.open_stage("preprocess")
+    assert stage.attrs["features_stored"] is True
+    expected = Preprocessor(steps).fit_transform(scan).compute()
+    np.testing.assert_allclose(stage["features"].values, expected["features"].values, rtol=1e-6)
+    sampled = features_of(stage, 2)
+    assert sampled["features"].shape == (6, 5, 16, 9)
+    clean = Preprocessor(steps).fit(scan).transform(scan.assign(signal=scan["clean"]), 2)
+    np.testing.assert_allclose(sampled["clean_features"].values, clean["features"].values,
+                               rtol=1e-6)
+    shutil.rmtree(tmp_path / "d.zarr")  # stored: still readable without the scan
+    np.testing.assert_allclose(results.open_stage("preprocess")["features"].values,
+                               expected["features"].values, rtol=1e-6)
+
+    write_scan(synth_eels((8, 6), channels=256, seed=1, policy=policy), tmp_path / "e.zarr",
+               policy=policy)
+    eels = open_scan(tmp_path / "e.zarr")
+    crop = [{"step": "crop", "start": 500, "stop": 700}, {"step": "normalize"}]
+    stage = preprocess_stage(eels, Preprocessor(crop), "auto")
+    assert "features" not in stage and stage.attrs["features_stored"] is False
+    assert "features" in preprocess_stage(eels, Preprocessor(crop), True)

@@ -26,7 +26,7 @@ import dataclasses
 import functools
 import logging
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Union
 
 import dask
 import dask.array as da
@@ -67,9 +67,11 @@ class PreprocessConfig(Section):
         'NaN/inf pixels: leave them out (mask), set them to 0, or stop')
     negative: Literal["clip", "keep", "error"] = Field("clip", description=
         'negative counts: clip to 0, keep, or stop')
-    store_features: bool = Field(False, description=
-        'keep a float32 copy of the features on disk (as large as the scan in float32); '
-        'false: each stage that reads them reruns the chain on the scan inside its own pass')
+    store_features: Union[bool, Literal["auto"]] = Field("auto", description=
+        'keep a float32 copy of the features on disk; false: each stage that reads them reruns '
+        'the chain on the scan inside its own pass; auto: keep them when a pixel\'s features '
+        'take at most a quarter of its stored signal (4D-STEM polar features: about 7 %), '
+        'rerun the chain otherwise (EELS crops: a copy larger than the compressed scan)')
 
 
 _DEFAULTS = defaults_of(PreprocessConfig)
@@ -365,26 +367,49 @@ def summarize_counts(ds: xr.Dataset) -> dict[str, int]:
                      "invalid_pixels"), (int(t) for t in totals)))
 
 
-def preprocess_stage(scan: xr.Dataset, preprocessor: Preprocessor,
-                     store_features: bool = True) -> xr.Dataset:
-    """Fit (if needed) the chain on ``scan`` and return the lazy ``preprocess`` stage: features,
-    valid map, value counts and per-pixel ``intensity``. A synthetic scan's ``clean`` signal goes
-    through the same fitted chain into ``clean_features`` (the denoising target) and its
-    ``label`` map is copied.
+STORE_SHARE = 0.25  # store_features "auto": a copy at most this share of the stored signal
 
-    Without ``store_features`` (and for a scan read from a store, ``open_scan``) the features are
-    left out: the stage keeps the per-pixel maps, the fitted chain and the scan store's path, and
-    ``features_of`` reruns the chain on the scan wherever they are read, inside that pass."""
+
+def stores_features(setting: bool | str, scan: xr.Dataset, preprocessor: Preprocessor) -> bool:
+    """Whether a ``preprocess`` stage of ``scan`` keeps its features (``store_features``): with
+    ``"auto"``, when a pixel's float32 features take at most ``STORE_SHARE`` of its signal in
+    the stored dtype. Then the copy costs a small part of the scan's disk, and the stages that
+    read it skip the chain and most of the bytes (4D-STEM polar features: 544 floats against
+    16 384 counts); a crop of spectra would be a copy larger than the compressed scan."""
+    if setting != "auto":
+        return bool(setting)
+    sig = scan["signal"]
+    stored = sig.dtype.itemsize * int(np.prod(sig.shape[2:]))
+    out = np.dtype(COMPUTE_DTYPE).itemsize * int(np.prod(
+        [v.size for v in preprocessor.signal_coords_.values()]))
+    return out <= STORE_SHARE * stored
+
+
+def preprocess_stage(scan: xr.Dataset, preprocessor: Preprocessor,
+                     store_features: bool | str = True) -> xr.Dataset:
+    """Fit (if needed) the chain on ``scan`` and return the lazy ``preprocess`` stage: features,
+    valid map, value counts and per-pixel ``intensity``. A synthetic scan's ``label`` map is
+    copied, and its ``clean`` signal goes through the same fitted chain into ``clean_features``
+    (the denoising target): stored for a scan in memory, else recomputed where read
+    (``features_of``), since generating a big scan's clean signal is its slowest part.
+
+    Without ``store_features`` (see ``stores_features`` for ``"auto"``; and for a scan read from
+    a store, ``open_scan``) the features are left out: the stage keeps the per-pixel maps, the
+    fitted chain and the scan store's path, and ``features_of`` reruns the chain on the scan
+    wherever they are read, inside that pass."""
     if not hasattr(preprocessor, "steps_"):
         preprocessor.fit(scan)
     ds = preprocessor.transform(scan)
     store = scan.encoding.get(SCAN_STORE)
-    if store_features or store is None:
-        if "clean" in scan:  # synthetic ground truth, through the same fitted chain
+    if store is None:
+        if "clean" in scan:
             ds["clean_features"] = preprocessor.transform(scan.assign(signal=scan["clean"]))["features"]
     else:
-        ds = ds.drop_vars("features")
+        stored = stores_features(store_features, scan, preprocessor)
+        if not stored:
+            ds = ds.drop_vars("features")
         ds.attrs["scan_store"] = store
+        ds.attrs["features_stored"] = stored
     if "label" in scan:
         ds["label"] = scan["label"]
         ds["label"].attrs = dict(scan["label"].attrs)
@@ -399,29 +424,40 @@ def features_of(stage: xr.Dataset, stride: int = 1) -> xr.Dataset:
     scan store by the fitted chain (no pass until computed). With ``stride``: every
     ``stride``-th pixel along y and x, the chain run on those alone (training's sample grid)."""
     path = stage.attrs.get("scan_store")
-    if path is None:  # the features are stored (or in memory)
+    strided = (lambda ds: ds if stride == 1 else ds.isel(y=slice(None, None, stride),
+                                                         x=slice(None, None, stride)))
+    if path is None or stage.attrs.get("features_stored"):
         if "features" not in stage:
             raise StoreError("preprocess: the stage has neither features nor the scan store they "
                              "are computed from")
-        return stage if stride == 1 else stage.isel(y=slice(None, None, stride),
-                                                    x=slice(None, None, stride))
-    # recomputed: from the scan, even when given a stage with them already attached at full
-    # resolution (slicing those would run the chain on every pixel, then keep a few)
-    stage = stage.drop_vars(["features", "clean_features"], errors="ignore")
-    if not Path(path).exists():
-        raise StoreError(f"preprocess: the features are computed from the scan store {path}, "
-                         "which is gone: restore it, or rerun with --force preprocess")
-    scan = open_scan(path)
-    chain = Preprocessor.restore(stage.attrs["preprocess"], scan)
-    out = stage if stride == 1 else stage.isel(y=slice(None, None, stride),
-                                               x=slice(None, None, stride))
-    features = chain.transform(scan, stride)["features"]
-    # the maps (read in large blocks) split to the features' blocks, one task per block
-    out = out.chunk(dict(zip(NAV_DIMS, features.chunks[:2]))).assign(features=features)
+        if path is None or not Path(path).exists():
+            return strided(stage)  # in memory, or a stored copy whose scan is gone
+        scan = open_scan(path)
+        if "clean" not in scan:
+            return strided(stage)
+        # stored features; a synthetic scan's clean ones from the scan, on the sampled pixels
+        out = strided(stage.drop_vars("clean_features", errors="ignore"))
+    else:
+        # recomputed: from the scan, even when given a stage with them already attached at full
+        # resolution (slicing those would run the chain on every pixel, then keep a few)
+        stage = stage.drop_vars(["features", "clean_features"], errors="ignore")
+        if not Path(path).exists():
+            raise StoreError(f"preprocess: the features are computed from the scan store {path}, "
+                             "which is gone: restore it, or rerun with --force preprocess")
+        scan = open_scan(path)
+        out = strided(stage)
+        features = chain_of(stage, scan).transform(scan, stride)["features"]
+        # the maps (read in large blocks) split to the features' blocks, one task per block
+        out = out.chunk(dict(zip(NAV_DIMS, features.chunks[:2]))).assign(features=features)
     if "clean" in scan:
-        out["clean_features"] = chain.transform(scan.assign(signal=scan["clean"]),
-                                                stride)["features"]
+        out["clean_features"] = chain_of(stage, scan).transform(
+            scan.assign(signal=scan["clean"]), stride)["features"]
     return out
+
+
+def chain_of(stage: xr.Dataset, scan: xr.Dataset) -> Preprocessor:
+    """The fitted chain of a ``preprocess`` stage, for its scan (no pass over it)."""
+    return Preprocessor.restore(stage.attrs["preprocess"], scan)
 
 
 def write_preprocess_stage(results, scan: xr.Dataset, preprocessor: Preprocessor, *,
@@ -453,7 +489,8 @@ STAGE = Stage(
         "features": Output((*NAV_DIMS, SIGNAL), "the preprocessed signal (float32); the signal "
                            "dims are the scan's (energy, or ky kx) after crop/bin; without it "
                            "the stage's readers rerun the chain on the scan (features_of)",
-                           when="preprocess.store_features, or a scan not read from a store"),
+                           when="preprocess.store_features (auto: features of at most a "
+                           "quarter of the stored signal), or a scan not read from a store"),
         "valid": Output(NAV_DIMS, "false for pixels left out (non-finite input under nonfinite: mask)"),
         "nonfinite_count": Output(NAV_DIMS, "NaN/inf values of the pixel's raw signal", "values"),
         "negative_count": Output(NAV_DIMS, "negative values of the pixel's raw signal", "values"),
@@ -462,8 +499,8 @@ STAGE = Stage(
         "intensity": Output(NAV_DIMS, "divisor of the normalize step per pixel (1 without one): the "
                             "features times it are back on the scale before it", "counts"),
         "clean_features": Output((*NAV_DIMS, SIGNAL), "the clean (noise-free) signal through the "
-                                 "same fitted chain", when="a synthetic scan (it has clean), "
-                                 "where features are stored"),
+                                 "same fitted chain", when="a synthetic scan in memory (from a "
+                                 "store: recomputed from its clean signal where read)"),
         "label": Output(NAV_DIMS, "ground-truth phase id, -1 anomalous", when="a synthetic scan"),
         "polar_orientation": Output(NAV_DIMS, "in-plane orientation of the pattern (the phase "
                                     "of its strongest angular harmonic m, modulo 360/m); "
@@ -476,5 +513,7 @@ STAGE = Stage(
                          "value policy", "source": "the raw file's path, size and sha256",
            "value_counts": "totals: nonfinite_values, negative_values, nonfinite_after_steps, "
                            "invalid_pixels", "kind": "spectrum or diffraction",
-           "scan_store": "the scan store the features are recomputed from (when not stored)"},
+           "scan_store": "the scan store the stage was made from (the features are recomputed "
+                         "from it when not stored)",
+           "features_stored": "whether the group holds the features (store_features)"},
 )
