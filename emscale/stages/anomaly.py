@@ -31,6 +31,7 @@ from functools import partial
 from pathlib import Path
 from typing import ClassVar, Literal, Optional
 
+import dask
 import dask.array as da
 import numpy as np
 import xarray as xr
@@ -115,6 +116,15 @@ def _moments_block(values, mask):
         return {"n": 0, "mean": np.zeros(1), "m2": np.zeros(1)}
     m = lv.mean(keepdims=True)
     return {"n": len(lv), "mean": m, "m2": np.array([((lv - m) ** 2).sum()])}
+
+
+def _mixture_one(sample: np.ndarray, k: int, ridge: float):
+    """A ``k``-component Gaussian mixture of the sample codes and its BIC."""
+    from sklearn.mixture import GaussianMixture
+
+    gm = GaussianMixture(k, covariance_type="full", reg_covar=ridge, random_state=0,
+                         n_init=1).fit(sample)
+    return gm, float(gm.bic(sample))
 
 
 def _mahalanobis_block(latent, means, precisions, log_prior):
@@ -227,7 +237,6 @@ class AnomalyScorer(BaseEstimator):
         phases are several clouds, around which one Gaussian's distance is not Gaussian (a
         smaller phase far from the mean is 'far' as a whole: 16 % of a 4D-STEM scan's cubic
         pixels flagged here)."""
-        from sklearn.mixture import GaussianMixture
 
         from emscale.mixture_modes import mode_groups
 
@@ -235,14 +244,13 @@ class AnomalyScorer(BaseEstimator):
         sample = reduce_blocks(partial(_sample_block, stride=stride), _concatenate, latent, mask,
                                name="anomaly-code-sample")
         ridge = 1e-6 * max(float(np.trace(self.latent_covariance_)) / len(sample.T), 1e-30)
-        best, best_bic = None, np.inf
-        # (at least 4 codes per dimension and component; one Gaussian on a very small scan)
-        for k in range(1, max(1, min(MIXTURE_COMPONENTS, len(sample) // (4 * sample.shape[1]))) + 1):
-            gm = GaussianMixture(k, covariance_type="full", reg_covar=ridge, random_state=0,
-                                 n_init=1).fit(sample)
-            bic = gm.bic(sample)
-            if bic < best_bic:
-                best, best_bic = gm, bic
+        # one task per number of components on the cluster (the sample sent once), BIC chooses;
+        # at least 4 codes per dimension and component (one Gaussian on a very small scan)
+        top = max(1, min(MIXTURE_COMPONENTS, len(sample) // (4 * sample.shape[1])))
+        shared = dask.delayed(sample, pure=True)
+        fits = dask.compute(*[dask.delayed(_mixture_one, pure=True)(shared, k, ridge)
+                              for k in range(1, top + 1)])
+        best = min(fits, key=lambda fit: fit[1])[0]  # the first of equal BICs: the fewest
         # the normal codes are the modes of the density (components joined by their ridgeline,
         # as the clusters' islands) above the minor share: a small mode far from the rest is
         # rare structure, whose codes are then far from every normal one, while a phase the BIC
