@@ -187,7 +187,8 @@ class Lane:
 class Runner:
     def __init__(self, workflow: WorkflowBase, *, registry: Registry = REGISTRY,
                  force: tuple[str, ...] = (), progress: bool | None = None, echo=print,
-                 cluster_info: dict | None = None, until: str | None = None):
+                 cluster_info: dict | None = None, until: str | None = None,
+                 report: bool = True):
         preflight(workflow, force, registry, until)
         self.wf = workflow
         self.registry = registry
@@ -195,6 +196,7 @@ class Runner:
         first = min((names.index(s) for s in force), default=len(names))
         self.redo = set(names[first:])  # a forced stage and everything after it
         self.until = until
+        self.report = report  # False: the stages only (the benchmarks: their figures)
         self.progress = progress
         self.echo = echo
         self.cluster_info = cluster_info or {}
@@ -384,7 +386,8 @@ class Runner:
             self.execute(stage, lane, normal)
             if stage.name == self.until:
                 return self.result
-        self._report(results, _key(*(lane.keys[s] for s in self.registry.names)))
+        if self.report:
+            self._report(results, _key(*(lane.keys[s] for s in self.registry.names)))
         results.update_attrs({"run": {"finished": utc_now(), "ran": self.result.ran,
                                       "skipped": self.result.skipped,
                                       "seconds": self.result.seconds}})
@@ -431,5 +434,5 @@ def _is_scan_store(path: Path) -> bool:
 
 def run_workflow(workflow: WorkflowBase, **kwargs) -> RunResult:
     """Run a workflow (``Runner``'s keyword arguments: registry, force, progress, echo,
-    cluster_info, until)."""
+    cluster_info, until, report)."""
     return Runner(workflow, **kwargs).run()

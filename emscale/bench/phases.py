@@ -163,7 +163,8 @@ def _noise_figures(scan_ds, purity, label, workflow, tmp: Path, seed: int,
     write_scan(ds, tmp / "noise.zarr")
     wf = workflow.model_copy(update={"input": str(tmp / "noise.zarr"),
                                      "output": str(tmp / "noise")})
-    result = Runner(wf, echo=lambda msg: log.info("%s", msg), progress=False).run()
+    result = Runner(wf, echo=lambda msg: log.info("%s", msg), progress=False,
+                    report=False).run()
     results = ResultsStore(result.results)
     phase = results.stage_attrs("cluster")["phase"]
     flagged = results.open_stage("anomaly")["anomaly"].values
@@ -256,8 +257,9 @@ def run_phase_bench(shape=(512, 512), channels=1024, latent_dim=None, epochs=20,
                         "calibration": "reference", "quantile": 0.99}}, source="bench phases")
 
         def run(until=None):
+            # (no report: 5-15 s a run for pictures that are not the bench's figures)
             result = Runner(wf, echo=lambda msg: log.info("%s", msg), until=until,
-                            progress=False).run()
+                            progress=False, report=False).run()
             seconds.update({k.replace(" (reference)", "_reference"): v
                             for k, v in result.seconds.items()})
             return result
@@ -275,7 +277,7 @@ def run_phase_bench(shape=(512, 512), channels=1024, latent_dim=None, epochs=20,
         client.run(reset_peak)
         run(until="anomaly")  # encode, and anomaly (which encodes the reference too)
         peak = max(client.run(peak_bytes).values())
-        run()  # cluster and the report
+        run()  # cluster
         encoded, scored = results.open_stage("encode"), results.open_stage("anomaly")
         phases, train = results.open_stage("cluster"), results.open_stage("train")
         robust = AnomalyScorer(method=wf.anomaly.method, density=wf.anomaly.density,
@@ -352,7 +354,8 @@ def run_phase_bench(shape=(512, 512), channels=1024, latent_dim=None, epochs=20,
             "anomaly": wf.anomaly.model_copy(update={
                 "reference": None, "calibration": "robust", "quantile": None,
                 "false_alarm_rate": 0.01})})
-        alone_result = Runner(alone, echo=lambda msg: log.info("%s", msg), progress=False).run()
+        alone_result = Runner(alone, echo=lambda msg: log.info("%s", msg), progress=False,
+                              report=False).run()
         seconds["without_reference"] = sum(alone_result.seconds.values())
         figures["without_reference"] = _run_figures(ResultsStore(alone_result.results), truth,
                                                     label)

@@ -470,7 +470,7 @@ def run_large(shape=(256, 256), channels=1024, latent_dim=4, epochs=20, workers=
                         "quantile": 0.99},
             "cluster": {"method": "kmeans", "n_clusters": "auto"},
         }, source="bench quality (large)")
-        run = run_workflow(wf, echo=lambda msg: log.info("%s", msg))
+        run = run_workflow(wf, echo=lambda msg: log.info("%s", msg), report=False)
         results = ResultsStore(run.results)
         truth = truth_scores(results)
         pre, pca = results.open_stage("preprocess"), results.open_stage("pca")

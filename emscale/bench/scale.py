@@ -351,7 +351,8 @@ def run_one(kind: str, size_gb: float, workdir: Path, *, cluster_cfg=None, overr
 
         t0 = time.perf_counter()
         with sampler:
-            result = Runner(wf, echo=hook, progress=False).run()
+            # the stages (the report is not measured: 10-15 s a run at these sizes)
+            result = Runner(wf, echo=hook, progress=False, report=False).run()
         total = time.perf_counter() - t0
         done, reads = snapshot()
         marks.append(("end", time.perf_counter(), done, reads))
