@@ -437,6 +437,7 @@ def features_of(stage: xr.Dataset, stride: int = 1) -> xr.Dataset:
             return strided(stage)
         # stored features; a synthetic scan's clean ones from the scan, on the sampled pixels
         out = strided(stage.drop_vars("clean_features", errors="ignore"))
+        chain = Preprocessor.restore(stage.attrs["preprocess"], scan)
     else:
         # recomputed: from the scan, even when given a stage with them already attached at full
         # resolution (slicing those would run the chain on every pixel, then keep a few)
@@ -445,19 +446,15 @@ def features_of(stage: xr.Dataset, stride: int = 1) -> xr.Dataset:
             raise StoreError(f"preprocess: the features are computed from the scan store {path}, "
                              "which is gone: restore it, or rerun with --force preprocess")
         scan = open_scan(path)
+        chain = Preprocessor.restore(stage.attrs["preprocess"], scan)
         out = strided(stage)
-        features = chain_of(stage, scan).transform(scan, stride)["features"]
+        features = chain.transform(scan, stride)["features"]
         # the maps (read in large blocks) split to the features' blocks, one task per block
         out = out.chunk(dict(zip(NAV_DIMS, features.chunks[:2]))).assign(features=features)
     if "clean" in scan:
-        out["clean_features"] = chain_of(stage, scan).transform(
-            scan.assign(signal=scan["clean"]), stride)["features"]
+        out["clean_features"] = chain.transform(scan.assign(signal=scan["clean"]),
+                                                stride)["features"]
     return out
-
-
-def chain_of(stage: xr.Dataset, scan: xr.Dataset) -> Preprocessor:
-    """The fitted chain of a ``preprocess`` stage, for its scan (no pass over it)."""
-    return Preprocessor.restore(stage.attrs["preprocess"], scan)
 
 
 def write_preprocess_stage(results, scan: xr.Dataset, preprocessor: Preprocessor, *,
