@@ -480,7 +480,7 @@ def table(runs: list[ScaleRun]) -> str:
                      f"{100 * r.end_to_end_ratio_to_limit:.0f} % of the summed limits "
                      f"({100 * r.end_to_end_ratio_to_limit_with_chain:.0f} % with the chain; "
                      f"training out), disk {r.disk_gb:.2f} GB")
-        if getattr(r, "features_stored", False):
+        if r.features_stored:
             lines.append(f"  features stored: the stages after preprocess read them (floor "
                          f"{r.features_floor_seconds:.1f} s a pass), not the scan")
         lines.append(f"  {'stage':<11}{'s':>8}{'GB/s':>7}{'limit s':>9}{'% lim':>7}{'chain s':>9}"
