@@ -1,7 +1,7 @@
 """Stream a raw file into a scan store, chunk by chunk, in one pass over the data.
 
-The pass writes the store and, from the same chunks, counts non-finite and negative values; the
-input's sha256 is computed by a thread beside it. Peak memory is a few chunks per thread, whatever
+The pass writes the store and, from the same chunks, counts non-finite and negative values and
+computes the input's sha256 (for a ``.npy``; for other formats a thread reads the file beside it). Peak memory is a few chunks per thread, whatever
 the file size (``emscale bench ingest`` measures it). Non-finite values are refused (the error names
 the first chunk that holds them) unless ``allow_nonfinite``; negative values are counted and
 recorded, because gain-corrected or background-subtracted data legitimately hold a few, and the
@@ -22,11 +22,15 @@ from typing import Any
 
 import dask
 import dask.array as da
+from dask.base import tokenize
+from dask.delayed import Delayed
+from dask.highlevelgraph import HighLevelGraph
 import numpy as np
 import xarray as xr
 import zarr
 
 from emscale.atomic import check_output_free
+from emscale.dask_cluster import keep_freed_chunks
 from emscale.errors import EmscaleError, InputError
 from emscale.readers import RawScan, open_raw
 from emscale.store import ChunkPolicy, navigation_chunks, write_scan
@@ -70,6 +74,47 @@ def sha256_of(path: str | os.PathLike) -> str:
         with open(f, "rb") as fh:
             while chunk := fh.read(HASH_BLOCK):
                 h.update(chunk)
+    return h.hexdigest()
+
+
+def file_sha256(data: da.Array, path: Path, offset: int) -> Delayed:
+    """sha256 of ``path`` computed from the chunks of ``data`` (the C-ordered array stored at
+    byte ``offset`` of it) as they are read for the store, instead of by a second read: a chain
+    of one task per band of navigation rows, each feeding its rows to the hash in file order
+    (row by row across the band's chunks when a chunk is narrower than the scan), plus the bytes
+    before and after the array. Local threads only: the hash object travels along the chain."""
+    name = "ingest-sha256-" + tokenize(data.name, str(path), offset)
+    tail = (0,) * (data.ndim - 2)
+    ny, nx = data.numblocks[:2]
+    dsk: dict = {(name, -1): (_hash_start, str(path), offset)}
+    for i in range(ny):
+        dsk[(name, i)] = (_hash_band, (name, i - 1), *[(data.name, i, j, *tail) for j in range(nx)])
+    end = offset + data.nbytes
+    dsk[name + "-hex"] = (_hash_end, (name, ny - 1), str(path), end)
+    return Delayed(name + "-hex", HighLevelGraph.from_collections(name, dsk, dependencies=[data]),
+                   layer=name)
+
+
+def _hash_start(path: str, offset: int):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read(offset))
+
+
+def _hash_band(h, *blocks):
+    if len(blocks) == 1:
+        h.update(np.ascontiguousarray(blocks[0]).reshape(-1).view(np.uint8))
+    else:
+        for row in range(blocks[0].shape[0]):
+            for block in blocks:
+                h.update(np.ascontiguousarray(block[row]).reshape(-1).view(np.uint8))
+    return h
+
+
+def _hash_end(h, path: str, end: int) -> str:
+    with open(path, "rb") as f:
+        f.seek(end)
+        while chunk := f.read(HASH_BLOCK):
+            h.update(chunk)
     return h.hexdigest()
 
 
@@ -157,9 +202,15 @@ def ingest(
     nonfinite = negative = 0
     sha = ""
 
+    # the file's hash from the chunks as they are read when the reader knows where the array
+    # lies in the file (.npy), else by a thread that reads the file beside the pass
+    fused = raw.data_offset is not None and signal.chunks == raw.data.chunks
+    also = (stats, file_sha256(raw.data, raw_path, raw.data_offset)) if fused else (stats,)
+
     started = time.perf_counter()
+    keep_freed_chunks()
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        hashing = pool.submit(sha256_of, raw_path)
+        hashing = None if fused else pool.submit(sha256_of, raw_path)
 
         def finalize(tmp: Path, results: tuple) -> None:
             nonlocal nonfinite, negative, sha
@@ -171,7 +222,7 @@ def ingest(
                                  "(use --allow-nonfinite to keep them for preprocessing to mask)")
             if negative:
                 log.warning("%s: %d negative values (recorded; preprocessing decides)", raw_path, negative)
-            sha = hashing.result()
+            sha = results[1] if fused else hashing.result()
             group = zarr.open_group(str(tmp), mode="r+")
             group.attrs["source"] = {**source, "sha256": sha}
             group.attrs["ingest"] = {"nonfinite": nonfinite, "negative": negative,
@@ -183,7 +234,7 @@ def ingest(
             # twice as many threads as cores: a thread waiting on the disk leaves its core to
             # one that encodes
             with dask.config.set(scheduler="threads", num_workers=2 * (os.cpu_count() or 1)):
-                write_scan(ds, out_path, policy=policy, overwrite=overwrite, also_compute=(stats,),
+                write_scan(ds, out_path, policy=policy, overwrite=overwrite, also_compute=also,
                            finalize=finalize, progress=progress)
         except EmscaleError:
             raise

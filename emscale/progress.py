@@ -7,15 +7,26 @@ import contextlib
 import sys
 
 
+LOCAL_SCHEDULERS = ("threads", "threading", "sync", "synchronous", "single-threaded",
+                    "processes", "multiprocessing")
+
+
 def compute(*collections, description: str = "", enabled: bool | None = None):
     """``dask.compute`` with a progress bar on stderr (``enabled`` None: when it is a terminal)."""
     import dask
+    from dask.delayed import Delayed
 
+    # dask 2026.8 returns the results of a mix of Delayed and other collections grouped by type
+    # (compute(delayed, array, delayed) gives delayed, delayed, array): as Delayed objects
+    # they come back in order, and their shared tasks still run once
+    if any(isinstance(c, Delayed) for c in collections):
+        collections = tuple(c if isinstance(c, Delayed) else dask.delayed(c) for c in collections)
     show = sys.stderr.isatty() if enabled is None else enabled
     try:
         from distributed import get_client
 
-        client = get_client()
+        # a local scheduler set by the caller (ingest's threads) wins over a default client
+        client = None if dask.config.get("scheduler", None) in LOCAL_SCHEDULERS else get_client()
     except (ImportError, ValueError):
         client = None
     if client is None:

@@ -7,8 +7,8 @@ a scan store. Formats:
   rpl, tif, ...), calibrations from its axes dicts;
 - EMD 1.0 ``.h5``/``.emd`` files as written by py4DSTEM/emdfile, read with h5py + dask (py4DSTEM's
   own reader loads the whole file into memory);
-- ``.npy`` through rosettasciio's memory-map reader (one small memmap per chunk, so neither the
-  graph nor the memory holds the file);
+- ``.npy``: one positioned read per chunk (per row of it when the chunk is narrower than the
+  scan), so neither the graph nor the memory holds the file;
 - Zarr: an emscale scan store (re-chunked, ground truth kept) or a bare Zarr array.
 """
 
@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import dask.array as da
+from dask.base import tokenize
 import h5py
 import numpy as np
 import zarr
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 
 # ``chunks_for(shape)`` gives the dask chunks a reader should produce for an array of ``shape``
 ChunksFor = Callable[[tuple[int, ...]], tuple]
+READ_BYTES = 1 << 30  # at most this much per read call
 
 
 @dataclass
@@ -46,6 +48,9 @@ class RawScan:
     coords: dict[str, tuple[np.ndarray, dict[str, Any]]] = field(default_factory=dict)
     attrs: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, tuple[tuple[str, ...], da.Array, dict]] = field(default_factory=dict)
+    # ``data`` is a C-ordered array at this byte offset of the file: its hash can be computed
+    # from the chunks as they are read (``emscale.ingest``) instead of by a second read
+    data_offset: int | None = None
 
     @property
     def dims(self) -> tuple[str, ...]:
@@ -273,23 +278,59 @@ def _kind_from_ndim(shape: tuple[int, ...], path: Path) -> str:
 
 
 def read_npy(path: Path, chunks_for: ChunksFor) -> RawScan:
-    from rsciio.numpy._api import inspect_npy_file
-    from rsciio.utils.file import memmap_distributed
-
+    """A ``.npy`` as one read task per chunk: large positioned reads (``os.preadv``) straight
+    into the chunk's array, not page faults on a memory map (cold 4 GB ingest 6.0 -> 5.1 s)."""
     try:
-        offset, shape, dtype = inspect_npy_file(str(path))
+        with open(path, "rb") as f:
+            major, _ = np.lib.format.read_magic(f)
+            read_header = (np.lib.format.read_array_header_1_0 if major == 1
+                           else np.lib.format.read_array_header_2_0)  # 2 and 3: same layout
+            shape, fortran_order, dtype = read_header(f)
+            offset = f.tell()
     except Exception as exc:
         raise InputError(f"{path}: not a readable .npy file ({type(exc).__name__}: {exc})") from None
     shape = tuple(shape)
     kind = _kind_from_ndim(shape, path)
     check_navigation(2, shape, path)
-    expected = offset + math.prod(shape) * np.dtype(dtype).itemsize
+    if fortran_order and len(shape) > 1:
+        raise InputError(f"{path}: Fortran-ordered .npy (every chunk would be spread over the "
+                         "whole file); save it C-ordered: np.save(path, np.ascontiguousarray(a))")
+    if dtype.hasobject:
+        raise InputError(f"{path}: .npy of Python objects ({dtype}); need numbers")
+    expected = offset + math.prod(shape) * dtype.itemsize
     actual = path.stat().st_size
     if actual < expected:
         raise InputError(f"{path}: truncated .npy file ({actual} bytes, header promises {expected})")
-    data = memmap_distributed(str(path), dtype=np.dtype(dtype), offset=offset, shape=shape,
-                              chunks=chunks_for(shape))
-    return RawScan(data, kind, "npy")
+    data = da.map_blocks(_read_npy_block, str(path), offset, shape, dtype, dtype=dtype,
+                         meta=np.empty((0,) * len(shape), dtype),  # else dask reads a chunk here
+                         chunks=da.core.normalize_chunks(chunks_for(shape), shape, dtype=dtype),
+                         name=f"npy-{tokenize(str(path), actual, path.stat().st_mtime_ns)}")
+    return RawScan(data, kind, "npy", data_offset=offset)
+
+
+def _read_npy_block(path: str, offset: int, shape: tuple, dtype: np.dtype, block_info=None):
+    """One chunk of a C-ordered array stored at ``offset`` of ``path``: a read per run of whole
+    rows (one read when the chunk spans the full width), straight into the output."""
+    (y0, y1), (x0, x1) = block_info[None]["array-location"][:2]
+    pixel = math.prod(shape[2:]) * dtype.itemsize
+    out = np.empty((y1 - y0, x1 - x0, *shape[2:]), dtype)
+    buf = memoryview(out.reshape(-1).view(np.uint8))
+    width = (x1 - x0) * pixel
+    runs = [(offset + (y0 * shape[1] + x0) * pixel, 0, len(buf))] if x1 - x0 == shape[1] else [
+        (offset + ((y0 + r) * shape[1] + x0) * pixel, r * width, width) for r in range(y1 - y0)]
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for start, at, n in runs:
+            done = 0
+            while done < n:  # preadv may return less than asked (signals, > 2 GiB)
+                got = os.preadv(fd, [buf[at + done:at + min(n, done + READ_BYTES)]], start + done)
+                if got == 0:
+                    raise InputError(f"{path}: file ends at byte {start + done}, inside the chunk "
+                                     f"y {y0}:{y1}, x {x0}:{x1} (truncated while being read?)")
+                done += got
+    finally:
+        os.close(fd)
+    return out
 
 
 def read_zarr(path: Path, chunks_for: ChunksFor) -> RawScan:

@@ -37,7 +37,7 @@ from emscale.config import utc_now
 from emscale.errors import StoreError
 from emscale.progress import repeating
 from emscale.reduction import WINDOW_BLOCKS
-from emscale.store import SIGNAL_DIMS, default_compressor
+from emscale.store import SIGNAL_DIMS, WRITE_EMPTY_CHUNKS, default_compressor, open_target
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +232,7 @@ def _write_chunks(name: str, ds: xr.Dataset, tmp: Path, *, progress: bool,
         shutil.rmtree(tmp, ignore_errors=True)
         # the metadata, and the variables already in memory; the dask ones are written below
         ds.to_zarr(str(tmp), mode="w-", zarr_format=3, consolidated=False,
-                   encoding=_encoding(ds), compute=False)
+                   encoding=_encoding(ds), compute=False, write_empty_chunks=WRITE_EMPTY_CHUNKS)
         done.mkdir()
         (done / "layout.json").write_text(json.dumps(layout))
     writes, todo_keys, n_chunks, n_todo = [], [], 0, 0
@@ -371,27 +371,10 @@ def _nav_block_writes(name: str, ds: xr.Dataset, names: list[str], tmp: Path, do
     return _Write(), todo, len(dsk) * len(arrays)
 
 
-_OPENED: dict[str, tuple[tuple[int, int, int], zarr.Array]] = {}
-
-
-def _open_target(target: str) -> zarr.Array:
-    """The array at ``target``, opened once per worker process while its metadata file is the
-    same (inode, size, mtime): opening reads and parses ``zarr.json``, ~2 ms, as much as storing
-    a small map's chunk, and a block task stores several."""
-    st = os.stat(os.path.join(target, "zarr.json"))
-    stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
-    hit = _OPENED.get(target)
-    if hit is None or hit[0] != stamp:
-        if len(_OPENED) > 256:  # targets of finished writes: forget them
-            _OPENED.clear()
-        hit = _OPENED[target] = (stamp, zarr.open_array(target, mode="r+", zarr_format=3))
-    return hit[1]
-
-
 def _store_nav_block(region, targets, marks, indices, *blocks) -> int:
     """Store one navigation block of several variables, then mark each done."""
     for target, block in zip(targets, blocks):
-        z = _open_target(target)
+        z = open_target(target)
         z[region] = np.asarray(block).astype(z.dtype, copy=False)
     for mark, index in zip(marks, indices):
         Path(mark, index).touch()
@@ -400,7 +383,7 @@ def _store_nav_block(region, targets, marks, indices, *blocks) -> int:
 
 def _store_chunk(block: np.ndarray, target: str, marks: str, region: tuple[slice, ...]) -> np.ndarray:
     """Store one chunk, then mark it done (a crash in between only costs rewriting it)."""
-    z = _open_target(target)
+    z = open_target(target)
     z[region] = np.asarray(block).astype(z.dtype, copy=False)
     index = ".".join(str(s.start // c) for s, c in zip(region, z.chunks))
     Path(marks, index).touch()

@@ -126,7 +126,8 @@ def gather_training_set(stage, config: "TrainConfig", path: str | os.PathLike, *
     from emscale.atomic import atomic_directory
     from emscale.progress import compute
     from emscale.stages.preprocess import features_of
-    from emscale.store import MIB, ChunkPolicy, default_compressor, navigation_chunks
+    from emscale.store import (MIB, WRITE_EMPTY_CHUNKS, ChunkPolicy, default_compressor,
+                               navigation_chunks)
 
     path = Path(path)
     if (path / "zarr.json").exists():
@@ -163,7 +164,8 @@ def gather_training_set(stage, config: "TrainConfig", path: str | os.PathLike, *
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_directory(path, overwrite=True) as tmp:
         delayed = grid.to_zarr(str(tmp), mode="w-", zarr_format=3, consolidated=False,
-                               encoding=encoding, compute=False)
+                               encoding=encoding, compute=False,
+                               write_empty_chunks=WRITE_EMPTY_CHUNKS)
         compute(delayed, description="training set", enabled=progress)
     return path
 

@@ -220,8 +220,13 @@ def test_sha256_matches_hashlib(tmp_path):
     assert sha256_of(tmp_path / "f.bin") == hashlib.sha256((tmp_path / "f.bin").read_bytes()).hexdigest()
 
 
-def test_ingest_while_a_distributed_client_is_active(tmp_path, local_client):
+@pytest.mark.parametrize("ext", ["hspy", "npy"])
+def test_ingest_while_a_distributed_client_is_active(tmp_path, local_client, ext):
+    # hspy: lazy h5py arrays, not picklable; npy: the file's hash travels along a chain of tasks
     data = spectrum_data()
-    hyperspy_spectrum(data).save(tmp_path / "si.hspy")  # lazy h5py arrays: not picklable
-    ds, _ = ingest_checked(tmp_path / "si.hspy", tmp_path / "s.zarr")
+    if ext == "hspy":
+        hyperspy_spectrum(data).save(tmp_path / "si.hspy")
+    else:
+        np.save(tmp_path / "si.npy", data)
+    ds, _ = ingest_checked(tmp_path / f"si.{ext}", tmp_path / "s.zarr")
     np.testing.assert_array_equal(ds.signal.values, data)
