@@ -230,3 +230,17 @@ def test_ingest_while_a_distributed_client_is_active(tmp_path, local_client, ext
         np.save(tmp_path / "si.npy", data)
     ds, _ = ingest_checked(tmp_path / f"si.{ext}", tmp_path / "s.zarr")
     np.testing.assert_array_equal(ds.signal.values, data)
+
+
+def test_npy_chunks_read_directly_and_buffered_are_the_same(tmp_path, monkeypatch):
+    import emscale.readers as readers
+
+    data = np.random.default_rng(3).integers(0, 60000, (37, 29, 33)).astype(np.uint16)
+    np.save(tmp_path / "raw.npy", data)  # a 128-byte header: no chunk starts on a block boundary
+    if readers._read_direct(str(tmp_path / "raw.npy"), 128, 4000) is None:
+        pytest.skip("this file system refuses O_DIRECT (the buffered path is then the only one)")
+    for chunks in (((37,), (29,), 33), ((10, 10, 10, 7), (29,), 33), ((5,) * 7 + (2,), (10, 19), 33)):
+        for direct in (True, False):
+            monkeypatch.setattr(readers, "DIRECT_READS", direct)
+            raw = readers.read_npy(tmp_path / "raw.npy", lambda shape, c=chunks: c)
+            np.testing.assert_array_equal(raw.data.compute(scheduler="threads"), data)
