@@ -1,12 +1,13 @@
 """Stream a raw file into a scan store, chunk by chunk, in one pass over the data.
 
 The pass writes the store and, from the same chunks, counts non-finite and negative values and
-computes the input's sha256 (for a ``.npy``; for other formats a thread reads the file beside it). Peak memory is a few chunks per thread, whatever
-the file size (``emscale bench ingest`` measures it). Non-finite values are refused (the error names
-the first chunk that holds them) unless ``allow_nonfinite``; negative values are counted and
-recorded, because gain-corrected or background-subtracted data legitimately hold a few, and the
-preprocessing stage decides what to do with them. The input is opened read-only. The pass runs on local threads of the process that calls it (the
-raw file is local to it), even when a distributed client is active.
+computes the input's sha256 (for a ``.npy``; for other formats a thread reads the file beside
+it). Peak memory is a few chunks per thread, whatever the file size (``emscale bench ingest``
+measures it). Non-finite values are refused (the error names the first chunk that holds them)
+unless ``allow_nonfinite``; negative values are counted and recorded, because gain-corrected or
+background-subtracted data legitimately hold a few, and the preprocessing stage decides what to
+do with them. The input is opened read-only. The pass runs on local threads of the process that
+calls it (the raw file is local to it), even when a distributed client is active.
 """
 
 from __future__ import annotations
