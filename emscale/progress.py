@@ -17,8 +17,9 @@ def compute(*collections, description: str = "", enabled: bool | None = None):
     from dask.delayed import Delayed
 
     # dask 2026.8 returns the results of a mix of Delayed and other collections grouped by type
-    # (compute(delayed, array, delayed) gives delayed, delayed, array): as Delayed objects
-    # they come back in order, and their shared tasks still run once
+    # (compute(delayed, array, delayed) gives delayed, delayed, array): as Delayed objects they
+    # come back in order. Each collection is still optimised apart, so a task two of them share
+    # runs once per collection: where that matters, pass one graph (``store.write_scan``)
     if any(isinstance(c, Delayed) for c in collections):
         collections = tuple(c if isinstance(c, Delayed) else dask.delayed(c) for c in collections)
     show = sys.stderr.isatty() if enabled is None else enabled
