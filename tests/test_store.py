@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import xarray as xr
 import zarr
+from zarr.codecs import BloscCodec
 
 from emscale.errors import ConfigError, OutputExistsError, StoreError
 from emscale.store import (
@@ -122,3 +123,45 @@ def test_feature_matrix_on_local_cluster(local_client):
     flat = feature_matrix(ds)
     total = flat.sum(axis=0).compute()
     np.testing.assert_allclose(total, ds.signal.values.reshape(-1, 16).sum(0))
+
+
+def _tiled_store(path, dtype=np.uint16, compressors=(BloscCodec(cname="lz4", shuffle="bitshuffle"),)):
+    """A scan store whose chunks split y and x, with partial chunks at both far edges."""
+    ds = spectrum_ds(ny=13, nx=7, dtype=dtype)
+    ds.to_zarr(path, zarr_format=3, consolidated=False,
+               encoding={"signal": {"chunks": (5, 4, 32), "compressors": compressors}})
+    return ds
+
+
+@pytest.mark.parametrize("dtype, compressors", [(np.uint16, (BloscCodec(),)),
+                                                (np.float32, (BloscCodec(),)), (np.uint8, None)])
+def test_scan_chunks_are_read_from_their_files(tmp_path, dtype, compressors):
+    ds = _tiled_store(tmp_path / "s.zarr", dtype, compressors)
+    back = open_scan(tmp_path / "s.zarr")
+    assert back.signal.data.name.startswith("read-signal")  # not through zarr
+    assert back.signal.chunks == ((5, 5, 3), (4, 3), (32,)) and back.signal.dtype == dtype
+    np.testing.assert_array_equal(back.signal.values, ds.signal.values)
+    # written by emscale (Blosc), and read back the same under distributed's pickling too
+    write_scan(ds, tmp_path / "w.zarr", policy=ChunkPolicy(target_mib=4 * 7 * 32 * 4 / MIB))
+    np.testing.assert_array_equal(open_scan(tmp_path / "w.zarr").signal.values, ds.signal.values)
+
+
+def test_other_codecs_are_read_through_zarr(tmp_path):
+    from zarr.codecs import ZstdCodec
+
+    ds = _tiled_store(tmp_path / "z.zarr", compressors=[ZstdCodec()])
+    back = open_scan(tmp_path / "z.zarr")
+    assert not back.signal.data.name.startswith("read-signal")
+    np.testing.assert_array_equal(back.signal.values, ds.signal.values)
+
+
+def test_a_lost_or_damaged_chunk_is_an_error_naming_it(tmp_path):
+    _tiled_store(tmp_path / "s.zarr")
+    chunk = tmp_path / "s.zarr" / "signal" / "c" / "1" / "1" / "0"
+    raw = chunk.read_bytes()
+    chunk.write_bytes(raw[: len(raw) // 2])  # truncated: a disk that filled up
+    with pytest.raises(StoreError, match=r"c/1/1/0: chunk \(1, 1, 0\).*cannot be decoded"):
+        open_scan(tmp_path / "s.zarr").signal.values
+    chunk.unlink()  # lost: zarr would read its fill value, zeros that become a phase
+    with pytest.raises(StoreError, match=r"c/1/1/0: chunk \(1, 1, 0\).*missing"):
+        open_scan(tmp_path / "s.zarr").signal.values
