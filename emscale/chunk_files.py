@@ -1,4 +1,4 @@
-"""A scan's big arrays read chunk file by chunk file, straight into numpy blocks.
+"""A scan's signal read chunk file by chunk file, straight into numpy blocks.
 
 Reading a chunk through Zarr costs about twice the Blosc decode itself (a 32 MiB uint16 EELS
 chunk: 30 ms against 14 ms): zarr hops onto its event loop and a thread, decodes into a new
@@ -8,10 +8,10 @@ codecs emscale writes (bytes, optionally Blosc): one task per chunk that reads t
 decodes it into the block it returns. Anything else (sharding, other codecs, big-endian bytes)
 keeps Zarr's own reads.
 
-A chunk file that is missing is an error naming it, not the fill value Zarr would give: a scan
-store written by emscale holds every chunk (``store.WRITE_EMPTY_CHUNKS``), so a missing one
-was lost, and reading it as zeros would make a phase of it. A chunk that does not decode to its
-size is an error naming the file too.
+A chunk file that is missing is an error naming it, not the fill value Zarr would give, where
+the store holds every chunk (emscale's scan stores say so: ``store.EVERY_CHUNK``): a missing
+one was lost, and reading it as zeros would make a phase of it. A chunk that does not decode to
+its size is an error naming the file too.
 """
 
 from __future__ import annotations
@@ -31,9 +31,13 @@ from zarr.core.chunk_grids import RegularChunkGrid
 from emscale.errors import StoreError
 
 
-def direct_array(store: str | os.PathLike, name: str, like: da.Array) -> da.Array | None:
+def direct_array(store: str | os.PathLike, name: str, like: da.Array, *,
+                 missing_is_fill: bool = False, remedy: str = "ingest the scan again"
+                 ) -> da.Array | None:
     """The dask array of ``store/name`` read by ``read_chunk``, with ``like``'s chunks (the
-    stored ones), or None when the array's layout needs Zarr's own reads."""
+    stored ones), or None when the array's layout needs Zarr's own reads. ``missing_is_fill``:
+    a missing chunk reads as the fill value (a store that may leave such chunks out), else it
+    is an error; ``remedy``: what the error of a lost or damaged chunk tells the user to do."""
     path = Path(store) / name
     z = zarr.open_array(str(path), mode="r", zarr_format=3)
     meta, dtype = z.metadata, np.dtype(z.dtype)
@@ -45,9 +49,10 @@ def direct_array(store: str | os.PathLike, name: str, like: da.Array) -> da.Arra
     if tuple(like.chunks) != normalize_chunks(chunk_shape, shape):
         return None
     encoding = meta.chunk_key_encoding
+    fill = meta.fill_value if missing_is_fill else None
     return da.map_blocks(read_chunk, array=str(path), encoding=encoding, chunk_shape=chunk_shape,
-                         shape=shape, stored=dtype.str, compressed=len(codecs) == 2,
-                         chunks=like.chunks, dtype=dtype, meta=np.empty((0,) * like.ndim, dtype),
+                         shape=shape, stored=dtype.str, compressed=len(codecs) == 2, fill=fill,
+                         remedy=remedy,                         chunks=like.chunks, dtype=dtype, meta=np.empty((0,) * like.ndim, dtype),
                          name=f"read-{name}-{tokenize(like.name, str(path), encoding)}")
 
 
@@ -62,7 +67,8 @@ def _plain(codecs: tuple, dtype: np.dtype) -> bool:
 
 
 def read_chunk(*, array: str, encoding, chunk_shape: tuple[int, ...], shape: tuple[int, ...],
-               stored: str, compressed: bool, block_id: tuple[int, ...]) -> np.ndarray:
+               stored: str, compressed: bool, fill, remedy: str, block_id: tuple[int, ...]
+               ) -> np.ndarray:
     """One chunk of the Zarr array at ``array``: its file read whole and decoded into the
     block returned (cut to the block's shape at the array's far edges)."""
     file = os.path.join(array, encoding.encode_chunk_key(block_id))
@@ -71,8 +77,10 @@ def read_chunk(*, array: str, encoding, chunk_shape: tuple[int, ...], shape: tup
         with open(file, "rb") as f:
             raw = f.read()
     except FileNotFoundError:
-        raise StoreError(f"{file}: chunk {block_id} of the scan is missing (a scan store holds "
-                         "every chunk: this one was lost; ingest the scan again)") from None
+        if fill is not None:
+            return np.full(_edge(chunk_shape, shape, block_id), fill, dtype)
+        raise StoreError(f"{file}: chunk {block_id} is missing (emscale's stores hold every "
+                         f"chunk: this one was lost); {remedy}") from None
     out = np.empty(chunk_shape, dtype)
     if compressed:
         try:
@@ -84,12 +92,17 @@ def read_chunk(*, array: str, encoding, chunk_shape: tuple[int, ...], shape: tup
                 raise ValueError(f"it decodes to {nbytes} bytes, the chunk is {out.nbytes}")
             numcodecs.blosc.decompress(raw, out)
         except (ValueError, RuntimeError, TypeError) as exc:
-            raise StoreError(f"{file}: chunk {block_id} of the scan cannot be decoded ({exc}); "
-                             "the store is damaged: ingest the scan again") from None
+            raise StoreError(f"{file}: chunk {block_id} cannot be decoded ({exc}); the store is "
+                             f"damaged: {remedy}") from None
     else:
         if len(raw) != out.nbytes:
-            raise StoreError(f"{file}: chunk {block_id} of the scan holds {len(raw)} bytes, "
-                             f"expected {out.nbytes}; the store is damaged: ingest it again")
+            raise StoreError(f"{file}: chunk {block_id} holds {len(raw)} bytes, expected "
+                             f"{out.nbytes}; the store is damaged: {remedy}")
         out = np.frombuffer(raw, dtype).reshape(chunk_shape)
-    edge = tuple(min(c, n - i * c) for c, n, i in zip(chunk_shape, shape, block_id))
+    edge = _edge(chunk_shape, shape, block_id)
     return out if edge == chunk_shape else out[tuple(slice(0, e) for e in edge)]
+
+
+def _edge(chunk_shape, shape, block_id) -> tuple[int, ...]:
+    """The block's shape: the chunk's, cut at the array's far edges."""
+    return tuple(min(c, n - i * c) for c, n, i in zip(chunk_shape, shape, block_id))

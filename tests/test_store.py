@@ -6,6 +6,7 @@ from zarr.codecs import BloscCodec
 
 from emscale.errors import ConfigError, OutputExistsError, StoreError
 from emscale.store import (
+    EVERY_CHUNK,
     MIB,
     ChunkPolicy,
     feature_matrix,
@@ -125,9 +126,12 @@ def test_feature_matrix_on_local_cluster(local_client):
     np.testing.assert_allclose(total, ds.signal.values.reshape(-1, 16).sum(0))
 
 
-def _tiled_store(path, dtype=np.uint16, compressors=(BloscCodec(cname="lz4", shuffle="bitshuffle"),)):
+def _tiled_store(path, dtype=np.uint16, compressors=(BloscCodec(cname="lz4", shuffle="bitshuffle"),),
+                 every_chunk=True):
     """A scan store whose chunks split y and x, with partial chunks at both far edges."""
     ds = spectrum_ds(ny=13, nx=7, dtype=dtype)
+    if every_chunk:
+        ds.attrs[EVERY_CHUNK] = True
     ds.to_zarr(path, zarr_format=3, consolidated=False,
                encoding={"signal": {"chunks": (5, 4, 32), "compressors": compressors}})
     return ds
@@ -143,7 +147,9 @@ def test_scan_chunks_are_read_from_their_files(tmp_path, dtype, compressors):
     np.testing.assert_array_equal(back.signal.values, ds.signal.values)
     # written by emscale (Blosc), and read back the same under distributed's pickling too
     write_scan(ds, tmp_path / "w.zarr", policy=ChunkPolicy(target_mib=4 * 7 * 32 * 4 / MIB))
-    np.testing.assert_array_equal(open_scan(tmp_path / "w.zarr").signal.values, ds.signal.values)
+    written = open_scan(tmp_path / "w.zarr")
+    assert written.attrs[EVERY_CHUNK] is True  # a missing chunk of it will be an error
+    np.testing.assert_array_equal(written.signal.values, ds.signal.values)
 
 
 def test_other_codecs_are_read_through_zarr(tmp_path):
@@ -160,8 +166,17 @@ def test_a_lost_or_damaged_chunk_is_an_error_naming_it(tmp_path):
     chunk = tmp_path / "s.zarr" / "signal" / "c" / "1" / "1" / "0"
     raw = chunk.read_bytes()
     chunk.write_bytes(raw[: len(raw) // 2])  # truncated: a disk that filled up
-    with pytest.raises(StoreError, match=r"c/1/1/0: chunk \(1, 1, 0\).*cannot be decoded"):
+    with pytest.raises(StoreError,
+                       match=r"c/1/1/0: chunk \(1, 1, 0\) cannot be decoded.*ingest the scan again"):
         open_scan(tmp_path / "s.zarr").signal.values
     chunk.unlink()  # lost: zarr would read its fill value, zeros that become a phase
-    with pytest.raises(StoreError, match=r"c/1/1/0: chunk \(1, 1, 0\).*missing"):
+    with pytest.raises(StoreError,
+                       match=r"c/1/1/0: chunk \(1, 1, 0\) is missing.*ingest the scan again"):
         open_scan(tmp_path / "s.zarr").signal.values
+    # a store that does not say it holds every chunk (written by another tool, or by emscale
+    # before it wrote them all) may leave out a chunk of fill values: read as zarr reads it
+    ds = _tiled_store(tmp_path / "other.zarr", every_chunk=False)
+    (tmp_path / "other.zarr" / "signal" / "c" / "1" / "1" / "0").unlink()
+    back = open_scan(tmp_path / "other.zarr").signal.values
+    np.testing.assert_array_equal(back[5:10, 4:], 0)
+    np.testing.assert_array_equal(back[:5], ds.signal.values[:5])
