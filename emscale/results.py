@@ -18,6 +18,7 @@ import contextlib
 import json
 import math
 import logging
+import operator
 import os
 import shutil
 import time
@@ -352,16 +353,17 @@ def _nav_block_writes(name: str, ds: xr.Dataset, names: list[str], tmp: Path, do
     dsk, todo = {}, []
     targets = [str(tmp / n) for n in names]
     marks = [str(done / n) for n in names]
+    graph = HighLevelGraph.merge(*[a.__dask_graph__() for a in arrays])
+    deps = {lay for a in arrays for lay in a.__dask_layers__()}
     for i, j in np.ndindex(len(nav[0]), len(nav[1])):
         region = (slice(int(starts[0][i]), int(starts[0][i + 1])),
                   slice(int(starts[1][j]), int(starts[1][j + 1])))
         indices = [".".join(map(str, (i, j, *(0,) * (a.ndim - 2)))) for a in arrays]
-        blocks = [(a.name, i, j, *(0,) * (a.ndim - 2)) for a in arrays]
+        blocks = [_item_inline(graph, (a.name, i, j, *(0,) * (a.ndim - 2)), deps)
+                  for a in arrays]
         dsk[(layer, i, j)] = (_store_nav_block, region, targets, marks, indices, *blocks)
         if any(ix not in f for ix, f in zip(indices, finished)):
             todo.append((layer, i, j))
-    deps = {lay for a in arrays for lay in a.__dask_layers__()}
-    graph = HighLevelGraph.merge(*[a.__dask_graph__() for a in arrays])
     graph = HighLevelGraph({**graph.layers, layer: dsk}, {**graph.dependencies, layer: deps})
 
     class _Write:  # the collection protocol's one method the caller uses
@@ -369,6 +371,22 @@ def _nav_block_writes(name: str, ds: xr.Dataset, names: list[str], tmp: Path, do
             return graph
 
     return _Write(), todo, len(dsk) * len(arrays)
+
+
+def _item_inline(graph, key: tuple, deps: set) -> tuple:
+    """A block that is an item of another task's result (``blockwise.map_nav_blocks``' outputs:
+    ``getitem(result, k)``) as that getitem, to run inside the write task, which then depends
+    on the result itself (its layer added to ``deps``): a stage's six maps cost one task per
+    block, not seven (the scheduler spends about a millisecond per task). Else the key."""
+    from dask.highlevelgraph import MaterializedLayer
+
+    layer = graph.layers.get(key[0])  # (a Blockwise layer would be materialized by a lookup)
+    task = layer.get(key) if isinstance(layer, MaterializedLayer) else None
+    if isinstance(task, tuple) and len(task) == 3 and task[0] is operator.getitem \
+            and isinstance(task[1], tuple) and task[1] and task[1][0] in graph.layers:
+        deps.add(task[1][0])
+        return task
+    return key
 
 
 def _store_nav_block(region, targets, marks, indices, *blocks) -> int:
