@@ -32,12 +32,11 @@ from emscale.errors import StoreError
 
 
 def direct_array(store: str | os.PathLike, name: str, like: da.Array, *,
-                 missing_is_fill: bool = False, remedy: str = "ingest the scan again"
-                 ) -> da.Array | None:
+                 missing_is_fill: bool = False) -> da.Array | None:
     """The dask array of ``store/name`` read by ``read_chunk``, with ``like``'s chunks (the
     stored ones), or None when the array's layout needs Zarr's own reads. ``missing_is_fill``:
     a missing chunk reads as the fill value (a store that may leave such chunks out), else it
-    is an error; ``remedy``: what the error of a lost or damaged chunk tells the user to do."""
+    is an error."""
     path = Path(store) / name
     z = zarr.open_array(str(path), mode="r", zarr_format=3)
     meta, dtype = z.metadata, np.dtype(z.dtype)
@@ -52,7 +51,7 @@ def direct_array(store: str | os.PathLike, name: str, like: da.Array, *,
     fill = meta.fill_value if missing_is_fill else None
     return da.map_blocks(read_chunk, array=str(path), encoding=encoding, chunk_shape=chunk_shape,
                          shape=shape, stored=dtype.str, compressed=len(codecs) == 2, fill=fill,
-                         remedy=remedy,                         chunks=like.chunks, dtype=dtype, meta=np.empty((0,) * like.ndim, dtype),
+                         chunks=like.chunks, dtype=dtype, meta=np.empty((0,) * like.ndim, dtype),
                          name=f"read-{name}-{tokenize(like.name, str(path), encoding)}")
 
 
@@ -62,13 +61,12 @@ def _plain(codecs: tuple, dtype: np.dtype) -> bool:
             or not all(isinstance(c, BloscCodec) for c in codecs[1:]):
         return False
     endian = codecs[0].endian
-    return dtype.itemsize == 1 or (endian is None or endian.value == "little") \
-        and np.little_endian
+    return dtype.itemsize == 1 or (np.little_endian and (endian is None
+                                                         or endian.value == "little"))
 
 
 def read_chunk(*, array: str, encoding, chunk_shape: tuple[int, ...], shape: tuple[int, ...],
-               stored: str, compressed: bool, fill, remedy: str, block_id: tuple[int, ...]
-               ) -> np.ndarray:
+               stored: str, compressed: bool, fill, block_id: tuple[int, ...]) -> np.ndarray:
     """One chunk of the Zarr array at ``array``: its file read whole and decoded into the
     block returned (cut to the block's shape at the array's far edges)."""
     file = os.path.join(array, encoding.encode_chunk_key(block_id))
@@ -80,7 +78,7 @@ def read_chunk(*, array: str, encoding, chunk_shape: tuple[int, ...], shape: tup
         if fill is not None:
             return np.full(_edge(chunk_shape, shape, block_id), fill, dtype)
         raise StoreError(f"{file}: chunk {block_id} is missing (emscale's stores hold every "
-                         f"chunk: this one was lost); {remedy}") from None
+                         "chunk: this one was lost); ingest the scan again") from None
     out = np.empty(chunk_shape, dtype)
     if compressed:
         try:
@@ -93,11 +91,11 @@ def read_chunk(*, array: str, encoding, chunk_shape: tuple[int, ...], shape: tup
             numcodecs.blosc.decompress(raw, out)
         except (ValueError, RuntimeError, TypeError) as exc:
             raise StoreError(f"{file}: chunk {block_id} cannot be decoded ({exc}); the store is "
-                             f"damaged: {remedy}") from None
+                             "damaged: ingest the scan again") from None
     else:
         if len(raw) != out.nbytes:
             raise StoreError(f"{file}: chunk {block_id} holds {len(raw)} bytes, expected "
-                             f"{out.nbytes}; the store is damaged: {remedy}")
+                             f"{out.nbytes}; the store is damaged: ingest the scan again")
         out = np.frombuffer(raw, dtype).reshape(chunk_shape)
     edge = _edge(chunk_shape, shape, block_id)
     return out if edge == chunk_shape else out[tuple(slice(0, e) for e in edge)]
