@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from emscale.errors import OutputExistsError
+from emscale.errors import ConfigError, OutputExistsError, output_failure
 
 log = logging.getLogger(__name__)
 
@@ -24,11 +24,39 @@ PARTIAL_MARK = ".partial-"
 
 
 def check_output_free(path: str | os.PathLike, overwrite: bool = False,
-                      remedy: str = "choose another path or remove it") -> Path:
+                      remedy: str = "choose another path or remove it", *,
+                      inputs: tuple = ()) -> Path:
+    """Refuse an output that exists (unless ``overwrite``), that ``overwrite`` would replace
+    although emscale cannot have written it (anything but a Zarr store), or that is, holds or
+    lies inside one of ``inputs``."""
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise OutputExistsError(f"output {path} exists already ({remedy})")
+    check_apart(path, inputs)
+    if path.exists() or path.is_symlink():
+        if not overwrite:
+            raise OutputExistsError(f"output {path} exists already ({remedy})")
+        if path.is_symlink() or not (path / "zarr.json").is_file():
+            raise OutputExistsError(f"output {path} exists and is not a Zarr store: --overwrite "
+                                    "replaces only a store (choose another path)")
     return path
+
+
+def check_apart(output: str | os.PathLike, inputs, what: str = "output") -> None:
+    """Refuse an output that is one of ``inputs``, holds one (replacing it would delete the
+    input) or lies inside one (writing it would change the input). Paths are compared resolved,
+    so links and ``..`` do not hide an overlap."""
+    out = Path(output).resolve()
+    for source in inputs:
+        if source is None:
+            continue
+        src = Path(source).resolve()
+        if out == src:
+            raise ConfigError(f"{what} {output}: is the input {source} (it would be overwritten)")
+        if src.is_relative_to(out):
+            raise ConfigError(f"{what} {output}: holds the input {source} (writing it there "
+                              "would replace the input); choose an output outside it")
+        if out.is_relative_to(src):
+            raise ConfigError(f"{what} {output}: lies inside the input {source} (writing it "
+                              "would change the input); choose an output outside it")
 
 
 @contextlib.contextmanager
@@ -44,9 +72,13 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False, *,
     tmp = final.with_name(f"{final.name}{PARTIAL_MARK}{suffix or uuid.uuid4().hex[:8]}")
     try:
         yield tmp
-    except BaseException:
+    except BaseException as exc:
         if not keep_on_error:
             shutil.rmtree(tmp, ignore_errors=True)
+        failure = output_failure(exc, final, f"the chunks written so far are kept in {tmp.name}: "
+                                 "free space and rerun to resume" if keep_on_error else "")
+        if failure is not None:
+            raise failure from exc
         raise
     if final.exists():
         if not overwrite:  # appeared while we were writing

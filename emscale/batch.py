@@ -10,6 +10,7 @@ another on the same cluster (each scan's stages are the parallel part).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import sqlite3
 import time
@@ -89,6 +90,23 @@ def list_scans(source: str | Path) -> list[Path]:
     raise ConfigError(f"{source}: no such manifest file or directory")
 
 
+def output_names(scans: list[Path]) -> dict[Path, str]:
+    """Each scan's output directory name: its file name without the format's extension
+    (``x.v1.zarr`` -> ``x.v1``); where two scans would share one (``x.npy`` and ``x.zarr``, or
+    ``a/x.npy`` and ``b/x.npy``), each gets a short hash of its resolved path appended, so no two
+    scans ever write into one directory. Leading dots are dropped: no hidden output."""
+    stems = {}
+    for scan in scans:
+        stem = (scan.stem if scan.suffix else scan.name).lstrip(".") or "scan"
+        stems[scan] = stem
+    counts: dict[str, int] = {}
+    for stem in stems.values():
+        counts[stem] = counts.get(stem, 0) + 1
+    return {scan: stem if counts[stem] == 1 else
+            f"{stem}-{hashlib.sha256(str(scan.resolve()).encode()).hexdigest()[:8]}"
+            for scan, stem in stems.items()}
+
+
 def run_batch(source, workflow_path, *, output_root: Path | None = None,
               ledger_path: Path | None = None, echo=print) -> dict[str, list[str]]:
     """Run the workflow on every scan of ``source``; returns the scans by outcome (done, failed,
@@ -98,9 +116,14 @@ def run_batch(source, workflow_path, *, output_root: Path | None = None,
 
     base = load_workflow(workflow_path, input=Path("batch"))  # the input is set per scan below
     root = Path(output_root or base.output)
+    if Path(source).is_dir() and root.resolve().is_relative_to(Path(source).resolve()):
+        # outputs among the scans would be the next run's scans (and could replace one)
+        raise ConfigError(f"output: {root} lies inside the scan directory {source}; choose an "
+                          "output outside it")
+    scans = list_scans(source)
     ledger = Ledger(ledger_path or root / "ledger.sqlite")
     whash = base.section_hash("preprocess", "pca", "train", "encode", "anomaly", "cluster")
-    scans = list_scans(source)
+    names = output_names(scans)
     outcome: dict[str, list[str]] = {"done": [], "failed": [], "skipped": []}
     for scan in scans:
         key = str(scan.resolve())
@@ -109,7 +132,8 @@ def run_batch(source, workflow_path, *, output_root: Path | None = None,
             outcome["skipped"].append(key)
             echo(f"[batch] {scan.name}: done before, skipped")
             continue
-        out = root / scan.name.split(".")[0]
+        # a scan run before keeps its directory, even if the list around it changed
+        out = Path(entry.output) if entry and entry.output else root / names[scan]
         ledger.set(key, state="running", output=str(out), error=None, started=utc_now(),
                    finished=None, seconds=None, workflow_hash=whash)
         echo(f"[batch] {scan.name}: running -> {out}")

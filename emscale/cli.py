@@ -162,7 +162,7 @@ def ingest_cmd(
     from emscale.atomic import check_output_free
     from emscale.ingest import ingest
 
-    check_output_free(out, overwrite, OVERWRITE_REMEDY)
+    check_output_free(out, overwrite, OVERWRITE_REMEDY, inputs=(raw,))
     report = ingest(raw, out, policy=_policy(chunk_mib), allow_nonfinite=allow_nonfinite,
                     overwrite=overwrite, progress=_progress())
     if as_json:

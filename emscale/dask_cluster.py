@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 
 import dask
 
@@ -96,10 +97,14 @@ def local_cluster(n_workers: int = 2, threads_per_worker: int = 1, memory_limit:
 CLUSTER_TYPES = ("local", "slurm", "pbs", "address", "slurm-runner")
 
 
+# what a scheduler option value may hold in a batch script's directive line
+SCHEDULER_WORD = re.compile(r"[\w.\-:@+]+")
+
+
 def _cluster_schema():
     from typing import Literal, Optional
 
-    from pydantic import BaseModel, ConfigDict, Field, model_validator
+    from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
     class ClusterFile(BaseModel):
         """Where the stages run. ``local``: a LocalCluster of worker processes; ``slurm`` /
@@ -136,6 +141,23 @@ def _cluster_schema():
         wait_for_workers: int = Field(1, ge=0, description="workers to wait for before starting")
         timeout: float = Field(300, gt=0, description="seconds to wait for them")
 
+        @field_validator("walltime", "queue", "account")
+        @classmethod
+        def _plain_word(cls, value):
+            # these go into #SBATCH/#PBS lines: no spaces, quotes or line breaks
+            if value is not None and not SCHEDULER_WORD.fullmatch(value):
+                raise ValueError(f"{value!r}: use letters, digits and . _ - : @ + only")
+            return value
+
+        @field_validator("job_extra_directives")
+        @classmethod
+        def _one_line_each(cls, values):
+            for value in values:
+                if any(ord(c) < 32 or ord(c) == 127 for c in value):
+                    raise ValueError(f"{value!r}: a directive cannot hold a line break or "
+                                     "control character")
+            return values
+
         @model_validator(mode="after")
         def _address(self):
             if (self.type == "address") != (self.address is not None):
@@ -163,6 +185,32 @@ def default_cluster_file():
     return _cluster_schema()()
 
 
+def check_listening(address: str, timeout: float = 10.0) -> None:
+    """Refuse at once a scheduler address where nothing listens (distributed would retry until
+    the cluster file's ``timeout``, 300 s by default, to say so)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from emscale.errors import ConfigError
+
+    parts = urlsplit(address if "://" in address else f"tcp://{address}")
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        host = port = None
+    if not host or not port:
+        raise ConfigError(f"address: {address!r} is not host:port (e.g. tcp://login1:8786)")
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except ConnectionRefusedError:
+        raise ConfigError(f"address: nothing listens at {address} (connection refused): is the "
+                          "scheduler running, and on that port?") from None
+    except socket.gaierror as exc:
+        raise ConfigError(f"address: {host!r} cannot be resolved ({exc.strerror})") from None
+    except OSError:
+        pass  # slow or filtered: distributed's own timeout decides
+
+
 class open_cluster:
     """``with open_cluster(cfg) as (cluster, client):`` the cluster of a cluster file, its
     workers up (jobqueue: ``jobs`` submitted and the first ``wait_for_workers`` running)."""
@@ -180,6 +228,7 @@ class open_cluster:
                                          dashboard_address=cfg.dashboard_address)
             self.client = Client(self.cluster)
         elif cfg.type == "address":
+            check_listening(cfg.address)
             self.client = Client(cfg.address, timeout=cfg.timeout)
         elif cfg.type == "slurm-runner":
             # every task runs this; only task 1 (the client) gets past __enter__, the scheduler
@@ -204,6 +253,12 @@ class open_cluster:
             else:
                 self.cluster.scale(jobs=cfg.jobs)
             self.client = Client(self.cluster)
+        if cfg.type != "address" and dask.config.get("logging.distributed", None) == "warning":
+            # a task's failure is raised here, named, in one line; its workers need not print
+            # it again as a page of "Compute Failed" (kept with -v); not on someone else's workers
+            from emscale.worker_plugins import QuietTaskFailures
+
+            self.client.register_plugin(QuietTaskFailures(), name="emscale-quiet-task-failures")
         if cfg.wait_for_workers:
             n = cfg.workers if cfg.type in ("local", "slurm-runner") else cfg.wait_for_workers
             self.client.wait_for_workers(n, timeout=cfg.timeout)

@@ -34,7 +34,7 @@ from emscale.atomic import check_output_free
 from emscale.dask_cluster import keep_freed_chunks
 from emscale.errors import EmscaleError, InputError
 from emscale.readers import RawScan, open_raw
-from emscale.store import ChunkPolicy, navigation_chunks, write_scan
+from emscale.store import STORED_DTYPES, ChunkPolicy, navigation_chunks, write_scan
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +152,44 @@ def _first_bad_block(counts: np.ndarray, chunks: tuple) -> str:
     return f"chunk ({i}, {j}): y {y0}:{y0 + chunks[0][i]}, x {x0}:{x0 + chunks[1][j]}"
 
 
+# counts stored in a wider or foreign type than the store keeps: converted when every value fits
+NARROWER = {np.dtype(np.int64): np.dtype(np.int32), np.dtype(np.uint64): np.dtype(np.uint32),
+            np.dtype(np.int8): np.dtype(np.int16), np.dtype(np.float16): np.dtype(np.float32),
+            np.dtype(np.bool_): np.dtype(np.uint8)}
+
+
+def stored_dtype(dtype: np.dtype, path: Path) -> np.dtype:
+    """The dtype a scan store keeps for a raw file's ``dtype``: itself, its native byte order,
+    or a narrower integer type (each chunk's values checked to fit); else an error naming the
+    file."""
+    native = np.dtype(dtype).newbyteorder("=")
+    target = NARROWER.get(native, native)
+    if not any(target == np.dtype(t) for t in STORED_DTYPES):
+        raise InputError(f"{path}: values of type {dtype} cannot be counts (need integers or "
+                         "floating point numbers)")
+    return target
+
+
+def _convert_block(block: np.ndarray, target: np.dtype, path: str, block_info=None):
+    if np.issubdtype(target, np.integer) and block.size and block.dtype.itemsize > target.itemsize:
+        info = np.iinfo(target)
+        lo, hi = block.min(), block.max()
+        if lo < info.min or hi > info.max:
+            where = block_info[0]["array-location"][:2] if block_info else "?"
+            raise InputError(f"{path}: pixels y {where[0][0]}:{where[0][1]}, x {where[1][0]}:"
+                             f"{where[1][1]} hold values {lo}..{hi} that do not fit {target} "
+                             f"(from {block.dtype}); counts that large are not supported")
+    return block.astype(target, copy=False)
+
+
+def to_stored_dtype(data: da.Array, path: Path) -> da.Array:
+    target = stored_dtype(data.dtype, path)
+    if target == data.dtype:
+        return data
+    return da.map_blocks(_convert_block, data, target, str(path), dtype=target,
+                         name="ingest-convert-" + tokenize(data.name, str(target)))
+
+
 def to_dataset(raw: RawScan, source: dict[str, Any]) -> xr.Dataset:
     dims = raw.dims
     coords = {d: (d, v, a) for d, (v, a) in raw.coords.items()}
@@ -187,9 +225,7 @@ def ingest(
 ) -> IngestReport:
     """Stream ``raw_path`` into a new scan store at ``out_path`` (see the module docstring)."""
     raw_path, out_path = Path(raw_path), Path(out_path)
-    check_output_free(out_path, overwrite)
-    if out_path.resolve() == raw_path.resolve():
-        raise InputError(f"{out_path}: output would overwrite the input")
+    check_output_free(out_path, overwrite, inputs=(raw_path,))
 
     def chunks_for(shape: tuple[int, ...]) -> tuple:
         rows, cols = navigation_chunks(tuple(shape[:2]), tuple(shape[2:]), policy)
@@ -198,6 +234,10 @@ def ingest(
     raw = open_raw(raw_path, chunks_for)
     source = {"path": str(raw_path.resolve()), "size": source_size(raw_path), "format": raw.format}
     ds = to_dataset(raw, source)
+    converted = to_stored_dtype(ds["signal"].data, raw_path)
+    if converted.dtype != raw.data.dtype:
+        log.info("%s: %s values stored as %s", raw_path, raw.data.dtype, converted.dtype)
+        ds["signal"] = ds["signal"].copy(data=converted)
     signal = ds["signal"].data.rechunk(chunks_for(raw.data.shape))
     stats = block_stats(signal)
     nonfinite = negative = 0
@@ -227,7 +267,8 @@ def ingest(
             group = zarr.open_group(str(tmp), mode="r+")
             group.attrs["source"] = {**source, "sha256": sha}
             group.attrs["ingest"] = {"nonfinite": nonfinite, "negative": negative,
-                                     "allow_nonfinite": allow_nonfinite}
+                                     "allow_nonfinite": allow_nonfinite,
+                                     "source_dtype": str(raw.data.dtype)}
 
         try:
             # Local threads even when a distributed client is active: the raw file lives where this

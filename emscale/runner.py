@@ -36,7 +36,7 @@ from typing import Any
 
 from emscale.config import utc_now
 from emscale.results import PROGRESS_EVERY
-from emscale.errors import ConfigError
+from emscale.errors import ConfigError, output_failure
 from emscale.stages import REGISTRY, NormalData, Registry, Stage, check_outputs
 from emscale.stages.base import Context
 from emscale.workflow import WorkflowBase
@@ -52,6 +52,53 @@ class RunResult:
     ran: list = field(default_factory=list)
     skipped: list = field(default_factory=list)
     seconds: dict = field(default_factory=dict)
+
+
+# what a run writes in its output directory: an input may live beside these, not inside them
+RUN_WRITES = ("scan.zarr", "scan.key", "results.zarr", "reference.zarr", "report", "checkpoints",
+              "emscale.log", "submit.sh", ".emscale.lock")
+LOCK_FILE = ".emscale.lock"
+
+
+def check_inputs_apart(output: Path, inputs: dict[str, Any]) -> None:
+    """Refuse an output directory that is an input, lies inside one, or where the run would
+    write over one (an input inside the output directory is fine elsewhere)."""
+    out = output.resolve()
+    for field_name, source in inputs.items():
+        if source is None:
+            continue
+        src = Path(source).resolve()
+        if out == src or out.is_relative_to(src):
+            raise ConfigError(f"output: {output} is or lies inside the {field_name} {source} "
+                              "(the run would change it); choose an output outside it")
+        for name in RUN_WRITES:
+            if src.is_relative_to(out / name):
+                raise ConfigError(f"{field_name}: {source} lies where the run writes its "
+                                  f"{name} (output {output}); move it or choose another output")
+
+
+@contextlib.contextmanager
+def output_lock(output: Path):
+    """Hold an exclusive lock on the output directory for the run: a second run on the same
+    output is refused at once (not left to fail on the first's half-written stage). The kernel
+    drops the lock when the process dies, so a killed run leaves none behind."""
+    import fcntl
+    import os
+
+    path = output / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
+            raise ConfigError(f"output: {output} is in use by another emscale run ({holder}); "
+                              "wait for it to finish or choose another output") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {platform.node()} since {utc_now()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def _key(*parts: Any) -> str:
@@ -71,9 +118,23 @@ def _versions() -> dict[str, str]:
     return out
 
 
+class _QuietFileHandler(logging.FileHandler):
+    """A log file that goes quiet when it cannot be written (a full disk): logging's own
+    handler prints every failed record, traceback and all, on stderr."""
+
+    def handleError(self, record):
+        self.setLevel(logging.CRITICAL + 1)
+
+    def close(self):
+        try:  # the last flush on a full disk: the error that filled it is the one to report
+            super().close()
+        except OSError:
+            self.stream = None
+
+
 @contextlib.contextmanager
 def _log_to(path: Path):
-    handler = logging.FileHandler(path)
+    handler = _QuietFileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger("emscale")
     old_level = root.level
@@ -161,6 +222,8 @@ def preflight(workflow: WorkflowBase, force: tuple[str, ...] = (),
     if workflow.input is not None and not Path(workflow.input).exists():
         raise ConfigError(f"input: {workflow.input}: no such file or directory")
     region, reference = _normal_settings(workflow)
+    check_inputs_apart(Path(workflow.output), {"input": workflow.input,
+                                               "anomaly.reference": reference})
     tile = workflow.train.tile if _trains(registry, until) else None
     if reference is not None:
         from emscale.store import open_scan
@@ -171,6 +234,90 @@ def preflight(workflow: WorkflowBase, force: tuple[str, ...] = (),
             check_split(tile, tuple(open_scan(reference)["signal"].shape[:2]))
     elif workflow.synth is not None and tile is not None:
         check_split(tile, tuple(workflow.synth.shape), region)
+    check_against_scan(workflow, registry, reference)
+
+
+# above this many bytes of scatter matrix (features x features, float32) the gram solver is
+# refused: each worker holds a few while the tree reduction merges them
+GRAM_MAX_BYTES = 1 << 30
+
+
+def scan_outline(workflow: WorkflowBase) -> tuple[str, tuple[int, int], dict] | None:
+    """(kind, navigation shape, signal coordinates) of the scan a workflow will read, without
+    reading its data (a store's or raw file's metadata, or the generator's description)."""
+    import numpy as np
+
+    from emscale.store import SIGNAL_DIMS, open_scan
+
+    if workflow.synth is not None:
+        s = workflow.synth
+        if s.kind == "eels":
+            from emscale.synth.eels import synth_eels
+
+            ds = synth_eels((2, 2), channels=s.channels)
+        else:
+            return "diffraction", tuple(s.shape), {d: np.arange(n, dtype=np.float64)
+                                                    for d, n in zip(("ky", "kx"), s.pattern)}
+        return ds.attrs["kind"], tuple(s.shape), {d: ds[d].values for d in SIGNAL_DIMS["spectrum"]}
+    src = Path(workflow.input)
+    if _is_scan_store(src):
+        ds = open_scan(src)
+        kind = ds.attrs["kind"]
+        return kind, tuple(ds["signal"].shape[:2]), {d: ds[d].values for d in SIGNAL_DIMS[kind]}
+    from emscale.readers import open_raw
+
+    raw = open_raw(src, lambda shape: tuple(shape))  # one chunk: only the shape is looked at
+    dims = SIGNAL_DIMS[raw.kind]
+    sizes = dict(zip(raw.dims, raw.data.shape))
+    coords = {d: raw.coords[d][0] if d in raw.coords else np.arange(sizes[d], dtype=np.float64)
+              for d in dims}
+    return raw.kind, tuple(raw.data.shape[:2]), coords
+
+
+def check_against_scan(workflow: WorkflowBase, registry: Registry, reference) -> None:
+    """The sections' settings against the scan's size, before a cluster starts: the chain's
+    coordinate ranges, components, latent size and K against features and pixels, the gram
+    solver's matrix, a reference of another signal shape. (The stages check them again.)"""
+    import numpy as np
+
+    from emscale.stages.preprocess import Preprocessor
+
+    outline = scan_outline(workflow)
+    if outline is None or "preprocess" not in registry.names:
+        return
+    kind, (ny, nx), coords = outline
+    pre = workflow.preprocess
+    out = Preprocessor(list(pre.steps), pre.nonfinite, pre.negative).output_coords(kind, coords)
+    features, pixels = int(np.prod([v.size for v in out.values()])), ny * nx
+    shape = " x ".join(str(v.size) for v in out.values())
+    pca = getattr(workflow, "pca", None)
+    if pca is not None and "pca" in registry.names:
+        if pca.n_components > features:
+            raise ConfigError(f"pca.n_components: {pca.n_components} is more than the {features} "
+                              f"features the preprocessing leaves ({shape})")
+        if pca.solver == "gram" and features * features * 4 > GRAM_MAX_BYTES:
+            raise ConfigError(f"pca.solver: gram needs a {features} x {features} scatter matrix "
+                              f"({features * features * 4 / 2**30:.0f} GiB) for the {features} "
+                              "features; use solver: randomized, or bin/crop the signal")
+    train = getattr(workflow, "train", None)
+    if train is not None and "train" in registry.names and train.latent_dim >= features:
+        raise ConfigError(f"train.latent_dim: {train.latent_dim} is not fewer than the {features} "
+                          "features the preprocessing leaves: nothing to compress")
+    cluster = getattr(workflow, "cluster", None)
+    if cluster is not None and "cluster" in registry.names and cluster.n_clusters != "auto" \
+            and cluster.n_clusters > pixels:
+        raise ConfigError(f"cluster.n_clusters: {cluster.n_clusters} is more than the {pixels} "
+                          f"pixels of the {ny} x {nx} scan")
+    if reference is not None:
+        from emscale.store import open_scan
+
+        ref = open_scan(reference)["signal"]
+        scan_shape = tuple(v.size for v in coords.values())
+        if tuple(ref.shape[2:]) != scan_shape or ref.dims[2:] != tuple(coords):
+            raise ConfigError(
+                f"anomaly.reference: {reference} has signal {dict(zip(ref.dims[2:], ref.shape[2:]))}"
+                f", the scan {dict(zip(coords, scan_shape))}: a reference must be recorded like "
+                "the scan")
 
 
 @dataclass
@@ -284,8 +431,10 @@ class Runner:
         from emscale.results import ResultsStore
         from emscale.store import open_scan
 
+        from emscale.store import content_stamp
+
         src = Path(reference)
-        scan_key = _key("store", str(src.resolve()), src.stat().st_mtime)
+        scan_key = _key("store", str(src.resolve()), content_stamp(src))
         ref = Lane(ResultsStore(self.out / "reference.zarr"), data={"scan": open_scan(src)},
                    keys={"scan": scan_key}, label="reference", main=lane)
         normal = NormalData(reference=src, key=_key("reference", scan_key))
@@ -304,7 +453,7 @@ class Runner:
     def _scan(self):
         """The scan store to read: the input store itself, or one generated or ingested into
         the output directory (cached by its description)."""
-        from emscale.store import ChunkPolicy, open_scan, write_scan
+        from emscale.store import ChunkPolicy, content_stamp, open_scan, write_scan
 
         wf = self.wf
         path = self.out / "scan.zarr"
@@ -315,9 +464,9 @@ class Runner:
             src = Path(wf.input)  # its existence was checked by preflight
             if (src / "zarr.json").exists() and _is_scan_store(src):
                 self.echo(f"[scan] {src} (a scan store, read in place)")
-                return open_scan(src), _key("store", str(src.resolve()), src.stat().st_mtime)
-            key = _key("ingest", str(src.resolve()), src.stat().st_size, src.stat().st_mtime,
-                       wf.chunk_mib)
+                # content, not the root's mtime: chunks rewritten in place change the key
+                return open_scan(src), _key("store", str(src.resolve()), content_stamp(src))
+            key = _key("ingest", str(src.resolve()), content_stamp(src), wf.chunk_mib)
         if "scan" not in self.redo and path.exists() and marker.exists() \
                 and marker.read_text().strip() == key:
             self.result.skipped.append("scan")
@@ -353,13 +502,18 @@ class Runner:
         from emscale.results import ResultsStore
 
         self.out.mkdir(parents=True, exist_ok=True)
-        with _log_to(self.out / "emscale.log"):
+        with output_lock(self.out), _log_to(self.out / "emscale.log"):
             log.info("workflow %s", self.wf.model_dump_json())
             try:
                 return self._run(ResultsStore(self.result.results))
-            except BaseException:
+            except BaseException as exc:
                 # the traceback goes to the log file (INFO: the terminal shows it only with -v)
                 log.info("run failed:\n%s", traceback.format_exc())
+                failure = output_failure(exc, self.out, "the stages finished so far (and a "
+                                         "stage's chunks written) are kept: free space and "
+                                         "rerun to resume")
+                if failure is not None:
+                    raise failure from exc
                 raise
 
     def _run(self, results) -> RunResult:

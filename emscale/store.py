@@ -21,6 +21,7 @@ data (measured, DESIGN.md section 6).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -305,6 +306,26 @@ def feature_matrix(scan: xr.Dataset | xr.DataArray, variable: str = "signal") ->
 
 def _flatten_block(block: np.ndarray, n_features: int) -> np.ndarray:
     return np.asarray(block, dtype=COMPUTE_DTYPE).reshape(-1, n_features)
+
+
+def content_stamp(path: str | os.PathLike) -> str:
+    """A cheap fingerprint of a file or directory tree's content: its files' relative paths,
+    sizes and modification times (ns). A chunk rewritten in place, added or deleted changes it;
+    a directory's own mtime does not see a file rewritten inside it. One ``stat`` per file: a
+    100 GB store of 32 MiB chunks is about 3200 files, milliseconds."""
+    path = Path(path)
+    h = hashlib.sha256()
+    if path.is_file():
+        st = path.stat()
+        h.update(f"{st.st_size} {st.st_mtime_ns}".encode())
+        return h.hexdigest()
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            full = os.path.join(root, name)
+            st = os.stat(full)
+            h.update(f"{os.path.relpath(full, path)}\0{st.st_size} {st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
 
 
 def store_size_bytes(path: str | os.PathLike) -> int:

@@ -20,6 +20,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -123,7 +124,7 @@ def gather_training_set(stage, config: "TrainConfig", path: str | os.PathLike, *
     ``clean_features`` if training uses it) with the grid in attrs ``sample_origin`` and
     ``sample_stride``, so ``ChunkStream`` splits it by the scan's tiles.
     Its size: about ``max_train_pixels / (1 - val_fraction)`` pixels of float32 features."""
-    from emscale.atomic import atomic_directory
+    from emscale.atomic import PARTIAL_MARK, atomic_directory
     from emscale.progress import compute
     from emscale.stages.preprocess import features_of
     from emscale.store import (MIB, WRITE_EMPTY_CHUNKS, ChunkPolicy, default_compressor,
@@ -162,6 +163,10 @@ def gather_training_set(stage, config: "TrainConfig", path: str | os.PathLike, *
     encoding = {n: {"compressors": (default_compressor(np.dtype(grid[n].dtype).itemsize),)}
                 for n in names}
     path.parent.mkdir(parents=True, exist_ok=True)
+    # what an interrupted write left (its workers may still have been writing when the error
+    # removed it); the run's output lock says no one else writes here
+    for stale in path.parent.glob(f"{path.name}{PARTIAL_MARK}*"):
+        shutil.rmtree(stale, ignore_errors=True)
     with atomic_directory(path, overwrite=True) as tmp:
         delayed = grid.to_zarr(str(tmp), mode="w-", zarr_format=3, consolidated=False,
                                encoding=encoding, compute=False,

@@ -17,11 +17,14 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
 import os
+import shutil
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -159,8 +162,27 @@ def _save_atomic(obj, path: Path) -> None:
     import torch
 
     tmp = path.with_name(path.name + ".partial")
-    torch.save(obj, tmp)
+    try:
+        torch.save(obj, tmp)
+    except RuntimeError as exc:
+        # torch reports a full disk as "unexpected pos ..." or an iostream error
+        tmp.unlink(missing_ok=True)
+        if shutil.disk_usage(path.parent).free < (1 << 20) + _size_of(obj):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from exc
+        raise
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
+
+
+def _size_of(obj) -> int:
+    """Bytes of the tensors in a (nested) checkpoint dict."""
+    if isinstance(obj, dict):
+        return sum(_size_of(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_size_of(v) for v in obj)
+    return obj.numel() * obj.element_size() if hasattr(obj, "numel") else 0
 
 
 def train_autoencoder(stage_path: str | os.PathLike, config: TrainConfig | None = None, *,
@@ -194,8 +216,9 @@ def train_autoencoder(stage_path: str | os.PathLike, config: TrainConfig | None 
     mean, scale = None, None
     ckpt = Path(checkpoint_dir) / "checkpoint.pt" if checkpoint_dir else None
     resumed_from = None
-    if ckpt is not None and ckpt.exists():
-        history, best, bad_epochs, start, mean, scale = _resume(ckpt, key, device, model, opt,
+    state = _load_checkpoint(ckpt, device) if ckpt is not None and ckpt.exists() else None
+    if state is not None:
+        history, best, bad_epochs, start, mean, scale = _resume(state, ckpt, key, model, opt,
                                                                  sched)
         resumed_from = start - 1
     if mean is None:
@@ -265,12 +288,25 @@ def train_autoencoder(stage_path: str | os.PathLike, config: TrainConfig | None 
                        resumed_from=resumed_from, seed=seed, normal_region=stream.region)
 
 
-def _resume(ckpt: Path, key: str, device, model, opt, sched):
-    """Load a checkpoint of the same config and data into the model, optimiser and schedule:
-    (history, best, bad epochs, first epoch to run, mean, scale)."""
+def _load_checkpoint(ckpt: Path, device) -> dict | None:
+    """A checkpoint loaded as plain tensors and numbers (``weights_only``: nothing in it can
+    run). One that does not load (damaged, or holding code) is set aside, named, and training
+    starts afresh (None): a checkpoint is only a cache of the run."""
     import torch
 
-    state = torch.load(ckpt, map_location=device, weights_only=True)
+    try:
+        return torch.load(ckpt, map_location=device, weights_only=True)
+    except Exception as exc:  # torch raises several kinds; its message advises unpickling
+        aside = ckpt.with_name(f"{ckpt.name}.unreadable-{time.strftime('%Y%m%dT%H%M%S')}")
+        os.replace(ckpt, aside)
+        log.warning("%s: not a checkpoint emscale can load safely (%s); set aside as %s, "
+                    "training starts from the first epoch", ckpt, type(exc).__name__, aside.name)
+        return None
+
+
+def _resume(state: dict, ckpt: Path, key: str, model, opt, sched):
+    """Load a checkpoint of the same config and data into the model, optimiser and schedule:
+    (history, best, bad epochs, first epoch to run, mean, scale)."""
     if state["config_hash"] != key:
         raise ConfigError(f"{ckpt}: checkpoint of another training config or stage "
                           f"({state['config_hash']} != {key}); remove it to restart")
@@ -337,10 +373,15 @@ def train_on_cluster(client, stage_path, config: TrainConfig, **kwargs) -> Train
     client or the scheduler."""
     info = client.scheduler_info()["workers"]
     gpu = any(w.get("resources", {}).get("GPU") for w in info.values())
+    # a key of its own per attempt: a failed attempt's key, still referenced (its traceback
+    # holds this future), would hand the rerun the same error on a cluster that outlives a run
     future = client.submit(train_autoencoder, str(stage_path), config, pure=False,
-                           resources={"GPU": 1} if gpu else None, key=f"train-{config.hash()}",
-                           **kwargs)
-    return future.result()
+                           resources={"GPU": 1} if gpu else None,
+                           key=f"train-{config.hash()}-{uuid.uuid4().hex[:8]}", **kwargs)
+    try:
+        return future.result()
+    finally:
+        future.release()
 
 
 def train_where_the_data_are(stage_path, config: TrainConfig, **kwargs) -> TrainResult:

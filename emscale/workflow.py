@@ -84,9 +84,10 @@ class WorkflowBase(Section):
     def _pca_covers_latent(self):
         train, pca = getattr(self, "train", None), getattr(self, "pca", None)
         if train is not None and pca is not None and train.latent_dim > pca.n_components:
-            raise ValueError(f"pca.n_components: {pca.n_components} is fewer than "
-                             f"train.latent_dim ({train.latent_dim}); PCA is compared with the "
-                             "autoencoder at the same k")
+            raise ValueError(f"train.latent_dim: {train.latent_dim} is more than "
+                             f"pca.n_components ({pca.n_components}); PCA is compared with the "
+                             "autoencoder at the same k: lower train.latent_dim or raise "
+                             "pca.n_components")
         return self
 
     @field_validator("output")

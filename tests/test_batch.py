@@ -3,6 +3,8 @@ not stop the others."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import yaml
 
@@ -22,9 +24,9 @@ WORKFLOW = {
 def _scans(tmp_path):
     scans = tmp_path / "scans"
     scans.mkdir()
-    for seed in (1, 2):
+    for seed in (1, 2):  # two versions of one scan: one name up to the first dot
         write_scan(synth_eels((32, 32), channels=128, anomaly=True, seed=seed),
-                   scans / f"scan{seed}.zarr")
+                   scans / f"scan.v{seed}.zarr")
     np.save(scans / "broken.npy", np.zeros((4, 4), np.float32))  # no signal dimension
     wf = tmp_path / "wf.yaml"
     wf.write_text(yaml.safe_dump(WORKFLOW))
@@ -40,12 +42,34 @@ def test_batch_with_a_broken_scan_and_a_rerun(tmp_path, local_client):
     ledger = Ledger(tmp_path / "out" / "ledger.sqlite")
     failed = [e for e in ledger.entries() if e.state == "failed"]
     assert len(failed) == 1 and "broken.npy" in failed[0].error
-    assert (tmp_path / "out" / "scan1" / "report" / "index.html").exists()
+    for seed in (1, 2):  # each version its own output (they once shared out/scan)
+        assert (tmp_path / "out" / f"scan.v{seed}" / "report" / "index.html").exists()
     # a rerun skips the done scans and retries the failed one
     again = run_batch(scans, wf, output_root=tmp_path / "out", echo=lines.append)
     assert len(again["skipped"]) == 2 and len(again["failed"]) == 1
     table = status_table(tmp_path / "out" / "ledger.sqlite")
     assert "2 done" in table and "1 failed" in table and "broken.npy" in table
+
+
+def test_output_names_never_shared_nor_hidden(tmp_path):
+    from emscale.batch import output_names
+
+    scans = [Path(p) for p in ("d/x.v1.zarr", "d/x.v2.zarr", "d/x.npy", "d/x.zarr", "e/x.npy",
+                               "d/.hidden.npy", "d/plain")]
+    names = output_names(scans)
+    assert len(set(names.values())) == len(scans)
+    assert names[scans[0]] == "x.v1" and names[scans[6]] == "plain"
+    assert names[scans[5]] == "hidden" and not any(n.startswith(".") for n in names.values())
+    assert names == output_names(scans)  # the same on a rerun
+
+
+def test_batch_output_inside_the_scan_directory_refused(tmp_path, capsys):
+    (tmp_path / "scans").mkdir()
+    (tmp_path / "wf.yaml").write_text(yaml.safe_dump(WORKFLOW))
+    assert main(["batch", str(tmp_path / "scans"), "--workflow", str(tmp_path / "wf.yaml"),
+                 "--output", str(tmp_path / "scans" / "out")]) == 1
+    assert "lies inside the scan directory" in capsys.readouterr().err
+    assert list((tmp_path / "scans").iterdir()) == []
 
 
 def test_manifest_and_status_cli(tmp_path, capsys):
@@ -57,7 +81,7 @@ def test_manifest_and_status_cli(tmp_path, capsys):
 
 def test_batch_cli_exits_1_when_a_scan_failed(tmp_path, capsys):
     scans, wf = _scans(tmp_path)
-    (scans / "scan2.zarr").rename(tmp_path / "aside.zarr")  # one good scan, one broken
+    (scans / "scan.v2.zarr").rename(tmp_path / "aside.zarr")  # one good scan, one broken
     assert main(["batch", str(scans), "--workflow", str(wf), "--output", str(tmp_path / "out")]) == 1
     printed = capsys.readouterr().out
     assert "1 done, 1 failed" in printed
@@ -65,5 +89,6 @@ def test_batch_cli_exits_1_when_a_scan_failed(tmp_path, capsys):
     assert "1 done" in capsys.readouterr().out
     assert main(["status", str(tmp_path / "out")]) == 0  # the batch's output directory
     assert "1 failed" in capsys.readouterr().out
-    # the one-line error on the terminal; the traceback in the scan's own log
-    assert "Traceback" in (tmp_path / "out" / "broken" / "emscale.log").read_text()
+    # the broken file is refused before its run starts: one line naming it, no output left
+    assert "broken.npy: 2-D array (shape (4, 4)); need 3-D" in printed
+    assert not (tmp_path / "out" / "broken").exists()

@@ -51,6 +51,19 @@ def test_npy_spectrum_round_trip(tmp_path):
     assert ds.energy.attrs["calibrated"] is False
 
 
+@pytest.mark.parametrize("dtype, stored", [(np.int64, np.int32), (">u2", np.uint16),
+                                           (">f4", np.float32), (np.uint64, np.uint32)])
+def test_wide_or_byte_swapped_counts_converted(tmp_path, dtype, stored):
+    """int64 / big-endian counts whose values fit are stored in the native, narrower type
+    (they were refused, naming the output)."""
+    data = spectrum_data().astype(dtype)
+    np.save(tmp_path / "raw.npy", data)
+    ds, _ = ingest_checked(tmp_path / "raw.npy", tmp_path / "s.zarr")
+    assert ds.signal.dtype == stored
+    assert ds.attrs["ingest"]["source_dtype"] == str(np.dtype(dtype))
+    np.testing.assert_array_equal(ds.signal.values, data)
+
+
 def test_npy_4d_round_trip(tmp_path):
     data = diffraction_data(dtype=np.float32)
     np.save(tmp_path / "raw.npy", data)

@@ -82,13 +82,16 @@ def test_bad_cluster_files_name_the_field(tmp_path):
 def test_submit_runs_a_workflow_as_a_slurm_job(slurm, tmp_path, capsys):
     import time
 
+    # a space, a quote and a % in the output path: Slurm must be given them, not a broken script
+    out = tmp_path / "night run's 100%"
     wf = _small_workflow(tmp_path, seed=2)
     cluster = tmp_path / "local.yaml"
     cluster.write_text(yaml.safe_dump({"type": "local", "workers": 1, "memory": "2GiB",
                                        "walltime": "00:10:00", "dashboard_address": None}))
-    assert main(["submit", str(wf), "--cluster", str(cluster), "--begin", "now"]) == 0
+    assert main(["submit", str(wf), "--cluster", str(cluster), "--begin", "now",
+                 "--output", str(out)]) == 0
     job = capsys.readouterr().out.split("submitted job ")[1].split(":")[0]
-    script = (tmp_path / "out" / "submit.sh").read_text()
+    script = (out / "submit.sh").read_text()
     assert "#SBATCH --begin=now" in script and "emscale run" in script
     deadline = time.time() + 240
     while time.time() < deadline:
@@ -96,9 +99,9 @@ def test_submit_runs_a_workflow_as_a_slurm_job(slurm, tmp_path, capsys):
         if not queue.strip():
             break
         time.sleep(1)
-    log = (tmp_path / "out" / f"submit-{job}.out").read_text()
+    log = (out / f"submit-{job}.out").read_text()
     assert "report: " in log, log[-2000:]
-    assert (tmp_path / "out" / "report" / "index.html").exists()
+    assert (out / "report" / "index.html").exists()
 
 
 def test_submit_refuses_an_address_cluster(tmp_path):
@@ -116,6 +119,33 @@ def test_submit_refuses_an_address_cluster(tmp_path):
                                    begin="2200")
     assert command == "qsub" and "#PBS -q night" in script and "#PBS -a 2200" in script
     assert "mem=2048mb" in script
+
+
+@pytest.mark.parametrize("case, message", [
+    ("workflow", "workflow: "), ("begin", "--begin: "), ("queue", "queue"),
+    ("directive", "job_extra_directives"), ("output", "output: "),
+])
+def test_submit_refuses_what_would_break_or_inject_into_the_script(tmp_path, case, message):
+    """A line break in a file name, ``--begin`` or the cluster file would end a ``#SBATCH``
+    line and start a command: refused, naming what, before anything is written or submitted."""
+    from emscale.errors import ConfigError
+    from emscale.submit import batch_script
+
+    inject = "x\ntouch pwned\n"
+    wf = tmp_path / (f"wf{inject}.yaml" if case == "workflow" else "wf.yaml")
+    wf.write_text("")
+    cluster = {"type": "slurm", "memory": "2GiB"}
+    if case == "queue":
+        cluster["queue"] = "night now"
+    if case == "directive":
+        cluster["job_extra_directives"] = ["--gres=gpu:1" + inject]
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cluster))
+    output = tmp_path / ('o"ut' if case == "output" else "out")
+    with pytest.raises(ConfigError, match=message):
+        batch_script(wf, path, load_cluster_file(path), output,
+                     begin=inject if case == "begin" else None)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "pwned").exists()
 
 
 def test_a_workflow_inside_one_slurm_allocation(slurm, tmp_path, capsys):

@@ -66,6 +66,35 @@ def test_resume_after_a_kill_ends_identical(eels_stage, tmp_path):
         train_autoencoder(eels_stage, TrainConfig(epochs=5, **SMALL), checkpoint_dir=tmp_path / "b")
 
 
+class _Poison:
+    def __reduce__(self):
+        import os
+
+        return os.system, ("touch pwned",)
+
+
+@pytest.mark.parametrize("content", ["poisoned", "truncated"])
+def test_an_unloadable_checkpoint_is_set_aside_never_run(eels_stage, tmp_path, monkeypatch,
+                                                         caplog, content):
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    config = TrainConfig(epochs=2, **SMALL)
+    ckpt = tmp_path / "b" / "checkpoint.pt"
+    ckpt.parent.mkdir()
+    if content == "poisoned":
+        torch.save({"model": _Poison()}, ckpt)
+    else:
+        train_autoencoder(eels_stage, config, checkpoint_dir=tmp_path / "b", stop_after_epoch=0)
+        ckpt.write_bytes(ckpt.read_bytes()[:500])
+    with caplog.at_level("WARNING", logger="emscale.trainer"):
+        result = train_autoencoder(eels_stage, config, checkpoint_dir=tmp_path / "b")
+    assert not (tmp_path / "pwned").exists()
+    assert result.resumed_from is None and len(result.history["val_loss"]) == 2
+    aside = list(ckpt.parent.glob("checkpoint.pt.unreadable-*"))
+    assert len(aside) == 1 and aside[0].name in caplog.text and "weights_only=False" not in caplog.text
+
+
 def test_linear_autoencoder_recovers_the_pca_subspace(tmp_path):
     rng = np.random.default_rng(0)
     n, f, k = 48 * 48, 16, 3

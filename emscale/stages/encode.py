@@ -315,8 +315,9 @@ def _build(ctx: Context) -> xr.Dataset:
     if pca is not None:
         n = pca.attrs["pca"]["n_components"]
         if spec.latent_dim > n:
-            raise ConfigError(f"pca.n_components: {n} is fewer than train.latent_dim "
-                              f"({spec.latent_dim}): the comparison needs as many components")
+            raise ConfigError(f"train.latent_dim: {spec.latent_dim} is more than the PCA "
+                              f"stage's {n} components (pca.n_components): the comparison at "
+                              "the same k needs as many")
         proj = PCAProjection.from_pca_stage(pca, spec.latent_dim)
     cfg = ctx.config
     return encode_stage(features, spec, pca=proj, denoised=cfg.denoised, error=cfg.error)

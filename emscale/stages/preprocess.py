@@ -215,6 +215,14 @@ class Preprocessor(BaseEstimator):
                               "Poisson noise; choose one")
         return steps
 
+    def output_coords(self, kind: str, coords: dict) -> dict:
+        """The signal coordinates the chain makes of a scan with these ``coords`` (no data
+        read): what a workflow's later sections are checked against before anything runs."""
+        for step in self._check(kind):
+            step.prepare(coords)
+            coords = step.output_coords()
+        return coords
+
     def fit(self, scan: xr.Dataset, statistics: dict | None = None) -> "Preprocessor":
         """Prepare the steps and fit the stateful ones; ``statistics`` (a fitted chain's
         ``statistics_``, e.g. from a stage's provenance) restores those fits without a pass."""

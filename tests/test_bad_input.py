@@ -1,0 +1,243 @@
+"""Bad input, hostile names and paths, refused as a user sees it (issue 17's catalogue).
+
+Each case runs the command line in-process and asserts: exit code 1, one line on stderr that
+names the file, chunk or field, no traceback, every input byte-identical afterwards, and no
+output that looks complete. Workflow cases must be refused before a cluster starts (they take
+milliseconds: nothing here starts one)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import yaml
+
+from emscale.cli import main
+from emscale.ingest import sha256_of
+from emscale.store import write_scan
+from emscale.synth.eels import synth_eels
+
+WORKFLOW = {
+    "train": {"latent_dim": 3, "widths": [32, 16], "epochs": 1, "tile": 4, "threads": 1},
+    "pca": {"n_components": 4},
+    "cluster": {"k_range": [2, 3], "n_init": 1},
+}
+
+
+def refused(capsys, args, message, *, inputs=(), absent=()):
+    """Run ``emscale ARGS``; check the refusal and that nothing was harmed."""
+    before = {p: sha256_of(p) for p in inputs}
+    code = main([str(a) for a in args])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert err.startswith("emscale: error:") and err.count("\n") == 1, err
+    assert message in err and "Traceback" not in err, err
+    for path, digest in before.items():
+        assert path.exists() and sha256_of(path) == digest, f"{path} changed"
+    for path in absent:
+        assert not path.exists(), f"{path} written"
+    return err
+
+
+@pytest.fixture(scope="module")
+def scan_store(tmp_path_factory):
+    path = tmp_path_factory.mktemp("scan") / "s.zarr"
+    write_scan(synth_eels((12, 10), channels=96, seed=3), path)
+    return path
+
+
+def workflow(tmp_path, **sections) -> str:
+    data = {**WORKFLOW, **sections}
+    path = tmp_path / "wf.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+# --- raw files -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("array, message", [
+    (np.asfortranarray(np.ones((4, 5, 32), np.uint16)), "Fortran-ordered .npy"),
+    (np.ones((4, 5, 32), np.complex64), "values of type complex64 cannot be counts"),
+    (np.full((4, 5, 32), 2**40, np.int64), "pixels y 0:4, x 0:5 hold values 1099511627776..1099511627776 that do not fit int32"),
+])
+def test_raw_values_that_cannot_be_stored(tmp_path, capsys, array, message):
+    np.save(tmp_path / "raw.npy", array)
+    refused(capsys, ["ingest", tmp_path / "raw.npy", tmp_path / "s.zarr"], "raw.npy: " + message,
+            inputs=[tmp_path / "raw.npy"], absent=[tmp_path / "s.zarr"])
+
+
+# --- names and paths: an output never where it deletes or changes an input ---------------------
+
+def test_ingest_into_the_inputs_parent_with_overwrite(tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    np.save(data / "raw.npy", np.ones((4, 5, 32), np.uint16))
+    np.save(data / "sibling.npy", np.ones(3))  # a neighbour that --overwrite once deleted
+    refused(capsys, ["ingest", data / "raw.npy", data, "--overwrite"], "holds the input",
+            inputs=[data / "raw.npy", data / "sibling.npy"])
+
+
+def test_ingest_into_a_path_inside_a_zarr_input(tmp_path, capsys, scan_store):
+    refused(capsys, ["ingest", scan_store, scan_store / "copy.zarr"], "lies inside the input",
+            inputs=[scan_store], absent=[scan_store / "copy.zarr"])
+
+
+def test_overwrite_replaces_only_a_store(tmp_path, capsys):
+    np.save(tmp_path / "raw.npy", np.ones((4, 5, 32), np.uint16))
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("keep me")
+    refused(capsys, ["ingest", tmp_path / "raw.npy", notes, "--overwrite"],
+            "is not a Zarr store", inputs=[notes / "todo.txt"])
+
+
+def test_run_output_inside_the_input_store(tmp_path, capsys, scan_store):
+    refused(capsys, ["run", workflow(tmp_path), "--input", scan_store, "--output",
+                     scan_store / "results"], "lies inside the input", inputs=[scan_store],
+            absent=[scan_store / "results"])
+
+
+def test_run_input_where_the_run_writes(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    np.save(out / "scan.zarr", np.ones((4, 5, 32), np.uint16))  # np.save adds .npy
+    raw = out / "scan.zarr.npy"
+    (out / "results.zarr").mkdir()
+    raw.rename(out / "results.zarr" / "raw.npy")
+    raw = out / "results.zarr" / "raw.npy"
+    refused(capsys, ["run", workflow(tmp_path), "--input", raw, "--output", out],
+            "lies where the run writes its results.zarr", inputs=[raw])
+
+
+# --- workflows: refused against the scan before a cluster starts -------------------------------
+
+@pytest.mark.parametrize("sections, message", [
+    ({"cluster": {"n_clusters": 500}}, "cluster.n_clusters: 500 is more than the 120 pixels"),
+    ({"pca": {"n_components": 97}}, "pca.n_components: 97 is more than the 96 features"),
+    ({"preprocess": {"steps": [{"step": "crop", "start": 900, "stop": 950}]}}, "preprocess.steps"),
+    ({"train": {"latent_dim": 96, "tile": 4}, "pca": {"n_components": 96}},
+     "train.latent_dim: 96 is not fewer than the 96 features"),
+])
+def test_workflow_settings_checked_against_the_scan(tmp_path, capsys, scan_store, sections,
+                                                    message):
+    refused(capsys, ["run", workflow(tmp_path, **sections), "--input", scan_store, "--output",
+                     tmp_path / "out"], message, inputs=[scan_store],
+            absent=[tmp_path / "out"])
+
+
+def test_reference_recorded_otherwise(tmp_path, capsys, scan_store):
+    ref = tmp_path / "ref.zarr"
+    write_scan(synth_eels((12, 10), channels=128, seed=4), ref)
+    refused(capsys, ["run", workflow(tmp_path, anomaly={"reference": str(ref)}), "--input",
+                     scan_store, "--output", tmp_path / "out"],
+            "anomaly.reference: " + str(ref) + " has signal {'energy': 128}, the scan "
+            "{'energy': 96}", inputs=[scan_store, ref], absent=[tmp_path / "out"])
+
+
+def test_gram_solver_on_too_many_features(tmp_path, capsys):
+    # 20000 channels: a 1.5 GiB scatter matrix (400000 channels once asked for 596 GiB, after
+    # the scan was ingested and preprocessed)
+    np.save(tmp_path / "wide.npy", np.ones((4, 4, 20000), np.uint16))
+    refused(capsys, ["run", workflow(tmp_path, preprocess={"steps": []}), "--input",
+                     tmp_path / "wide.npy", "--output", tmp_path / "out"],
+            "pca.solver: gram needs a 20000 x 20000 scatter matrix",
+            inputs=[tmp_path / "wide.npy"], absent=[tmp_path / "out"])
+
+
+# --- two runs on one output --------------------------------------------------------------------
+
+def test_second_run_on_one_output_refused(tmp_path, capsys, scan_store):
+    from emscale.runner import output_lock
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with output_lock(out):  # another run holds it
+        err = refused(capsys, ["run", workflow(tmp_path), "--input", scan_store, "--output", out],
+                      f"output: {out} is in use by another emscale run (pid ",
+                      inputs=[scan_store], absent=[out / "results.zarr"])
+    assert "wait for it to finish" in err
+
+
+# --- an input changed in place -----------------------------------------------------------------
+
+def test_a_scan_store_rewritten_in_place_is_not_up_to_date(tmp_path):
+    """The cache key of a store read in place follows its chunk files (sizes, mtimes), not the
+    root directory's mtime, which a chunk rewritten inside it does not change."""
+    import os
+
+    import zarr
+
+    from emscale.runner import run_workflow
+    from emscale.store import ChunkPolicy
+    from emscale.workflow import validate_workflow
+
+    scan = tmp_path / "s.zarr"
+    write_scan(synth_eels((12, 10), channels=96, seed=3), scan, policy=ChunkPolicy(0.01))
+    wf = validate_workflow({**WORKFLOW, "input": str(scan), "output": str(tmp_path / "out")})
+    first = run_workflow(wf, until="preprocess", echo=lambda *a: None)
+    assert first.ran == ["preprocess"]
+    assert run_workflow(wf, until="preprocess", echo=lambda *a: None).skipped == ["preprocess"]
+    root_mtime = os.stat(scan).st_mtime_ns
+    signal = zarr.open_array(str(scan / "signal"), mode="r+")
+    signal[0, 0] = signal[0, 0] + 100  # one chunk rewritten in place
+    assert os.stat(scan).st_mtime_ns == root_mtime  # what the old key looked at
+    again = run_workflow(wf, until="preprocess", echo=lambda *a: None)
+    assert again.ran == ["preprocess"]
+
+
+# --- a full disk, then space freed -------------------------------------------------------------
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs of 300 kB that the test can grow (``remount``); skipped where mounting is not
+    allowed (not root)."""
+    import subprocess
+
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(mnt)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+
+    def grow(size: str) -> None:
+        subprocess.run(["mount", "-o", f"remount,size={size}", str(mnt)], check=True)
+
+    yield mnt, grow
+    subprocess.run(["umount", "-l", str(mnt)])
+
+
+def test_a_full_disk_in_each_stage_then_freed_resumes_identical(tmp_path, small_disk,
+                                                                 local_client):
+    """The output's disk fills in one stage after another (the PCA's group, the training set,
+    a checkpoint, a later stage or the report); each time one line names the output and says
+    what was kept; with space freed the rerun finishes what is missing and its results equal a
+    run that never failed."""
+    from emscale.errors import OutputError
+    from emscale.results import ResultsStore
+    from emscale.runner import run_workflow
+    from emscale.workflow import validate_workflow
+
+    mnt, grow = small_disk
+    synth = {"kind": "eels", "shape": [32, 32], "channels": 128, "anomaly": True, "seed": 1}
+    data = {**WORKFLOW, "synth": synth, "train": {**WORKFLOW["train"], "epochs": 2, "tile": 8}}
+    clean = run_workflow(validate_workflow({**data, "output": str(tmp_path / "clean")}),
+                         echo=lambda *a: None)
+    wf = validate_workflow({**data, "output": str(mnt / "out")})
+    failures = []
+    for size in ("300k", "700k", "1200k", "2000k", "16m"):
+        grow(size)
+        try:
+            result = run_workflow(wf, echo=lambda *a: None)
+            break
+        except OutputError as exc:
+            message = str(exc)
+            assert message.startswith(f"output {mnt / 'out'}") and "No space left on device" in \
+                message and ("rerun to resume" in message or "nothing was written" in message)
+            failures.append(message)
+    else:
+        pytest.fail("the run never finished")
+    assert len(failures) >= 3, failures  # the disk filled in several places
+    assert not list(mnt.rglob("*.partial-*"))
+    done, ref = ResultsStore(result.results), ResultsStore(clean.results)
+    for stage, name in (("encode", "latent"), ("anomaly", "anomaly_score"), ("cluster", "phase")):
+        np.testing.assert_array_equal(done.open_stage(stage)[name].values,
+                                      ref.open_stage(stage)[name].values)
