@@ -73,6 +73,13 @@ def _global(
     import dask
 
     dask.config.set({"logging.distributed": "debug" if debug else "info" if verbose else "warning"})
+    if not (verbose or debug):
+        from emscale.quiet_logs import DropAfterCancel
+
+        # after Ctrl-C, the client's cancelled gathers end in "Task exception was never retrieved"
+        asyncio_log = logging.getLogger("asyncio")
+        if not any(isinstance(f, DropAfterCancel) for f in asyncio_log.filters):
+            asyncio_log.addFilter(DropAfterCancel())
 
 
 def _policy(chunk_mib: float):
@@ -550,6 +557,8 @@ def main(argv: list[str] | None = None) -> int:
     command = typer.main.get_command(app)
     try:
         code = command.main(args=args, prog_name="emscale", standalone_mode=False)
+        if code == 130:  # typer's answer to Ctrl-C: it caught the KeyboardInterrupt
+            typer.echo("emscale: interrupted", err=True)
         # click returns the code of a typer.Exit raised by a command (batch: 1 on a failed scan)
         return code if isinstance(code, int) else 0
     except typer.Exit as exc:

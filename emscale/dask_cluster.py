@@ -77,9 +77,12 @@ def local_cluster(n_workers: int = 2, threads_per_worker: int = 1, memory_limit:
     try:
         os.environ.update(env)
         with dask.config.set({f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in env.items()}):
+            # without a dashboard the scheduler still serves /health on an HTTP port: any free
+            # one, not 8787 (busy there: a warning on the terminal)
+            off = {} if dashboard_address else {"scheduler_kwargs": {"dashboard_address": ":0"}}
             cluster = LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker,
                                    processes=True, memory_limit=memory_limit,
-                                   dashboard_address=dashboard_address)
+                                   dashboard_address=dashboard_address, **off)
     finally:
         for k, v in saved.items():
             if v is None:

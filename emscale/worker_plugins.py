@@ -6,10 +6,7 @@ import logging
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
-
-class _DropComputeFailed(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Compute Failed")
+from emscale.quiet_logs import DropAfterCancel, DropComputeFailed
 
 
 class QuietTaskFailures(WorkerPlugin):
@@ -19,6 +16,8 @@ class QuietTaskFailures(WorkerPlugin):
     idempotent = True
 
     def setup(self, worker) -> None:
-        logger = logging.getLogger("distributed.worker")
-        if not any(isinstance(f, _DropComputeFailed) for f in logger.filters):
-            logger.addFilter(_DropComputeFailed())
+        for name, kind in (("distributed.worker", DropComputeFailed),
+                           ("distributed.worker.state_machine", DropAfterCancel)):
+            logger = logging.getLogger(name)
+            if not any(isinstance(f, kind) for f in logger.filters):
+                logger.addFilter(kind())
