@@ -69,6 +69,13 @@ def _extent(arr) -> tuple[float, float, float, float]:
     return (-0.5, nx - 0.5, ny - 0.5, -0.5)
 
 
+def _aspect(arr) -> str:
+    """Square pixels, unless the scan is a line or a thin strip: then the map fills the axes
+    (a 1 x 400 line scan drawn with square pixels is a hairline)."""
+    ny, nx = arr.shape[:2]
+    return "auto" if max(ny, nx) > 8 * min(ny, nx) else "equal"
+
+
 def _shown(step: int) -> str:
     return (f" Maps and histograms show one pixel in {step} along y and x; means and fractions "
             "are over all pixels." if step > 1 else "")
@@ -158,7 +165,8 @@ def _errors(add, plt, pca, train, enc, an, cl, timings) -> None:
     lo = np.nanpercentile(np.concatenate([err.ravel(), perr.ravel()]), 1)
     hi = np.nanpercentile(np.concatenate([err.ravel(), perr.ravel()]), 99.5)
     for ax, v, t, m in ((axes[0], err, "autoencoder", mean_err), (axes[1], perr, "PCA", mean_perr)):
-        im = ax.imshow(v, vmin=lo, vmax=hi, cmap="magma", extent=_extent(enc["recon_error"]))
+        im = ax.imshow(v, vmin=lo, vmax=hi, cmap="magma", extent=_extent(enc["recon_error"]),
+                       aspect=_aspect(enc["recon_error"]))
         ax.set_title(f"{t} error (mean {m:.3g})")
         fig.colorbar(im, ax=ax, shrink=0.8)
     logx = lo > 0 and hi / lo > 20  # a log axis only for a wide range (its ticks crowd)
@@ -238,7 +246,8 @@ def _phases(add, plt, pca, train, enc, an, cl, timings, verdict=None) -> None:
     for ax, (name, what) in zip(axes[0], maps):
         n = int(cl.attrs.get(name, {}).get("n_clusters", k))
         ax.imshow(np.ma.masked_less(_view(cl[name])[0], 0), cmap=cmap, vmin=-0.5,
-                  vmax=cmap.N - 0.5, interpolation="nearest", extent=_extent(cl[name]))
+                  vmax=cmap.N - 0.5, interpolation="nearest", extent=_extent(cl[name]),
+                  aspect=_aspect(cl[name]))
         handles = [plt.Rectangle((0, 0), 1, 1, color=cmap(i % cmap.N)) for i in range(n)]
         ax.legend(handles, [f"phase {i}: {f:.1%}"
                             for i, f in enumerate(cl[f"{name}_fraction"].values[:n])],
@@ -361,7 +370,8 @@ def _orientation(add, plt, pca, train, enc, an, cl, timings, pre=None) -> None:
     m = int(np.bincount(found).argmax())
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
     im = ax.imshow(np.ma.masked_where(symmetry != m, angle), cmap="twilight", vmin=0,
-                   vmax=360 / m, interpolation="nearest", extent=_extent(pre["polar_orientation"]))
+                   vmax=360 / m, interpolation="nearest", extent=_extent(pre["polar_orientation"]),
+                   aspect=_aspect(pre["polar_orientation"]))
     fig.colorbar(im, ax=ax, shrink=0.8, label="degree")
     ax.set_title(f"in-plane orientation ({m}-fold, modulo {360 / m:g} degrees)")
     share = float((symmetry == m).mean())
@@ -380,10 +390,13 @@ def _anomalies(add, plt, pca, train, enc, an, cl, timings) -> None:
     (fraction,) = _exact(flagged.mean())
     thr = float(flagged.attrs["threshold"])
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    im = axes[0].imshow(score, cmap="viridis", extent=_extent(flagged))
-    axes[0].contour(shown_flags, levels=[0.5], colors="red", linewidths=0.8,
-                    extent=_extent(flagged), origin="upper")
-    axes[0].set_title(f"anomaly score; {fraction:.2%} flagged (red)")
+    im = axes[0].imshow(score, cmap="viridis", extent=_extent(flagged), aspect=_aspect(flagged))
+    if min(shown_flags.shape) >= 2:  # a contour needs two rows and two columns
+        axes[0].contour(shown_flags, levels=[0.5], colors="red", linewidths=0.8,
+                        extent=_extent(flagged), origin="upper")
+        axes[0].set_title(f"anomaly score; {fraction:.2%} flagged (red)")
+    else:
+        axes[0].set_title(f"anomaly score; {fraction:.2%} flagged")
     fig.colorbar(im, ax=axes[0], shrink=0.8)
     s = score[np.isfinite(score)]
     axes[1].hist(s, bins=100, log=True)

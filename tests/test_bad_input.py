@@ -284,3 +284,28 @@ def test_a_scheduler_address_where_nothing_listens(tmp_path, capsys, scan_store)
                      tmp_path / "out", "--cluster", cluster],
             f"address: nothing listens at tcp://127.0.0.1:{port} (connection refused)",
             inputs=[scan_store], absent=[tmp_path / "out"])
+
+
+def test_a_line_scan_gets_its_anomaly_map(tmp_path):
+    """A scan of one row went through every stage and then crashed in the report (a contour
+    needs two rows); its maps now fill the axes instead of drawing a hairline. (A whole run of a
+    1 x 400 scan, by hand: every stage and the report.)"""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import xarray as xr
+
+    from emscale.report import _anomalies
+
+    flags = np.zeros((1, 256), bool)
+    flags[0, 100:110] = True
+    an = xr.Dataset({"anomaly": (("y", "x"), flags, {"threshold": 2.5, "method": "combined",
+                                                     "calibration": "robust"}),
+                     "anomaly_score": (("y", "x"), np.where(flags, 5.0, 0.0))})
+    figures = []
+    _anomalies(lambda name, title, fig, caption="": figures.append(fig), plt, None, None, None,
+               an, None, {})
+    (fig,) = figures
+    assert fig.axes[0].get_aspect() == "auto"
+    assert fig.axes[0].get_title() == "anomaly score; 3.91% flagged"
