@@ -35,7 +35,8 @@ class OutputError(EmscaleError):
     """The output cannot be written: disk full, quota, read-only or no permission."""
 
 
-def output_failure(exc: BaseException, output: str | os.PathLike, kept: str = "") -> OutputError | None:
+def output_failure(exc: BaseException, output: str | os.PathLike,
+                   kept: str = "") -> OutputError | None:
     """An ``OutputError`` naming ``output`` for an ``OSError`` that says the disk is full or
     not writable (raised here or on a worker), with the free space there; None for any other
     error. ``kept`` says what was kept for a rerun."""

@@ -175,10 +175,10 @@ def _convert_block(block: np.ndarray, target: np.dtype, path: str, block_info=No
         info = np.iinfo(target)
         lo, hi = block.min(), block.max()
         if lo < info.min or hi > info.max:
-            where = block_info[0]["array-location"][:2] if block_info else "?"
-            raise InputError(f"{path}: pixels y {where[0][0]}:{where[0][1]}, x {where[1][0]}:"
-                             f"{where[1][1]} hold values {lo}..{hi} that do not fit {target} "
-                             f"(from {block.dtype}); counts that large are not supported")
+            (y0, y1), (x0, x1) = block_info[0]["array-location"][:2]
+            raise InputError(f"{path}: pixels y {y0}:{y1}, x {x0}:{x1} hold values {lo}..{hi} "
+                             f"that do not fit {target} (from {block.dtype}); counts that "
+                             "large are not supported")
     return block.astype(target, copy=False)
 
 

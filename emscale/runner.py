@@ -312,12 +312,11 @@ def check_against_scan(workflow: WorkflowBase, registry: Registry, reference) ->
         from emscale.store import open_scan
 
         ref = open_scan(reference)["signal"]
-        scan_shape = tuple(v.size for v in coords.values())
-        if tuple(ref.shape[2:]) != scan_shape or ref.dims[2:] != tuple(coords):
-            raise ConfigError(
-                f"anomaly.reference: {reference} has signal {dict(zip(ref.dims[2:], ref.shape[2:]))}"
-                f", the scan {dict(zip(coords, scan_shape))}: a reference must be recorded like "
-                "the scan")
+        theirs = dict(zip(ref.dims[2:], ref.shape[2:]))
+        ours = {d: v.size for d, v in coords.items()}
+        if theirs != ours:
+            raise ConfigError(f"anomaly.reference: {reference} has signal {theirs}, the scan "
+                              f"{ours}: a reference must be recorded like the scan")
 
 
 @dataclass

@@ -57,7 +57,8 @@ def workflow(tmp_path, **sections) -> str:
 @pytest.mark.parametrize("array, message", [
     (np.asfortranarray(np.ones((4, 5, 32), np.uint16)), "Fortran-ordered .npy"),
     (np.ones((4, 5, 32), np.complex64), "values of type complex64 cannot be counts"),
-    (np.full((4, 5, 32), 2**40, np.int64), "pixels y 0:4, x 0:5 hold values 1099511627776..1099511627776 that do not fit int32"),
+    (np.full((4, 5, 32), 2**40, np.int64),
+     "pixels y 0:4, x 0:5 hold values 1099511627776..1099511627776 that do not fit int32"),
 ])
 def test_raw_values_that_cannot_be_stored(tmp_path, capsys, array, message):
     np.save(tmp_path / "raw.npy", array)
