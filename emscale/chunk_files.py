@@ -4,14 +4,16 @@ Reading a chunk through Zarr costs about twice the Blosc decode itself (a 32 MiB
 chunk: 30 ms against 14 ms): zarr hops onto its event loop and a thread, decodes into a new
 buffer and copies that into the output. Every pass of every stage reads the scan, so
 ``direct_array`` builds the dask array of a Zarr v3 array whose chunks are plain files of the
-codecs emscale writes (bytes, optionally Blosc): one task per chunk that reads the file and
-decodes it into the block it returns. Anything else (sharding, other codecs, big-endian bytes)
+codecs emscale writes (bytes, optionally Blosc, optionally a CRC-32C of the stored bytes): one
+task per chunk that reads the file, checks its checksum and decodes it into the block it
+returns. Anything else (sharding, other codecs, big-endian bytes)
 keeps Zarr's own reads.
 
 A chunk file that is missing is an error naming it, not the fill value Zarr would give, where
 the store holds every chunk (emscale's scan stores say so: ``store.EVERY_CHUNK``): a missing
-one was lost, and reading it as zeros would make a phase of it. A chunk that does not decode to
-its size is an error naming the file too.
+one was lost, and reading it as zeros would make a phase of it. A chunk whose checksum does not
+match (changed or damaged in place: LZ4 itself would decode it to wrong numbers) or that does
+not decode to its size is an error naming the file too.
 """
 
 from __future__ import annotations
@@ -20,12 +22,13 @@ import os
 from pathlib import Path
 
 import dask.array as da
+import google_crc32c
 import numcodecs.blosc
 import numpy as np
 import zarr
 from dask.array.core import normalize_chunks
 from dask.base import tokenize
-from zarr.codecs import BloscCodec, BytesCodec
+from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec
 from zarr.core.chunk_grids import RegularChunkGrid
 
 from emscale.errors import StoreError
@@ -49,14 +52,19 @@ def direct_array(store: str | os.PathLike, name: str, like: da.Array, *,
         return None
     encoding = meta.chunk_key_encoding
     fill = meta.fill_value if missing_is_fill else None
+    checked = isinstance(codecs[-1], Crc32cCodec)
     return da.map_blocks(read_chunk, array=str(path), encoding=encoding, chunk_shape=chunk_shape,
-                         shape=shape, stored=dtype.str, compressed=len(codecs) == 2, fill=fill,
+                         shape=shape, stored=dtype.str, fill=fill, checked=checked,
+                         compressed=any(isinstance(c, BloscCodec) for c in codecs),
                          chunks=like.chunks, dtype=dtype, meta=np.empty((0,) * like.ndim, dtype),
                          name=f"read-{name}-{tokenize(like.name, str(path), encoding)}")
 
 
 def _plain(codecs: tuple, dtype: np.dtype) -> bool:
-    """Bytes in this machine's order (little-endian), then at most a Blosc codec."""
+    """Bytes in this machine's order (little-endian), then at most a Blosc codec, then at most
+    a CRC-32C."""
+    if codecs and isinstance(codecs[-1], Crc32cCodec):
+        codecs = codecs[:-1]
     if not codecs or len(codecs) > 2 or not isinstance(codecs[0], BytesCodec) \
             or not all(isinstance(c, BloscCodec) for c in codecs[1:]):
         return False
@@ -65,8 +73,18 @@ def _plain(codecs: tuple, dtype: np.dtype) -> bool:
                                                          or endian.value == "little"))
 
 
+def verified(raw: bytes, file: str) -> np.ndarray:
+    """The stored bytes of a chunk that ends in its CRC-32C (little-endian), checked (a view:
+    no copy)."""
+    body = np.frombuffer(raw, np.uint8)[:-4]
+    if len(raw) < 4 or google_crc32c.value(body) != int.from_bytes(raw[-4:], "little"):
+        raise ValueError("its checksum does not match: changed or damaged since it was written")
+    return body
+
+
 def read_chunk(*, array: str, encoding, chunk_shape: tuple[int, ...], shape: tuple[int, ...],
-               stored: str, compressed: bool, fill, block_id: tuple[int, ...]) -> np.ndarray:
+               stored: str, compressed: bool, fill, block_id: tuple[int, ...],
+               checked: bool = False) -> np.ndarray:
     """One chunk of the Zarr array at ``array``: its file read whole and decoded into the
     block returned (cut to the block's shape at the array's far edges)."""
     file = os.path.join(array, encoding.encode_chunk_key(block_id))
@@ -77,28 +95,44 @@ def read_chunk(*, array: str, encoding, chunk_shape: tuple[int, ...], shape: tup
     except FileNotFoundError:
         if fill is not None:
             return np.full(_edge(chunk_shape, shape, block_id), fill, dtype)
-        raise StoreError(f"{file}: chunk {block_id} is missing (emscale's stores hold every "
-                         "chunk: this one was lost); ingest the scan again") from None
+        raise StoreError(f"{file}: chunk {block_id} ({_pixels(chunk_shape, shape, block_id)}) is "
+                         "missing (emscale's stores hold every chunk: this one was lost); "
+                         "ingest the scan again") from None
     out = np.empty(chunk_shape, dtype)
+    if checked:
+        try:
+            raw = verified(raw, file)
+        except ValueError as exc:
+            raise StoreError(f"{file}: chunk {block_id} ({_pixels(chunk_shape, shape, block_id)})"
+                             f": {exc}; the store is damaged: ingest the scan again") from None
     if compressed:
         try:
             # Blosc's header: the sizes decoded (bytes 4-8) and stored (12-16), little-endian
-            nbytes, cbytes = (int.from_bytes(raw[i:i + 4], "little") for i in (4, 12))
+            nbytes, cbytes = (int.from_bytes(bytes(raw[i:i + 4]), "little") for i in (4, 12))
             if len(raw) < 16 or cbytes != len(raw):
                 raise ValueError(f"{len(raw)} bytes on disk, its header says {cbytes}")
             if nbytes != out.nbytes:
                 raise ValueError(f"it decodes to {nbytes} bytes, the chunk is {out.nbytes}")
             numcodecs.blosc.decompress(raw, out)
         except (ValueError, RuntimeError, TypeError) as exc:
-            raise StoreError(f"{file}: chunk {block_id} cannot be decoded ({exc}); the store is "
-                             "damaged: ingest the scan again") from None
+            raise StoreError(f"{file}: chunk {block_id} ({_pixels(chunk_shape, shape, block_id)})"
+                             f" cannot be decoded ({exc}); the store is damaged: ingest the "
+                             "scan again") from None
     else:
         if len(raw) != out.nbytes:
-            raise StoreError(f"{file}: chunk {block_id} holds {len(raw)} bytes, expected "
-                             f"{out.nbytes}; the store is damaged: ingest the scan again")
+            raise StoreError(f"{file}: chunk {block_id} ({_pixels(chunk_shape, shape, block_id)})"
+                             f" holds {len(raw)} bytes, expected {out.nbytes}; the store is "
+                             "damaged: ingest the scan again")
         out = np.frombuffer(raw, dtype).reshape(chunk_shape)
     edge = _edge(chunk_shape, shape, block_id)
     return out if edge == chunk_shape else out[tuple(slice(0, e) for e in edge)]
+
+
+def _pixels(chunk_shape, shape, block_id) -> str:
+    """The navigation pixels a chunk holds, for an error message."""
+    y0, x0 = (i * c for i, c in zip(block_id[:2], chunk_shape[:2]))
+    ny, nx = _edge(chunk_shape, shape, block_id)[:2]
+    return f"pixels y {y0}:{y0 + ny}, x {x0}:{x0 + nx}"
 
 
 def _edge(chunk_shape, shape, block_id) -> tuple[int, ...]:

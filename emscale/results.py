@@ -38,7 +38,8 @@ from emscale.config import utc_now
 from emscale.errors import StoreError
 from emscale.progress import repeating
 from emscale.reduction import WINDOW_BLOCKS
-from emscale.store import SIGNAL_DIMS, WRITE_EMPTY_CHUNKS, default_compressor, open_target
+from emscale.store import (EVERY_CHUNK, SIGNAL_DIMS, WRITE_EMPTY_CHUNKS, default_compressors,
+                           open_target)
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,8 @@ class ResultsStore:
             shutil.rmtree(tmp / DONE_DIR)  # all chunks are on disk: the markers have served
             group = zarr.open_group(str(tmp), mode="a", zarr_format=3)
             extra = finalize(_open(tmp)) if finalize else {}
-            group.attrs.update({**(extra or {}), "stage": name, "started": started, "finished": utc_now()})
+            group.attrs.update({**(extra or {}), "stage": name, "started": started,
+                                "finished": utc_now(), EVERY_CHUNK: WRITE_EMPTY_CHUNKS})
         log.info("wrote stage %s of %s", name, self.path)
         return self.open_stage(name, registry)
 
@@ -162,8 +164,32 @@ class ResultsStore:
         if registry is None:
             from emscale.stages import REGISTRY as registry
         ds = _open(self.path / name)
+        if ds.attrs.get(EVERY_CHUNK):
+            check_every_chunk(self.path / name, name)
         stage = registry.get(name)
         return stage.reopen(ds) if stage is not None and stage.reopen is not None else ds
+
+
+def check_every_chunk(group: Path, stage: str) -> None:
+    """Refuse a stage group that lost a chunk file (zarr would read its fill value: zeros or
+    NaN that the next stages take for data). One directory listing per variable: the chunk
+    files counted against the chunk grid; the first missing one named."""
+    for meta in group.glob("*/zarr.json"):
+        info = json.loads(meta.read_text())
+        if info.get("node_type") != "array" or not info.get("shape"):
+            continue
+        grid = info["chunk_grid"]["configuration"]["chunk_shape"]
+        counts = [math.ceil(n / c) for n, c in zip(info["shape"], grid)]
+        root = meta.parent / "c"
+        found = sum(len(files) for _, _, files in os.walk(root))
+        if found == math.prod(counts):
+            continue
+        for index in np.ndindex(*counts):
+            file = root.joinpath(*map(str, index))
+            if not file.exists():
+                raise StoreError(f"{file}: chunk {index} of the {stage} stage's "
+                                 f"{meta.parent.name} is missing; the results store is "
+                                 f"damaged: rerun with --force {stage}")
 
 
 # a stage group's maps are read in blocks of about this size: large enough that a pass over
@@ -208,7 +234,7 @@ def _encoding(ds: xr.Dataset) -> dict[str, dict[str, Any]]:
         else:
             chunks = var.shape
         enc[name] = {"chunks": tuple(max(1, c) for c in chunks),
-                     "compressors": (default_compressor(np.dtype(var.dtype).itemsize),)}
+                     "compressors": default_compressors(np.dtype(var.dtype).itemsize)}
     return enc
 
 

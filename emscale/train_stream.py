@@ -127,7 +127,7 @@ def gather_training_set(stage, config: "TrainConfig", path: str | os.PathLike, *
     from emscale.atomic import PARTIAL_MARK, atomic_directory
     from emscale.progress import compute
     from emscale.stages.preprocess import features_of
-    from emscale.store import (MIB, WRITE_EMPTY_CHUNKS, ChunkPolicy, default_compressor,
+    from emscale.store import (MIB, WRITE_EMPTY_CHUNKS, ChunkPolicy, default_compressors,
                                navigation_chunks)
 
     path = Path(path)
@@ -160,7 +160,7 @@ def gather_training_set(stage, config: "TrainConfig", path: str | os.PathLike, *
         v.encoding = {}
     grid.attrs = {"sample_stride": stride, "sample_origin": origin, "scan_shape": [ny, nx],
                   "preprocess": stage.attrs.get("preprocess"), "source": stage.attrs.get("source")}
-    encoding = {n: {"compressors": (default_compressor(np.dtype(grid[n].dtype).itemsize),)}
+    encoding = {n: {"compressors": default_compressors(np.dtype(grid[n].dtype).itemsize)}
                 for n in names}
     path.parent.mkdir(parents=True, exist_ok=True)
     # what an interrupted write left (its workers may still have been writing when the error

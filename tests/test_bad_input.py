@@ -310,3 +310,25 @@ def test_a_line_scan_gets_its_anomaly_map(tmp_path):
     (fig,) = figures
     assert fig.axes[0].get_aspect() == "auto"
     assert fig.axes[0].get_title() == "anomaly score; 3.91% flagged"
+
+
+def test_a_stage_group_that_lost_a_chunk_is_an_error_naming_it(tmp_path):
+    """A results group says it holds every chunk: one lost is named (zarr would read NaN or 0
+    that the next stages take for data), with the stage to redo."""
+    import dask.array as da
+    import xarray as xr
+
+    from emscale.errors import StoreError
+    from emscale.results import ResultsStore
+
+    store = ResultsStore(tmp_path / "results.zarr")
+    codes = da.from_array(np.arange(12 * 10 * 2, dtype=np.float32).reshape(12, 10, 2),
+                          chunks=(4, 10, 2))
+    store.write_stage("encode", xr.Dataset({"latent": (("y", "x", "latent"), codes)}),
+                      registry={})
+    np.testing.assert_array_equal(store.open_stage("encode", registry={})["latent"].values,
+                                  codes.compute())
+    (tmp_path / "results.zarr" / "encode" / "latent" / "c" / "1" / "0" / "0").unlink()
+    with pytest.raises(StoreError, match=r"latent/c/1/0/0: chunk \(1, 0, 0\) of the encode "
+                                         r"stage's latent is missing.*--force encode"):
+        store.open_stage("encode", registry={})

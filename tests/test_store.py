@@ -161,17 +161,40 @@ def test_other_codecs_are_read_through_zarr(tmp_path):
     np.testing.assert_array_equal(back.signal.values, ds.signal.values)
 
 
+def test_a_chunk_changed_in_place_fails_its_checksum(tmp_path):
+    """LZ4 has no checksum: one bit flipped in a stored chunk decoded to wrong numbers without
+    a word. emscale's stores end each chunk in a CRC-32C, checked on every read."""
+    from zarr.codecs import Crc32cCodec
+
+    ds = spectrum_ds(ny=13, nx=7)
+    write_scan(ds, tmp_path / "s.zarr", policy=ChunkPolicy(target_mib=0.002))
+    assert isinstance(zarr.open_array(str(tmp_path / "s.zarr" / "signal")).compressors[-1],
+                      Crc32cCodec)
+    back = open_scan(tmp_path / "s.zarr")
+    assert back.signal.data.name.startswith("read-signal")  # the direct reads check it too
+    np.testing.assert_array_equal(back.signal.values, ds.signal.values)
+    chunk = tmp_path / "s.zarr" / "signal" / "c" / "1" / "0" / "0"
+    raw = bytearray(chunk.read_bytes())
+    raw[len(raw) // 2] ^= 1
+    chunk.write_bytes(bytes(raw))  # same length: only a checksum tells
+    with pytest.raises(StoreError, match=r"c/1/0/0: chunk \(1, 0, 0\) \(pixels y \d+:\d+, x 0:7\)"
+                                         r": its checksum does not match"):
+        open_scan(tmp_path / "s.zarr").signal.values
+
+
 def test_a_lost_or_damaged_chunk_is_an_error_naming_it(tmp_path):
     _tiled_store(tmp_path / "s.zarr")
     chunk = tmp_path / "s.zarr" / "signal" / "c" / "1" / "1" / "0"
     raw = chunk.read_bytes()
     chunk.write_bytes(raw[: len(raw) // 2])  # truncated: a disk that filled up
     with pytest.raises(StoreError,
-                       match=r"c/1/1/0: chunk \(1, 1, 0\) cannot be decoded.*ingest the scan again"):
+                       match=r"c/1/1/0: chunk \(1, 1, 0\) \(pixels y 5:10, x 4:7\) cannot be "
+                             r"decoded.*ingest the scan again"):
         open_scan(tmp_path / "s.zarr").signal.values
     chunk.unlink()  # lost: zarr would read its fill value, zeros that become a phase
     with pytest.raises(StoreError,
-                       match=r"c/1/1/0: chunk \(1, 1, 0\) is missing.*ingest the scan again"):
+                       match=r"c/1/1/0: chunk \(1, 1, 0\) \(pixels y 5:10, x 4:7\) is missing.*"
+                             r"ingest the scan again"):
         open_scan(tmp_path / "s.zarr").signal.values
     # a store that does not say it holds every chunk (written by another tool, or by emscale
     # before it wrote them all) may leave out a chunk of fill values: read as zarr reads it

@@ -75,7 +75,7 @@ def store_encoder(store: Path):
     import numcodecs.blosc
     import zarr
 
-    (codec,) = zarr.open_array(str(store / "signal"), mode="r").compressors
+    codec = zarr.open_array(str(store / "signal"), mode="r").compressors[0]  # Blosc (then a CRC)
     shuffle = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}[str(codec.shuffle.value)]
     cname = str(codec.cname.value).encode()
     return lambda raw: numcodecs.blosc.compress(raw, cname, codec.clevel, shuffle,
@@ -92,6 +92,7 @@ def codec_encode_rate(store: Path, max_bytes: int = 2 << 30) -> float:
     chunks, total = [], 0
     for path in sorted((store / "signal" / "c").rglob("*")):
         if path.is_file() and total < max_bytes:
+            # (a CRC-32C after the Blosc frame is left out: Blosc reads its own length)
             chunks.append(numcodecs.blosc.decompress(path.read_bytes()))
             total += len(chunks[-1])
     old = numcodecs.blosc.use_threads
