@@ -77,6 +77,23 @@ def check_inputs_apart(output: Path, inputs: dict[str, Any]) -> None:
                                   f"{name} (output {output}); move it or choose another output")
 
 
+def check_writable(output: Path) -> None:
+    """Refuse an output directory that cannot be written (a read-only disk, no permission) or
+    that is a file, before a cluster starts."""
+    import os
+
+    if output.exists() and not output.is_dir():
+        raise ConfigError(f"output: {output} is a file, not a directory")
+    probe = output
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"output: {output} cannot be created ({probe} is a file)")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"output: {output} cannot be written ({probe} is read-only or not "
+                          "writable by this user)")
+
+
 @contextlib.contextmanager
 def output_lock(output: Path):
     """Hold an exclusive lock on the output directory for the run: a second run on the same
@@ -224,6 +241,7 @@ def preflight(workflow: WorkflowBase, force: tuple[str, ...] = (),
     region, reference = _normal_settings(workflow)
     check_inputs_apart(Path(workflow.output), {"input": workflow.input,
                                                "anomaly.reference": reference})
+    check_writable(Path(workflow.output))
     tile = workflow.train.tile if _trains(registry, until) else None
     if reference is not None:
         from emscale.store import open_scan

@@ -332,3 +332,20 @@ def test_a_stage_group_that_lost_a_chunk_is_an_error_naming_it(tmp_path):
     with pytest.raises(StoreError, match=r"latent/c/1/0/0: chunk \(1, 0, 0\) of the encode "
                                          r"stage's latent is missing.*--force encode"):
         store.open_stage("encode", registry={})
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_a_cluster(tmp_path, capsys, small_disk,
+                                                                      scan_store):
+    import subprocess
+
+    mnt, _ = small_disk
+    (mnt / "data").mkdir()
+    subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+    refused(capsys, ["run", workflow(tmp_path), "--input", scan_store, "--output",
+                     mnt / "data" / "out"], f"output: {mnt / 'data' / 'out'} cannot be written "
+            f"({mnt / 'data'} is read-only", inputs=[scan_store])
+    refused(capsys, ["ingest", scan_store, mnt / "s.zarr"], f"output {mnt / 's.zarr'}: cannot "
+            "write", inputs=[scan_store], absent=[mnt / "s.zarr"])
+    (tmp_path / "afile").write_text("")
+    refused(capsys, ["run", workflow(tmp_path), "--input", scan_store, "--output",
+                     tmp_path / "afile" / "out"], "cannot be created", inputs=[scan_store])

@@ -98,8 +98,9 @@ def _scan(array: np.ndarray, rows: int, cols: int) -> xr.Dataset:
     import dask.array as da
 
     energy = np.linspace(400.0, 800.0, array.shape[2])
-    return xr.Dataset({"signal": (("y", "x", "energy"), da.from_array(array, chunks=(rows, cols, -1)))},
-                      coords={"energy": energy}, attrs={"kind": "spectrum"})
+    signal = da.from_array(array, chunks=(rows, cols, -1))
+    return xr.Dataset({"signal": (("y", "x", "energy"), signal)}, coords={"energy": energy},
+                      attrs={"kind": "spectrum"})
 
 
 @QUICK
