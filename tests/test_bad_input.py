@@ -206,23 +206,42 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mnt)])
 
 
-def test_a_full_disk_in_each_stage_then_freed_resumes_identical(tmp_path, small_disk,
-                                                                 local_client):
+# a small workflow run once as it should go: the fault tests' results must equal it
+FAULT_DATA = {**WORKFLOW, "synth": {"kind": "eels", "shape": [32, 32], "channels": 128,
+                                    "anomaly": True, "seed": 1},
+              "train": {**WORKFLOW["train"], "epochs": 2, "tile": 8}}
+
+
+@pytest.fixture(scope="module")
+def clean_run(tmp_path_factory, local_client):
+    from emscale.runner import run_workflow
+    from emscale.workflow import validate_workflow
+
+    out = tmp_path_factory.mktemp("clean") / "out"
+    return run_workflow(validate_workflow({**FAULT_DATA, "output": str(out)}),
+                        echo=lambda *a: None)
+
+
+def assert_same_results(result, clean) -> None:
+    from emscale.results import ResultsStore
+
+    done, ref = ResultsStore(result.results), ResultsStore(clean.results)
+    for stage, name in (("encode", "latent"), ("anomaly", "anomaly_score"), ("cluster", "phase")):
+        np.testing.assert_array_equal(done.open_stage(stage)[name].values,
+                                      ref.open_stage(stage)[name].values)
+
+
+def test_a_full_disk_in_each_stage_then_freed_resumes_identical(small_disk, clean_run):
     """The output's disk fills in one stage, then another (here the PCA's group, then a training
     checkpoint); each time one line names the output and says what was kept; with space freed
     the rerun finishes what is missing and its results equal a run that never failed. (By hand,
     with 700k and 2000k too: the training set and the report filled it, same messages.)"""
     from emscale.errors import OutputError
-    from emscale.results import ResultsStore
     from emscale.runner import run_workflow
     from emscale.workflow import validate_workflow
 
     mnt, grow = small_disk
-    synth = {"kind": "eels", "shape": [32, 32], "channels": 128, "anomaly": True, "seed": 1}
-    data = {**WORKFLOW, "synth": synth, "train": {**WORKFLOW["train"], "epochs": 2, "tile": 8}}
-    clean = run_workflow(validate_workflow({**data, "output": str(tmp_path / "clean")}),
-                         echo=lambda *a: None)
-    wf = validate_workflow({**data, "output": str(mnt / "out")})
+    wf = validate_workflow({**FAULT_DATA, "output": str(mnt / "out")})
     failures = []
     for size in ("300k", "1200k", "16m"):
         grow(size)
@@ -238,10 +257,32 @@ def test_a_full_disk_in_each_stage_then_freed_resumes_identical(tmp_path, small_
         pytest.fail("the run never finished")
     assert len(failures) >= 2, failures  # the disk filled in two places at least
     assert not list(mnt.rglob("*.partial-*"))
-    done, ref = ResultsStore(result.results), ResultsStore(clean.results)
-    for stage, name in (("encode", "latent"), ("anomaly", "anomaly_score"), ("cluster", "phase")):
-        np.testing.assert_array_equal(done.open_stage(stage)[name].values,
-                                      ref.open_stage(stage)[name].values)
+    assert_same_results(result, clean_run)
+
+
+def test_a_worker_killed_mid_run_changes_nothing(tmp_path, local_client, clean_run):
+    """A worker process SIGKILLed while the stages run (from the start of encode): its nanny
+    starts another, the lost tasks run again, and the results equal a run without the kill."""
+    import os
+    import signal
+    import threading
+
+    from emscale.runner import run_workflow
+    from emscale.workflow import validate_workflow
+
+    pids = list(local_client.run(os.getpid).values())
+    killed = []
+
+    def echo(message):
+        if message.startswith("[encode]") and not killed:
+            killed.append(pids[0])
+            threading.Timer(0.2, os.kill, (pids[0], signal.SIGKILL)).start()
+
+    result = run_workflow(validate_workflow({**FAULT_DATA, "output": str(tmp_path / "out")}),
+                          echo=echo)
+    assert killed and pids[0] not in local_client.run(os.getpid).values()
+    local_client.wait_for_workers(2, timeout=60)
+    assert_same_results(result, clean_run)
 
 
 # --- processes and clusters --------------------------------------------------------------------
