@@ -118,6 +118,28 @@ def output_lock(output: Path):
         os.close(fd)  # closing releases the lock
 
 
+@contextlib.contextmanager
+def _checksums_named(results, reads: tuple[str, ...]):
+    """Zarr says only "Stored and computed checksum do not match" of a damaged chunk in a
+    results group: find the file among the groups the stage reads and name it, with the stage
+    to redo."""
+    try:
+        yield
+    except ValueError as exc:
+        if "checksum do not match" not in str(exc):
+            raise
+        from emscale.errors import StoreError
+        from emscale.results import damaged_chunk
+
+        for name in reads:
+            if results.has_stage(name):
+                bad = damaged_chunk(results.path / name)
+                if bad is not None:
+                    raise StoreError(f"{bad}: its checksum does not match (changed or damaged "
+                                     f"since it was written); rerun with --force {name}") from exc
+        raise
+
+
 def _key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -419,7 +441,8 @@ class Runner:
                       workdir=self.out, normal=normal, note=note, progress=self.show_progress)
         with results.resumable(stage.name, key), _heartbeat(note, last, t0,
                                                             None if self.show_progress else
-                                                            PROGRESS_EVERY):
+                                                            PROGRESS_EVERY), \
+                _checksums_named(results, stage.reads):
             ds = stage.build(ctx)
             check_outputs(stage, ds)
             out = results.write_stage(stage.name, ds, overwrite=True, finalize=stage.finalize,

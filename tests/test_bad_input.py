@@ -353,9 +353,10 @@ def test_a_line_scan_gets_its_anomaly_map(tmp_path):
     assert fig.axes[0].get_title() == "anomaly score; 3.91% flagged"
 
 
-def test_a_stage_group_that_lost_a_chunk_is_an_error_naming_it(tmp_path):
-    """A results group says it holds every chunk: one lost is named (zarr would read NaN or 0
-    that the next stages take for data), with the stage to redo."""
+def test_a_stage_group_with_a_damaged_or_lost_chunk_names_it(tmp_path):
+    """A results group's chunk changed in place fails its checksum, and the runner names the
+    file; the group says it holds every chunk, so one lost is named too (zarr would read NaN or
+    0 that the next stages take for data); both with the stage to redo."""
     import dask.array as da
     import xarray as xr
 
@@ -365,11 +366,20 @@ def test_a_stage_group_that_lost_a_chunk_is_an_error_naming_it(tmp_path):
     store = ResultsStore(tmp_path / "results.zarr")
     codes = da.from_array(np.arange(12 * 10 * 2, dtype=np.float32).reshape(12, 10, 2),
                           chunks=(4, 10, 2))
-    store.write_stage("encode", xr.Dataset({"latent": (("y", "x", "latent"), codes)}),
+    store.write_stage("encode", xr.Dataset({"latent": (("y", "x", "k"), codes)}),
                       registry={})
     np.testing.assert_array_equal(store.open_stage("encode", registry={})["latent"].values,
                                   codes.compute())
-    (tmp_path / "results.zarr" / "encode" / "latent" / "c" / "1" / "0" / "0").unlink()
+    chunk = tmp_path / "results.zarr" / "encode" / "latent" / "c" / "1" / "0" / "0"
+    raw = bytearray(chunk.read_bytes())
+    raw[len(raw) // 2] ^= 1  # changed in place: its CRC-32C tells (Zarr names no file)
+    chunk.write_bytes(bytes(raw))
+    from emscale.runner import _checksums_named
+
+    with pytest.raises(StoreError, match=r"latent/c/1/0/0: its checksum does not match.*"
+                                         r"--force encode"), _checksums_named(store, ("encode",)):
+        store.open_stage("encode", registry={})["latent"].values
+    chunk.unlink()
     with pytest.raises(StoreError, match=r"latent/c/1/0/0: chunk \(1, 0, 0\) of the encode "
                                          r"stage's latent is missing.*--force encode"):
         store.open_stage("encode", registry={})
