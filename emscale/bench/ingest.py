@@ -71,15 +71,27 @@ def disk_read_rate(path: Path, block: int = 64 << 20) -> float:
 
 
 def store_encoder(store: Path):
-    """A function that encodes a raw chunk as the scan store's ``signal`` codec (Blosc) does."""
+    """A function that encodes a raw chunk as the scan store's ``signal`` codecs (Blosc, CRC)
+    do."""
     import numcodecs.blosc
     import zarr
 
-    codec = zarr.open_array(str(store / "signal"), mode="r").compressors[0]  # Blosc (then a CRC)
+    import google_crc32c
+    from zarr.codecs import Crc32cCodec
+
+    compressors = zarr.open_array(str(store / "signal"), mode="r").compressors
+    codec = compressors[0]  # Blosc, then (stores written from issue 17 on) a CRC-32C
     shuffle = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}[str(codec.shuffle.value)]
     cname = str(codec.cname.value).encode()
-    return lambda raw: numcodecs.blosc.compress(raw, cname, codec.clevel, shuffle,
-                                                codec.blocksize, codec.typesize)
+
+    def encode(raw):
+        out = numcodecs.blosc.compress(raw, cname, codec.clevel, shuffle, codec.blocksize,
+                                       codec.typesize)
+        if isinstance(compressors[-1], Crc32cCodec):
+            out += google_crc32c.value(out).to_bytes(4, "little")
+        return out
+
+    return encode
 
 
 def codec_encode_rate(store: Path, max_bytes: int = 2 << 30) -> float:
