@@ -1,9 +1,10 @@
-"""Bad input, hostile names and paths, refused as a user sees it (issue 17's catalogue).
+"""Bad input, hostile names and paths, and faults, as a user meets them (issue 17).
 
-Each case runs the command line in-process and asserts: exit code 1, one line on stderr that
-names the file, chunk or field, no traceback, every input byte-identical afterwards, and no
-output that looks complete. Workflow cases must be refused before a cluster starts (they take
-milliseconds: nothing here starts one)."""
+Refusals run the command line in-process and assert: exit code 1, one line on stderr that names
+the file, chunk or field, no traceback, every input byte-identical afterwards, and no output
+that looks complete. Workflow cases must be refused before a cluster starts (they take
+milliseconds). Faults (a full disk, a killed worker, Ctrl-C, a lost or damaged chunk) are real
+runs on a LocalCluster, their results compared with a run that had none."""
 
 from __future__ import annotations
 
