@@ -175,8 +175,10 @@ def ingest_cmd(
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))
     else:
+        stored = "" if report.stored_dtype == report.dtype else \
+            f" (stored as {report.stored_dtype})"
         typer.echo(f"ingested {raw} ({report.format}) -> {out}: {report.kind} "
-                   f"{' x '.join(map(str, report.shape))} {report.dtype}, "
+                   f"{' x '.join(map(str, report.shape))} {report.dtype}{stored}, "
                    f"{report.bytes_read / 1e6:.1f} MB in {report.seconds:.1f} s "
                    f"({report.mb_per_s:.0f} MB/s)")
 

@@ -55,6 +55,7 @@ class IngestReport:
     nonfinite: int
     negative: int
     sha256: str
+    stored_dtype: str = ""  # the store's, where the file's is converted (int64 -> int32)
 
     @property
     def mb_per_s(self) -> float:
@@ -286,7 +287,7 @@ def ingest(
     seconds = time.perf_counter() - started
     report = IngestReport(
         source=str(raw_path), output=str(out_path), format=raw.format, kind=raw.kind,
-        shape=tuple(raw.data.shape), dtype=str(raw.data.dtype),
+        shape=tuple(raw.data.shape), dtype=str(raw.data.dtype), stored_dtype=str(signal.dtype),
         chunks=tuple(chunks_for(raw.data.shape)),
         bytes_read=int(np.prod(raw.data.shape)) * raw.data.dtype.itemsize, seconds=seconds,
         nonfinite=nonfinite, negative=negative, sha256=sha,
