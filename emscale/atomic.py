@@ -34,7 +34,9 @@ def check_output_free(path: str | os.PathLike, overwrite: bool = False,
     if path.exists() or path.is_symlink():
         if not overwrite:
             raise OutputExistsError(f"output {path} exists already ({remedy})")
-        if path.is_symlink() or not (path / "zarr.json").is_file():
+        target = path.resolve()  # a link to a store (on scratch, say) is a store
+        empty = target.is_dir() and not any(target.iterdir())
+        if not empty and not (target / "zarr.json").is_file():
             raise OutputExistsError(f"output {path} exists and is not a Zarr store: --overwrite "
                                     "replaces only a store (choose another path)")
     return path

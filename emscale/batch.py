@@ -102,9 +102,12 @@ def output_names(scans: list[Path]) -> dict[Path, str]:
     counts: dict[str, int] = {}
     for stem in stems.values():
         counts[stem] = counts.get(stem, 0) + 1
-    return {scan: stem if counts[stem] == 1 else
-            f"{stem}-{hashlib.sha256(str(scan.resolve()).encode()).hexdigest()[:8]}"
+    return {scan: stem if counts[stem] == 1 else with_path_hash(stem, scan)
             for scan, stem in stems.items()}
+
+
+def with_path_hash(stem: str, scan: Path) -> str:
+    return f"{stem}-{hashlib.sha256(str(scan.resolve()).encode()).hexdigest()[:8]}"
 
 
 def run_batch(source, workflow_path, *, output_root: Path | None = None,
@@ -124,6 +127,8 @@ def run_batch(source, workflow_path, *, output_root: Path | None = None,
     ledger = Ledger(ledger_path or root / "ledger.sqlite")
     whash = base.section_hash("preprocess", "pca", "train", "encode", "anomaly", "cluster")
     names = output_names(scans)
+    # directories the ledger gave out (to scans run before, under any naming): never shared
+    taken = {e.scan: Path(e.output) for e in ledger.entries() if e.output}
     outcome: dict[str, list[str]] = {"done": [], "failed": [], "skipped": []}
     for scan in scans:
         key = str(scan.resolve())
@@ -132,8 +137,12 @@ def run_batch(source, workflow_path, *, output_root: Path | None = None,
             outcome["skipped"].append(key)
             echo(f"[batch] {scan.name}: done before, skipped")
             continue
-        # a scan run before keeps its directory, even if the list around it changed
+        # a scan run before keeps its directory, even if the list around it changed; a new one
+        # gets a name no other scan of the ledger holds
         out = Path(entry.output) if entry and entry.output else root / names[scan]
+        if key not in taken and out in taken.values():
+            out = root / with_path_hash(names[scan], scan)
+        taken[key] = out
         ledger.set(key, state="running", output=str(out), error=None, started=utc_now(),
                    finished=None, seconds=None, workflow_hash=whash)
         echo(f"[batch] {scan.name}: running -> {out}")

@@ -101,7 +101,7 @@ CLUSTER_TYPES = ("local", "slurm", "pbs", "address", "slurm-runner")
 
 
 # what a scheduler option value may hold in a batch script's directive line
-SCHEDULER_WORD = re.compile(r"[\w.\-:@+]+")
+SCHEDULER_WORD = re.compile(r"[\w.\-:@+,]+")  # a comma: Slurm's partition lists
 
 
 def _cluster_schema():
@@ -149,7 +149,7 @@ def _cluster_schema():
         def _plain_word(cls, value):
             # these go into #SBATCH/#PBS lines: no spaces, quotes or line breaks
             if value is not None and not SCHEDULER_WORD.fullmatch(value):
-                raise ValueError(f"{value!r}: use letters, digits and . _ - : @ + only")
+                raise ValueError(f"{value!r}: use letters, digits and . _ - : @ + , only")
             return value
 
         @field_validator("job_extra_directives")

@@ -43,6 +43,12 @@ def output_failure(exc: BaseException, output: str | os.PathLike,
     if not isinstance(exc, OSError) or exc.errno not in NO_ROOM:
         return None
     where = Path(output)
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        # a permission error is the output's only where it names a file of the output (or of
+        # its temporary sibling NAME.partial-...): an input that cannot be read is not
+        mine = str(where.resolve())
+        if not exc.filename or not str(Path(str(exc.filename)).resolve()).startswith(mine):
+            return None
     probe = where
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import hashlib
 import json
 import logging
@@ -71,7 +72,10 @@ def check_inputs_apart(output: Path, inputs: dict[str, Any]) -> None:
         if out == src or out.is_relative_to(src):
             raise ConfigError(f"output: {output} is or lies inside the {field_name} {source} "
                               "(the run would change it); choose an output outside it")
+        in_place = _is_scan_store(src)  # read where it is: the run writes no scan.zarr then
         for name in RUN_WRITES:
+            if in_place and name in ("scan.zarr", "scan.key"):
+                continue
             if src.is_relative_to(out / name):
                 raise ConfigError(f"{field_name}: {source} lies where the run writes its "
                                   f"{name} (output {output}); move it or choose another output")
@@ -111,6 +115,11 @@ def output_lock(output: Path):
             holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
             raise ConfigError(f"output: {output} is in use by another emscale run ({holder}); "
                               "wait for it to finish or choose another output") from None
+        except OSError as exc:  # a file system without locks (Lustre without -o flock, NFS
+            if exc.errno not in (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP):  # sans lockd)
+                raise
+            log.warning("output %s: its file system has no locks (%s); two runs on it would "
+                        "not be kept apart", output, exc.strerror)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {platform.node()} since {utc_now()}\n".encode(), 0)
         yield
@@ -274,7 +283,7 @@ def preflight(workflow: WorkflowBase, force: tuple[str, ...] = (),
             check_split(tile, tuple(open_scan(reference)["signal"].shape[:2]))
     elif workflow.synth is not None and tile is not None:
         check_split(tile, tuple(workflow.synth.shape), region)
-    check_against_scan(workflow, registry, reference)
+    check_against_scan(workflow, registry, reference, until)
 
 
 # above this many bytes of scatter matrix (features x features, float32) the gram solver is
@@ -314,7 +323,8 @@ def scan_outline(workflow: WorkflowBase) -> tuple[str, tuple[int, int], dict] | 
     return raw.kind, tuple(raw.data.shape[:2]), coords
 
 
-def check_against_scan(workflow: WorkflowBase, registry: Registry, reference) -> None:
+def check_against_scan(workflow: WorkflowBase, registry: Registry, reference,
+                       until: str | None = None) -> None:
     """The sections' settings against the scan's size, before a cluster starts: the chain's
     coordinate ranges, components, latent size and K against features and pixels, the gram
     solver's matrix, a reference of another signal shape. (The stages check them again.)"""
@@ -322,8 +332,10 @@ def check_against_scan(workflow: WorkflowBase, registry: Registry, reference) ->
 
     from emscale.stages.preprocess import Preprocessor
 
+    names = stage_names(registry)
+    runs = set(names[:names.index(until) + 1] if until in names else names)
     outline = scan_outline(workflow)
-    if outline is None or "preprocess" not in registry.names:
+    if outline is None or "preprocess" not in runs:
         return
     kind, (ny, nx), coords = outline
     pre = workflow.preprocess
@@ -331,7 +343,7 @@ def check_against_scan(workflow: WorkflowBase, registry: Registry, reference) ->
     features, pixels = int(np.prod([v.size for v in out.values()])), ny * nx
     shape = " x ".join(str(v.size) for v in out.values())
     pca = getattr(workflow, "pca", None)
-    if pca is not None and "pca" in registry.names:
+    if pca is not None and "pca" in runs:
         if pca.n_components > features:
             raise ConfigError(f"pca.n_components: {pca.n_components} is more than the {features} "
                               f"features the preprocessing leaves ({shape})")
@@ -340,11 +352,11 @@ def check_against_scan(workflow: WorkflowBase, registry: Registry, reference) ->
                               f"({features * features * 4 / 2**30:.0f} GiB) for the {features} "
                               "features; use solver: randomized, or bin/crop the signal")
     train = getattr(workflow, "train", None)
-    if train is not None and "train" in registry.names and train.latent_dim >= features:
+    if train is not None and "train" in runs and train.latent_dim >= features:
         raise ConfigError(f"train.latent_dim: {train.latent_dim} is not fewer than the {features} "
                           "features the preprocessing leaves: nothing to compress")
     cluster = getattr(workflow, "cluster", None)
-    if cluster is not None and "cluster" in registry.names and cluster.n_clusters != "auto" \
+    if cluster is not None and "cluster" in runs and cluster.n_clusters != "auto" \
             and cluster.n_clusters > pixels:
         raise ConfigError(f"cluster.n_clusters: {cluster.n_clusters} is more than the {pixels} "
                           f"pixels of the {ny} x {nx} scan")

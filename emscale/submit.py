@@ -27,7 +27,7 @@ def batch_script(workflow: Path, cluster_file: Path, cfg, output: Path,
         _check_printable(what, str(value))
     if begin is not None and not BEGIN.fullmatch(begin):
         raise ConfigError(f"--begin: {begin!r} is not a time (e.g. 22:00, now+1hour, "
-                          "2026-12-24T20:00; letters, digits and : + - . only)")
+                          "2026-12-24T20:00, 12/24/26; letters, digits and : + - . / only)")
     if '"' in str(output) or "\\" in str(output):
         raise ConfigError(f"output: {output}: a double quote or backslash cannot be passed in a "
                           "batch script's directive; choose another path")
@@ -70,7 +70,7 @@ def batch_script(workflow: Path, cluster_file: Path, cfg, output: Path,
 
 
 # Slurm's --begin and PBS's -a: a time, a date, or now+N<unit>
-BEGIN = re.compile(r"[A-Za-z0-9:+\-.]+")
+BEGIN = re.compile(r"[A-Za-z0-9:+\-./]+")
 
 
 def _check_printable(what: str, value: str) -> None:

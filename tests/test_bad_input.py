@@ -401,3 +401,54 @@ def test_an_output_that_cannot_be_written_is_refused_before_a_cluster(tmp_path, 
     (tmp_path / "afile").write_text("")
     refused(capsys, ["run", workflow(tmp_path), "--input", scan_store, "--output",
                      tmp_path / "afile" / "out"], "cannot be created", inputs=[scan_store])
+
+
+def test_legitimate_layouts_still_pass(tmp_path, scan_store):
+    """What the overlap checks must not refuse: a scan store kept as OUT/scan.zarr (the raw file
+    deleted after a first run) read in place, --overwrite of a store through a link, or of an
+    empty directory."""
+    import shutil
+
+    from emscale.atomic import check_output_free
+    from emscale.runner import preflight
+    from emscale.workflow import validate_workflow
+
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copytree(scan_store, out / "scan.zarr")
+    preflight(validate_workflow({**WORKFLOW, "input": str(out / "scan.zarr"), "output": str(out)}))
+    (tmp_path / "link.zarr").symlink_to(scan_store)
+    check_output_free(tmp_path / "link.zarr", overwrite=True)
+    (tmp_path / "empty").mkdir()
+    check_output_free(tmp_path / "empty", overwrite=True)
+
+
+def test_a_permission_error_is_the_outputs_only_on_its_files(tmp_path):
+    import errno
+
+    from emscale.errors import output_failure
+
+    out = tmp_path / "s.zarr"
+    denied = errno.EACCES
+    assert output_failure(PermissionError(denied, "Permission denied", str(tmp_path / "raw.npy")),
+                          out) is None  # an input that cannot be read: not an output error
+    mine = output_failure(PermissionError(denied, "Permission denied",
+                                          str(tmp_path / "s.zarr.partial-1234" / "zarr.json")), out)
+    assert mine is not None and str(mine).startswith(f"output {out}: cannot write")
+    full = output_failure(OSError(errno.ENOSPC, "No space left on device"), out)
+    assert "No space left on device" in str(full) and "nothing was written there" in str(full)
+
+
+def test_a_file_system_without_locks_runs_unlocked(tmp_path, monkeypatch, caplog):
+    import errno
+    import fcntl
+
+    from emscale.runner import output_lock
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with caplog.at_level("WARNING", logger="emscale.runner"), output_lock(tmp_path):
+        pass
+    assert "has no locks" in caplog.text

@@ -96,3 +96,22 @@ def test_batch_cli_exits_1_when_a_scan_failed(tmp_path, capsys):
     # the broken file is refused before its run starts: one line naming it, no output left
     assert "broken.npy: 2-D array (shape (4, 4)); need 3-D" in printed
     assert not (tmp_path / "out" / "broken").exists()
+
+
+def test_a_new_scan_never_takes_a_directory_the_ledger_gave_out(tmp_path, monkeypatch):
+    """x.v1.npy ran (out/x.v1); then x.v1.zarr comes: it gets its own directory, not x.v1's."""
+    import emscale.runner
+
+    ran = []
+    monkeypatch.setattr(emscale.runner, "run_workflow", lambda wf, **kw: ran.append(wf.output))
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    np.save(scans / "x.v1.npy", np.ones((4, 4, 8), np.uint16))
+    wf = tmp_path / "wf.yaml"
+    wf.write_text(yaml.safe_dump(WORKFLOW))
+    run_batch(scans, wf, output_root=tmp_path / "out", echo=lambda *a: None)
+    (scans / "x.v1.npy").unlink()
+    np.save(scans / "x.v1.zarr.npy", np.ones((4, 4, 8), np.uint16))  # stem "x.v1.zarr"
+    (scans / "x.v1.zarr.npy").rename(scans / "x.v1.zarr")
+    run_batch(scans, wf, output_root=tmp_path / "out", echo=lambda *a: None)
+    assert len(ran) == 2 and ran[0] != ran[1] and ran[0].name == "x.v1", ran
