@@ -128,6 +128,33 @@ def read_chunk(*, array: str, encoding, chunk_shape: tuple[int, ...], shape: tup
     return out if edge == chunk_shape else out[tuple(slice(0, e) for e in edge)]
 
 
+def first_missing(array: str | os.PathLike) -> tuple[Path, tuple[int, ...], str] | None:
+    """The first chunk file missing from a Zarr v3 array of regular chunks written whole
+    (file, chunk index, pixels it holds), or None: one walk of its chunk directory counted
+    against the grid (about 1 600 files for a 100 GB scan of 64 MiB chunks), the files looked
+    up one by one only when the count is short."""
+    import json
+    import math
+
+    path = Path(array)
+    info = json.loads((path / "zarr.json").read_text())
+    if info.get("node_type") != "array" or not info.get("shape"):
+        return None
+    shape = tuple(info["shape"])
+    chunk_shape = tuple(info["chunk_grid"]["configuration"]["chunk_shape"])
+    counts = [math.ceil(n / c) for n, c in zip(shape, chunk_shape)]
+    found = sum(len(files) for _, _, files in os.walk(path / "c"))
+    if found >= math.prod(counts):
+        return None
+    encoding = zarr.open_array(str(path), mode="r", zarr_format=3).metadata.chunk_key_encoding
+    for index in np.ndindex(*counts):
+        file = path / encoding.encode_chunk_key(index)
+        if not file.exists():
+            pixels = _pixels(chunk_shape, shape, index) if len(shape) >= 2 else ""
+            return file, index, pixels
+    return None
+
+
 def _pixels(chunk_shape, shape, block_id) -> str:
     """The navigation pixels a chunk holds, for an error message."""
     y0, x0 = (i * c for i, c in zip(block_id[:2], chunk_shape[:2]))

@@ -238,6 +238,7 @@ def run_cmd(
         default_cluster_file,
         load_cluster_file,
         open_cluster,
+        with_options,
         worker_jobs,
     )
     from emscale.runner import preflight, run_workflow
@@ -248,8 +249,9 @@ def run_cmd(
     if cluster_file is not None:
         cfg = load_cluster_file(cluster_file)
     else:
-        cfg = default_cluster_file().model_copy(update={"workers": workers, "threads": threads,
-                                                         "memory": memory_limit})
+        cfg = with_options(default_cluster_file(), {
+            "workers": ("--workers", workers), "threads": ("--threads", threads),
+            "memory": ("--memory-limit", memory_limit)})
     cfg = _dashboard(cfg, dashboard_address)
     with open_cluster(cfg) as (cluster, client):
         typer.echo(_dashboard_line(client, cfg))

@@ -70,8 +70,17 @@ def load_yaml(path: str | Path, what: str) -> dict:
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: cannot read the {what} ({exc})") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the {what} ({exc.strerror})") from None
+    except yaml.MarkedYAMLError as exc:  # one line: where, and what the parser found
+        mark = exc.problem_mark or exc.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = " ".join(filter(None, [exc.context, exc.problem]))
+        if "constructor for the tag" in problem:
+            problem += " (plain YAML only: tags that build Python objects are refused)"
+        raise ConfigError(f"{path}: {where}not a valid {what}: {problem}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not a valid {what}: {' '.join(str(exc).split())}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a {what} is a mapping, got {type(data).__name__}")
     return data

@@ -25,6 +25,7 @@ import os
 import re
 
 import dask
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,16 @@ def worker_environment(keep_blas_coretype: bool = False) -> dict[str, str]:
     return env
 
 
+def dashboard_bind(address: str | None) -> str | None:
+    """A dashboard address as given, or on the loopback where it names no host: distributed
+    would listen on every interface for ":8787" (while printing a 127.0.0.1 link), which on a
+    shared login node shows the run to anyone who can reach the machine. Reach it from another
+    host with an SSH tunnel, or name the interface ("0.0.0.0:8787" for all)."""
+    if address and address.startswith(":"):
+        return "127.0.0.1" + address
+    return address
+
+
 def local_cluster(n_workers: int = 2, threads_per_worker: int = 1, memory_limit: str = "4GiB",
                   dashboard_address: str | None = ":8787", keep_blas_coretype: bool = False):
     """A LocalCluster of worker processes with emscale's worker environment."""
@@ -79,10 +90,11 @@ def local_cluster(n_workers: int = 2, threads_per_worker: int = 1, memory_limit:
         with dask.config.set({f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in env.items()}):
             # without a dashboard the scheduler still serves /health on an HTTP port: any free
             # one, not 8787 (busy there: a warning on the terminal)
-            off = {} if dashboard_address else {"scheduler_kwargs": {"dashboard_address": ":0"}}
+            off = {} if dashboard_address else {"scheduler_kwargs": {"dashboard_address":
+                                                                     "127.0.0.1:0"}}
             cluster = LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker,
                                    processes=True, memory_limit=memory_limit,
-                                   dashboard_address=dashboard_address, **off)
+                                   dashboard_address=dashboard_bind(dashboard_address), **off)
     finally:
         for k, v in saved.items():
             if v is None:
@@ -144,6 +156,18 @@ def _cluster_schema():
         wait_for_workers: int = Field(1, ge=0, description="workers to wait for before starting")
         timeout: float = Field(300, gt=0, description="seconds to wait for them")
 
+        @field_validator("memory")
+        @classmethod
+        def _size(cls, value):
+            from dask.utils import parse_bytes
+
+            try:
+                if parse_bytes(value) <= 0:
+                    raise ValueError
+            except (ValueError, TypeError):
+                raise ValueError(f"{value!r} is not a size (e.g. 4GiB, 512MB)") from None
+            return value
+
         @field_validator("walltime", "queue", "account")
         @classmethod
         def _plain_word(cls, value):
@@ -186,6 +210,25 @@ def load_cluster_file(path):
 
 def default_cluster_file():
     return _cluster_schema()()
+
+
+def with_options(cfg, options: dict[str, tuple[str, Any]]):
+    """The cluster file ``cfg`` with command-line options applied and checked like the file:
+    ``{field: (option, value)}``, a value of None leaving the field as it is; an error names
+    the option."""
+    from pydantic import ValidationError
+
+    from emscale.errors import ConfigError
+
+    for name, (option, value) in options.items():
+        if value is None:
+            continue
+        try:
+            cfg = _cluster_schema().model_validate({**cfg.model_dump(), name: value})
+        except ValidationError as exc:
+            message = "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
+            raise ConfigError(f"{option}: {message}") from None
+    return cfg
 
 
 def check_listening(address: str, timeout: float = 10.0) -> None:
@@ -291,7 +334,7 @@ def _jobqueue_cluster(cfg):
                   log_directory=cfg.log_directory, python=cfg.python or sys.executable,
                   job_script_prologue=[f"export {k}={v}" for k, v in env.items()])
     if cfg.dashboard_address is not None:
-        kwargs["scheduler_options"] = {"dashboard_address": cfg.dashboard_address}
+        kwargs["scheduler_options"] = {"dashboard_address": dashboard_bind(cfg.dashboard_address)}
     return cls(**kwargs)
 
 

@@ -31,19 +31,65 @@ def compute(*collections, description: str = "", enabled: bool | None = None):
     except (ImportError, ValueError):
         client = None
     if client is None:
-        if not show:
-            return dask.compute(*collections)
-        from tqdm.dask import TqdmCallback
+        with _own_thread_pool() as kwargs:
+            if not show:
+                return dask.compute(*collections, **kwargs)
+            from tqdm.dask import TqdmCallback
 
-        with TqdmCallback(desc=description, unit="task", leave=False, file=sys.stderr):
-            return dask.compute(*collections)
+            with TqdmCallback(desc=description, unit="task", leave=False, file=sys.stderr):
+                return dask.compute(*collections, **kwargs)
     futures = client.compute(list(collections))
-    if show:
-        from distributed import progress
+    try:
+        if show:
+            from distributed import progress
 
-        print(description, file=sys.stderr)
-        progress(futures, notebook=False)
-    return tuple(client.gather(futures))
+            print(description, file=sys.stderr)
+            progress(futures, notebook=False)
+        return tuple(client.gather(futures))
+    except BaseException:
+        client.cancel(futures)
+        _wait_until_idle(client)
+        raise
+
+
+# When a task fails, dask raises at once while the tasks already running go on: a writer
+# still running would write into the temporary directory that the caller removes on the error
+# (ingest of a damaged store left ``OUT.partial-*`` behind). So a failed computation returns
+# only once the tasks it started have ended.
+
+@contextlib.contextmanager
+def _own_thread_pool():
+    """The threaded scheduler's keyword arguments with a pool of its own, shut down (waiting
+    for running tasks) when the computation ends; none for the other local schedulers."""
+    import dask
+
+    if dask.config.get("scheduler", None) not in (None, "threads", "threading"):
+        yield {}
+        return
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(dask.config.get("num_workers", None) or os.cpu_count() or 1)
+    try:
+        yield {"pool": pool}
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _wait_until_idle(client, timeout: float = 60.0) -> None:
+    """Wait (at most ``timeout`` s) until no worker executes a task: after a cancel, the tasks
+    already running finish on their workers."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            busy = client.run(lambda dask_worker: len(dask_worker.state.executing))
+        except Exception:  # workers gone, or the client closing: nothing left to wait for
+            return
+        if not any(busy.values()):
+            return
+        time.sleep(0.1)
 
 
 @contextlib.contextmanager

@@ -381,7 +381,12 @@ def read_zarr(path: Path, chunks_for: ChunksFor) -> RawScan:
     try:
         node = zarr.open(str(path), mode="r")
     except Exception as exc:
-        raise InputError(f"{path}: not a readable Zarr store ({type(exc).__name__}: {exc})") from None
+        from emscale.store import not_a_zarr_group
+
+        reason = not_a_zarr_group(path, exc)
+        if "v2 store" in reason:  # zarr reads v2 too; it failed for another reason
+            reason = f"not a readable Zarr store ({type(exc).__name__}: {exc})"
+        raise InputError(f"{path}: {reason}") from None
     if isinstance(node, zarr.Group) and "signal" in node:
         return _read_scan_store(path, chunks_for)
     if isinstance(node, zarr.Group):

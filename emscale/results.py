@@ -26,7 +26,6 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable
 
-import dask
 import dask.array as da
 import numpy as np
 import xarray as xr
@@ -172,24 +171,16 @@ class ResultsStore:
 
 def check_every_chunk(group: Path, stage: str) -> None:
     """Refuse a stage group that lost a chunk file (zarr would read its fill value: zeros or
-    NaN that the next stages take for data). One directory listing per variable: the chunk
-    files counted against the chunk grid; the first missing one named."""
-    for meta in group.glob("*/zarr.json"):
-        info = json.loads(meta.read_text())
-        if info.get("node_type") != "array" or not info.get("shape"):
-            continue
-        grid = info["chunk_grid"]["configuration"]["chunk_shape"]
-        counts = [math.ceil(n / c) for n, c in zip(info["shape"], grid)]
-        root = meta.parent / "c"
-        found = sum(len(files) for _, _, files in os.walk(root))
-        if found == math.prod(counts):
-            continue
-        for index in np.ndindex(*counts):
-            file = root.joinpath(*map(str, index))
-            if not file.exists():
-                raise StoreError(f"{file}: chunk {index} of the {stage} stage's "
-                                 f"{meta.parent.name} is missing; the results store is "
-                                 f"damaged: rerun with --force {stage}")
+    NaN that the next stages take for data), naming the first missing one."""
+    from emscale.chunk_files import first_missing
+
+    for meta in sorted(group.glob("*/zarr.json")):
+        missing = first_missing(meta.parent)
+        if missing is not None:
+            file, index, _ = missing
+            raise StoreError(f"{file}: chunk {index} of the {stage} stage's "
+                             f"{meta.parent.name} is missing; the results store is "
+                             f"damaged: rerun with --force {stage}")
 
 
 def damaged_chunk(group: Path) -> Path | None:
@@ -315,6 +306,8 @@ def _write_chunks(name: str, ds: xr.Dataset, tmp: Path, *, progress: bool,
     from dask.delayed import Delayed
     from dask.highlevelgraph import HighLevelGraph
 
+    from emscale.progress import compute
+
     merged = HighLevelGraph.merge(*[w.__dask_graph__() for w in writes])
     windows = [todo_keys[i:i + WINDOW_BLOCKS] for i in range(0, len(todo_keys), WINDOW_BLOCKS)]
     nbytes = sum(v.nbytes for v in ds.variables.values() if isinstance(v.data, da.Array))
@@ -330,13 +323,8 @@ def _write_chunks(name: str, ds: xr.Dataset, tmp: Path, *, progress: bool,
             final = f"{name}-written-{tokenize(tmp.name, keys)}"
             graph = HighLevelGraph({**graph.layers, final: {final: (len, keys)}},
                                    {**graph.dependencies, final: set(graph.layers)})
-            if progress:
-                from emscale.progress import compute
-
-                part = f" ({w + 1} of {len(windows)})" if len(windows) > 1 else ""
-                compute(Delayed(final, graph), description=name + part)
-            else:
-                dask.compute(Delayed(final, graph))
+            part = f" ({w + 1} of {len(windows)})" if len(windows) > 1 else ""
+            compute(Delayed(final, graph), description=name + part, enabled=progress)
     return found
 
 

@@ -273,6 +273,9 @@ def preflight(workflow: WorkflowBase, force: tuple[str, ...] = (),
     check_inputs_apart(Path(workflow.output), {"input": workflow.input,
                                                "anomaly.reference": reference})
     check_writable(Path(workflow.output))
+    if (Path(workflow.output) / LOCK_FILE).exists():
+        with output_lock(Path(workflow.output)):  # held by another run: refused now, not later
+            pass
     tile = workflow.train.tile if _trains(registry, until) else None
     if reference is not None:
         from emscale.store import open_scan
@@ -296,7 +299,7 @@ def scan_outline(workflow: WorkflowBase) -> tuple[str, tuple[int, int], dict] | 
     reading its data (a store's or raw file's metadata, or the generator's description)."""
     import numpy as np
 
-    from emscale.store import SIGNAL_DIMS, open_scan
+    from emscale.store import SIGNAL_DIMS, check_every_chunk, open_scan
 
     if workflow.synth is not None:
         s = workflow.synth
@@ -311,6 +314,7 @@ def scan_outline(workflow: WorkflowBase) -> tuple[str, tuple[int, int], dict] | 
     src = Path(workflow.input)
     if _is_scan_store(src):
         ds = open_scan(src)
+        check_every_chunk(src, ds)
         kind = ds.attrs["kind"]
         return kind, tuple(ds["signal"].shape[:2]), {d: ds[d].values for d in SIGNAL_DIMS[kind]}
     from emscale.readers import open_raw
@@ -355,15 +359,26 @@ def check_against_scan(workflow: WorkflowBase, registry: Registry, reference,
     if train is not None and "train" in runs and train.latent_dim >= features:
         raise ConfigError(f"train.latent_dim: {train.latent_dim} is not fewer than the {features} "
                           "features the preprocessing leaves: nothing to compress")
+    if train is not None and "train" in runs and reference is None:
+        from emscale.train_stream import check_split
+
+        check_split(train.tile, (ny, nx), _normal_settings(workflow)[0])
     cluster = getattr(workflow, "cluster", None)
-    if cluster is not None and "cluster" in runs and cluster.n_clusters != "auto" \
-            and cluster.n_clusters > pixels:
-        raise ConfigError(f"cluster.n_clusters: {cluster.n_clusters} is more than the {pixels} "
-                          f"pixels of the {ny} x {nx} scan")
+    if cluster is not None and "cluster" in runs:
+        if cluster.n_clusters != "auto" and cluster.n_clusters > pixels:
+            raise ConfigError(f"cluster.n_clusters: {cluster.n_clusters} is more than the "
+                              f"{pixels} pixels of the {ny} x {nx} scan")
+        if cluster.n_clusters == "auto" and cluster.k_range[1] > pixels:
+            raise ConfigError(f"cluster.k_range: {list(cluster.k_range)} reaches beyond the "
+                              f"{pixels} pixels of the {ny} x {nx} scan")
     if reference is not None:
         from emscale.store import open_scan
 
-        ref = open_scan(reference)["signal"]
+        from emscale.store import check_every_chunk
+
+        ref_ds = open_scan(reference)
+        check_every_chunk(reference, ref_ds)
+        ref = ref_ds["signal"]
         theirs = dict(zip(ref.dims[2:], ref.shape[2:]))
         ours = {d: v.size for d, v in coords.items()}
         if theirs != ours:

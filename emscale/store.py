@@ -22,6 +22,7 @@ data (measured, DESIGN.md section 6).
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import os
@@ -144,6 +145,19 @@ def validate_scan(ds: xr.Dataset, source: str | os.PathLike = "<dataset>") -> st
 SCAN_STORE = "scan_store"  # the key of a scan's store path in the Dataset's encoding
 
 
+def not_a_zarr_group(path: Path, exc: Exception) -> str:
+    """Why zarr could not open ``path`` as a group, in a user's words."""
+    if path.is_file():
+        return "a file, not a Zarr store (a directory)"
+    if (path / ".zgroup").exists() or (path / ".zarray").exists():
+        return "a Zarr v2 store; scan stores are Zarr v3: convert it with 'emscale ingest'"
+    if not (path / "zarr.json").exists():
+        return "not a Zarr store (no zarr.json in it)"
+    if isinstance(exc, json.JSONDecodeError):
+        return f"its zarr.json is not valid JSON ({exc}): the store is damaged"
+    return f"not a readable Zarr store ({type(exc).__name__}: {exc})"
+
+
 def open_scan(path: str | os.PathLike, validate: bool = True) -> xr.Dataset:
     """Open a scan store lazily (dask-backed, chunks as stored) and check its contract."""
     path = Path(path)
@@ -153,7 +167,7 @@ def open_scan(path: str | os.PathLike, validate: bool = True) -> xr.Dataset:
         meta = zarr.open_group(str(path), mode="r")
         fmt = meta.metadata.zarr_format
     except Exception as exc:  # zarr raises several types for "not a group"
-        raise StoreError(f"{path}: not a readable Zarr store ({type(exc).__name__}: {exc})") from None
+        raise StoreError(f"{path}: {not_a_zarr_group(path, exc)}") from None
     if fmt != 3:
         raise StoreError(f"{path}: Zarr format {fmt}; scan stores are Zarr v3 (use 'emscale ingest')")
     try:
@@ -176,6 +190,22 @@ def open_scan(path: str | os.PathLike, validate: bool = True) -> xr.Dataset:
         validate_scan(ds, path)
     ds.encoding[SCAN_STORE] = str(path.resolve())  # where stages can read it again
     return ds
+
+
+def check_every_chunk(path: str | os.PathLike, ds: xr.Dataset) -> None:
+    """Refuse a scan store that says it holds every chunk and lost one: named (file, chunk,
+    pixels) before a cluster starts, rather than when a stage reaches it."""
+    from emscale.chunk_files import first_missing
+
+    if not ds.attrs.get(EVERY_CHUNK):
+        return
+    for name in ds.data_vars:
+        if (Path(path) / str(name) / "zarr.json").exists():
+            missing = first_missing(Path(path) / str(name))
+            if missing is not None:
+                file, index, pixels = missing
+                raise StoreError(f"{file}: chunk {index} ({pixels}) is missing (emscale's stores "
+                                 "hold every chunk: this one was lost); ingest the scan again")
 
 
 def _encoding(ds: xr.Dataset, nav_chunks: tuple[int, int]) -> dict[str, dict[str, Any]]:

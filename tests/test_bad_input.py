@@ -1,10 +1,7 @@
-"""Bad input, hostile names and paths, and faults, as a user meets them (issue 17).
-
-Refusals run the command line in-process and assert: exit code 1, one line on stderr that names
-the file, chunk or field, no traceback, every input byte-identical afterwards, and no output
-that looks complete. Workflow cases must be refused before a cluster starts (they take
-milliseconds). Faults (a full disk, a killed worker, Ctrl-C, a lost or damaged chunk) are real
-runs on a LocalCluster, their results compared with a run that had none."""
+"""Faults, as a user meets them (issue 17): a full disk, a killed worker, Ctrl-C, a lost or
+damaged results chunk, an input changed in place. They are real runs on a LocalCluster, their
+results compared with a run that had none. Refusals of bad input are the catalogue's
+(``test_catalogue.py``); a whole run killed in each stage is ``test_resume.py``'s."""
 
 from __future__ import annotations
 
@@ -12,8 +9,6 @@ import numpy as np
 import pytest
 import yaml
 
-from emscale.cli import main
-from emscale.ingest import sha256_of
 from emscale.store import write_scan
 from emscale.synth.eels import synth_eels
 
@@ -22,21 +17,6 @@ WORKFLOW = {
     "pca": {"n_components": 4},
     "cluster": {"k_range": [2, 3], "n_init": 1},
 }
-
-
-def refused(capsys, args, message, *, inputs=(), absent=()):
-    """Run ``emscale ARGS``; check the refusal and that nothing was harmed."""
-    before = {p: sha256_of(p) for p in inputs}
-    code = main([str(a) for a in args])
-    err = capsys.readouterr().err
-    assert code == 1, err
-    assert err.startswith("emscale: error:") and err.count("\n") == 1, err
-    assert message in err and "Traceback" not in err, err
-    for path, digest in before.items():
-        assert path.exists() and sha256_of(path) == digest, f"{path} changed"
-    for path in absent:
-        assert not path.exists(), f"{path} written"
-    return err
 
 
 @pytest.fixture(scope="module")
@@ -51,112 +31,6 @@ def workflow(tmp_path, **sections) -> str:
     path = tmp_path / "wf.yaml"
     path.write_text(yaml.safe_dump(data))
     return str(path)
-
-
-# --- raw files -------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("array, message", [
-    (np.asfortranarray(np.ones((4, 5, 32), np.uint16)), "Fortran-ordered .npy"),
-    (np.ones((4, 5, 32), np.complex64), "values of type complex64 cannot be counts"),
-    (np.full((4, 5, 32), 2**40, np.int64),
-     "pixels y 0:4, x 0:5 hold values 1099511627776..1099511627776 that do not fit int32"),
-])
-def test_raw_values_that_cannot_be_stored(tmp_path, capsys, array, message):
-    np.save(tmp_path / "raw.npy", array)
-    refused(capsys, ["ingest", tmp_path / "raw.npy", tmp_path / "s.zarr"], "raw.npy: " + message,
-            inputs=[tmp_path / "raw.npy"], absent=[tmp_path / "s.zarr"])
-
-
-# --- names and paths: an output never where it deletes or changes an input ---------------------
-
-def test_ingest_into_the_inputs_parent_with_overwrite(tmp_path, capsys):
-    data = tmp_path / "data"
-    data.mkdir()
-    np.save(data / "raw.npy", np.ones((4, 5, 32), np.uint16))
-    np.save(data / "sibling.npy", np.ones(3))  # a neighbour that --overwrite once deleted
-    refused(capsys, ["ingest", data / "raw.npy", data, "--overwrite"], "holds the input",
-            inputs=[data / "raw.npy", data / "sibling.npy"])
-
-
-def test_ingest_into_a_path_inside_a_zarr_input(tmp_path, capsys, scan_store):
-    refused(capsys, ["ingest", scan_store, scan_store / "copy.zarr"], "lies inside the input",
-            inputs=[scan_store], absent=[scan_store / "copy.zarr"])
-
-
-def test_overwrite_replaces_only_a_store(tmp_path, capsys):
-    np.save(tmp_path / "raw.npy", np.ones((4, 5, 32), np.uint16))
-    notes = tmp_path / "notes"
-    notes.mkdir()
-    (notes / "todo.txt").write_text("keep me")
-    refused(capsys, ["ingest", tmp_path / "raw.npy", notes, "--overwrite"],
-            "is not a Zarr store", inputs=[notes / "todo.txt"])
-
-
-def test_run_output_inside_the_input_store(tmp_path, capsys, scan_store):
-    refused(capsys, ["run", workflow(tmp_path), "--input", scan_store, "--output",
-                     scan_store / "results"], "lies inside the input", inputs=[scan_store],
-            absent=[scan_store / "results"])
-
-
-def test_run_input_where_the_run_writes(tmp_path, capsys):
-    out = tmp_path / "out"
-    out.mkdir()
-    np.save(out / "scan.zarr", np.ones((4, 5, 32), np.uint16))  # np.save adds .npy
-    raw = out / "scan.zarr.npy"
-    (out / "results.zarr").mkdir()
-    raw.rename(out / "results.zarr" / "raw.npy")
-    raw = out / "results.zarr" / "raw.npy"
-    refused(capsys, ["run", workflow(tmp_path), "--input", raw, "--output", out],
-            "lies where the run writes its results.zarr", inputs=[raw])
-
-
-# --- workflows: refused against the scan before a cluster starts -------------------------------
-
-@pytest.mark.parametrize("sections, message", [
-    ({"cluster": {"n_clusters": 500}}, "cluster.n_clusters: 500 is more than the 120 pixels"),
-    ({"pca": {"n_components": 97}}, "pca.n_components: 97 is more than the 96 features"),
-    ({"preprocess": {"steps": [{"step": "crop", "start": 900, "stop": 950}]}}, "preprocess.steps"),
-    ({"train": {"latent_dim": 96, "tile": 4}, "pca": {"n_components": 96}},
-     "train.latent_dim: 96 is not fewer than the 96 features"),
-])
-def test_workflow_settings_checked_against_the_scan(tmp_path, capsys, scan_store, sections,
-                                                    message):
-    refused(capsys, ["run", workflow(tmp_path, **sections), "--input", scan_store, "--output",
-                     tmp_path / "out"], message, inputs=[scan_store],
-            absent=[tmp_path / "out"])
-
-
-def test_reference_recorded_otherwise(tmp_path, capsys, scan_store):
-    ref = tmp_path / "ref.zarr"
-    write_scan(synth_eels((12, 10), channels=128, seed=4), ref)
-    refused(capsys, ["run", workflow(tmp_path, anomaly={"reference": str(ref)}), "--input",
-                     scan_store, "--output", tmp_path / "out"],
-            "anomaly.reference: " + str(ref) + " has signal {'energy': 128}, the scan "
-            "{'energy': 96}", inputs=[scan_store, ref], absent=[tmp_path / "out"])
-
-
-def test_gram_solver_on_too_many_features(tmp_path, capsys):
-    # 20000 channels: a 1.5 GiB scatter matrix (400000 channels once asked for 596 GiB, after
-    # the scan was ingested and preprocessed)
-    np.save(tmp_path / "wide.npy", np.ones((4, 4, 20000), np.uint16))
-    refused(capsys, ["run", workflow(tmp_path, preprocess={"steps": []}), "--input",
-                     tmp_path / "wide.npy", "--output", tmp_path / "out"],
-            "pca.solver: gram needs a 20000 x 20000 scatter matrix",
-            inputs=[tmp_path / "wide.npy"], absent=[tmp_path / "out"])
-
-
-# --- two runs on one output --------------------------------------------------------------------
-
-def test_second_run_on_one_output_refused(tmp_path, capsys, scan_store):
-    from emscale.runner import output_lock
-
-    out = tmp_path / "out"
-    out.mkdir()
-    with output_lock(out):  # another run holds it
-        err = refused(capsys, ["run", workflow(tmp_path), "--input", scan_store, "--output", out],
-                      f"output: {out} is in use by another emscale run (pid ",
-                      inputs=[scan_store], absent=[out / "results.zarr"])
-    assert "wait for it to finish" in err
 
 
 # --- an input changed in place -----------------------------------------------------------------
@@ -315,20 +189,6 @@ def test_ctrl_c_says_interrupted_in_one_line(tmp_path):
     assert err.strip() == "emscale: interrupted", err
 
 
-def test_a_scheduler_address_where_nothing_listens(tmp_path, capsys, scan_store):
-    import socket
-
-    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cluster = tmp_path / "c.yaml"
-    cluster.write_text(yaml.safe_dump({"type": "address", "address": f"tcp://127.0.0.1:{port}"}))
-    refused(capsys, ["run", workflow(tmp_path), "--input", scan_store, "--output",
-                     tmp_path / "out", "--cluster", cluster],
-            f"address: nothing listens at tcp://127.0.0.1:{port} (connection refused)",
-            inputs=[scan_store], absent=[tmp_path / "out"])
-
-
 def test_a_line_scan_gets_its_anomaly_map(tmp_path):
     """A scan of one row went through every stage and then crashed in the report (a contour
     needs two rows); its maps now fill the axes instead of drawing a hairline. (A whole run of a
@@ -384,23 +244,6 @@ def test_a_stage_group_with_a_damaged_or_lost_chunk_names_it(tmp_path):
     with pytest.raises(StoreError, match=r"latent/c/1/0/0: chunk \(1, 0, 0\) of the encode "
                                          r"stage's latent is missing.*--force encode"):
         store.open_stage("encode", registry={})
-
-
-def test_an_output_that_cannot_be_written_is_refused_before_a_cluster(tmp_path, capsys, small_disk,
-                                                                      scan_store):
-    import subprocess
-
-    mnt, _ = small_disk
-    (mnt / "data").mkdir()
-    subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
-    refused(capsys, ["run", workflow(tmp_path), "--input", scan_store, "--output",
-                     mnt / "data" / "out"], f"output: {mnt / 'data' / 'out'} cannot be written "
-            f"({mnt / 'data'} is read-only", inputs=[scan_store])
-    refused(capsys, ["ingest", scan_store, mnt / "s.zarr"], f"output {mnt / 's.zarr'}: cannot "
-            "write", inputs=[scan_store], absent=[mnt / "s.zarr"])
-    (tmp_path / "afile").write_text("")
-    refused(capsys, ["run", workflow(tmp_path), "--input", scan_store, "--output",
-                     tmp_path / "afile" / "out"], "cannot be created", inputs=[scan_store])
 
 
 def test_legitimate_layouts_still_pass(tmp_path, scan_store):

@@ -63,15 +63,6 @@ def test_output_names_never_shared_nor_hidden(tmp_path):
     assert names == output_names(scans)  # the same on a rerun
 
 
-def test_batch_output_inside_the_scan_directory_refused(tmp_path, capsys):
-    (tmp_path / "scans").mkdir()
-    (tmp_path / "wf.yaml").write_text(yaml.safe_dump(WORKFLOW))
-    assert main(["batch", str(tmp_path / "scans"), "--workflow", str(tmp_path / "wf.yaml"),
-                 "--output", str(tmp_path / "scans" / "out")]) == 1
-    assert "lies inside the scan directory" in capsys.readouterr().err
-    assert list((tmp_path / "scans").iterdir()) == []
-
-
 def test_manifest_and_status_cli(tmp_path, capsys):
     (tmp_path / "m.txt").write_text("# scans\na.zarr\n/abs/b.zarr  # absolute\n\n")
     assert [p.name for p in list_scans(tmp_path / "m.txt")] == ["a.zarr", "b.zarr"]

@@ -11,14 +11,24 @@ from emscale.cli import main
 from emscale.dask_cluster import default_cluster_file, open_cluster
 
 
-def test_the_dashboard_answers_on_a_local_cluster():
-    cfg = default_cluster_file().model_copy(update={"workers": 1,
-                                                    "dashboard_address": "127.0.0.1:0"})
+def test_the_dashboard_answers_on_a_local_cluster_and_listens_only_on_the_loopback():
+    """A port without a host (the default ":8787") once listened on every interface (issue 17):
+    the scheduler and dashboard of a local cluster are reached only from this machine."""
+    import psutil
+
+    def listening():
+        return {c.laddr for c in psutil.Process().net_connections("tcp")
+                if c.status == psutil.CONN_LISTEN}
+
+    before = listening()
+    cfg = default_cluster_file().model_copy(update={"workers": 1, "dashboard_address": ":0"})
     with open_cluster(cfg) as (_cluster, client):
         link = client.dashboard_link
         assert link.startswith("http://127.0.0.1:")
         page = urllib.request.urlopen(link, timeout=60).read().decode()
+        opened = listening() - before
     assert "Dask needs bokeh" not in page and "Dask Diagnostic UI" in page
+    assert len(opened) >= 2 and {a.ip for a in opened} == {"127.0.0.1"}, opened
 
 
 def test_emscale_run_takes_the_dashboard_address(tmp_path, capsys):

@@ -99,7 +99,7 @@ def test_validate_names_the_problem(mutate, message):
 
 
 def test_open_rejects_non_stores(tmp_path):
-    with pytest.raises(StoreError, match="not a readable Zarr"):
+    with pytest.raises(StoreError, match=r"not a Zarr store \(no zarr.json in it\)"):
         (tmp_path / "junk.zarr").mkdir()
         open_scan(tmp_path / "junk.zarr")
     spectrum_ds().to_zarr(tmp_path / "v2.zarr", zarr_format=2, consolidated=False)
