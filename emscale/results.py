@@ -35,7 +35,7 @@ from dask.base import tokenize
 from emscale.atomic import PARTIAL_MARK, atomic_directory
 from emscale.config import utc_now
 from emscale.errors import StoreError
-from emscale.progress import repeating
+from emscale.progress import compute, repeating
 from emscale.reduction import WINDOW_BLOCKS
 from emscale.store import (EVERY_CHUNK, SIGNAL_DIMS, WRITE_EMPTY_CHUNKS, default_compressors,
                            open_target)
@@ -66,7 +66,12 @@ class ResultsStore:
             self.resume_keys.pop(stage, None)
 
     def create(self, attrs: dict[str, Any] | None = None) -> "ResultsStore":
-        if self.path.exists() and not (self.path / "zarr.json").exists():
+        if self.path.is_dir() and not any(self.path.iterdir()):
+            self.path.rmdir()  # what a creation that failed (a full disk) left
+        if not self.path.exists():  # made whole or not at all
+            with atomic_directory(self.path) as tmp:
+                zarr.open_group(str(tmp), mode="w", zarr_format=3)
+        if not (self.path / "zarr.json").exists():
             raise StoreError(f"{self.path}: exists and is not a results store")
         root = zarr.open_group(str(self.path), mode="a", zarr_format=3)
         if attrs:
@@ -305,8 +310,6 @@ def _write_chunks(name: str, ds: xr.Dataset, tmp: Path, *, progress: bool,
         return found
     from dask.delayed import Delayed
     from dask.highlevelgraph import HighLevelGraph
-
-    from emscale.progress import compute
 
     merged = HighLevelGraph.merge(*[w.__dask_graph__() for w in writes])
     windows = [todo_keys[i:i + WINDOW_BLOCKS] for i in range(0, len(todo_keys), WINDOW_BLOCKS)]

@@ -587,6 +587,8 @@ class Runner:
         wf = self.wf
         started = utc_now()
         scan, scan_key = self._scan()
+        if self.until == "scan":
+            return self.result
         region, reference = _normal_settings(wf)
         if wf.input is not None and reference is None and _trains(self.registry, self.until):
             from emscale.train_stream import (

@@ -106,57 +106,110 @@ def assert_same_results(result, clean) -> None:
                                       ref.open_stage(stage)[name].values)
 
 
+STAGES = ("scan", "preprocess", "pca", "train", "encode", "anomaly", "cluster", "report")
+BLOCKWISE = ("preprocess", "pca", "encode", "anomaly", "cluster")
+
+
 def test_a_full_disk_in_each_stage_then_freed_resumes_identical(small_disk, clean_run):
-    """The output's disk fills in one stage, then another (here the PCA's group, then a training
-    checkpoint); each time one line names the output and says what was kept; with space freed
-    the rerun finishes what is missing and its results equal a run that never failed. (By hand,
-    with 700k and 2000k too: the training set and the report filled it, same messages.)"""
+    """Before each stage the output's disk is made exactly as large as what it holds; the stage
+    fails with one line naming the output and saying what was kept; with space freed the rerun
+    finishes the stage, and the results at the end equal a run that never failed."""
+    import os
+    import subprocess
+
     from emscale.errors import OutputError
     from emscale.runner import run_workflow
     from emscale.workflow import validate_workflow
 
     mnt, grow = small_disk
+    grow("64m")
     wf = validate_workflow({**FAULT_DATA, "output": str(mnt / "out")})
-    failures = []
-    for size in ("300k", "1200k", "16m"):
-        grow(size)
+    failed = []
+    for stage in STAGES:
+        st = os.statvfs(mnt)
+        used_kib = (st.f_blocks - st.f_bfree) * st.f_frsize // 1024
+        # (size=0 would mean no limit at all: one page at least)
+        subprocess.run(["mount", "-o", f"remount,size={max(used_kib, 4)}k", str(mnt)],
+                       check=True)
         try:
-            result = run_workflow(wf, echo=lambda *a: None)
-            break
+            run_workflow(wf, until=stage, echo=lambda *a: None)
         except OutputError as exc:
             message = str(exc)
             assert message.startswith(f"output {mnt / 'out'}") and "No space left on device" in \
-                message and ("rerun to resume" in message or "nothing was written" in message)
-            failures.append(message)
-    else:
-        pytest.fail("the run never finished")
-    assert len(failures) >= 2, failures  # the disk filled in two places at least
+                message and ("rerun to resume" in message or "nothing was written" in message), \
+                message
+            failed.append(stage)
+        grow("64m")
+        result = run_workflow(wf, until=stage, echo=lambda *a: None)
+        assert result.ran[-1] == stage or stage not in failed
+    assert failed == list(STAGES), failed  # the disk was full in every stage, and said so
     assert not list(mnt.rglob("*.partial-*"))
     assert_same_results(result, clean_run)
 
 
-def test_a_worker_killed_mid_run_changes_nothing(tmp_path, local_client, clean_run):
-    """A worker process SIGKILLed while the stages run (from the start of encode): its nanny
-    starts another, the lost tasks run again, and the results equal a run without the kill."""
+def test_a_worker_killed_in_each_blockwise_stage_changes_nothing(tmp_path, local_client,
+                                                                 clean_run):
+    """A worker process SIGKILLed as each blockwise stage starts (one worker, then the other's
+    replacement, and so on): its nanny starts another, the lost tasks run again, and the
+    results equal a run without the kills."""
     import os
     import signal
-    import threading
 
     from emscale.runner import run_workflow
     from emscale.workflow import validate_workflow
 
-    pids = list(local_client.run(os.getpid).values())
-    killed = []
+    killed = {}
 
     def echo(message):
-        if message.startswith("[encode]") and not killed:
-            killed.append(pids[0])
-            threading.Timer(0.2, os.kill, (pids[0], signal.SIGKILL)).start()
+        stage = message[1:].split("]")[0]
+        if stage in BLOCKWISE and stage not in killed:
+            local_client.wait_for_workers(2, timeout=60)  # the last one's replacement is up
+            pids = sorted(local_client.run(os.getpid).values())
+            killed[stage] = pids[len(killed) % 2]
+            os.kill(killed[stage], signal.SIGKILL)
 
     result = run_workflow(validate_workflow({**FAULT_DATA, "output": str(tmp_path / "out")}),
                           echo=echo)
-    assert killed and pids[0] not in local_client.run(os.getpid).values()
+    assert list(killed) == list(BLOCKWISE)
     local_client.wait_for_workers(2, timeout=60)
+    assert not set(killed.values()) & set(local_client.run(os.getpid).values())
+    assert_same_results(result, clean_run)
+
+
+def test_a_run_killed_in_each_stage_resumes_identical(tmp_path, clean_run):
+    """``emscale run`` SIGKILLed (its client, scheduler and workers) as each stage starts, one
+    stage after another: every restart resumes what the killed one left, and the run that
+    finally finishes equals a run that was never killed."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    wf = tmp_path / "wf.yaml"
+    wf.write_text(yaml.safe_dump({**FAULT_DATA, "output": str(tmp_path / "out")}))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+    command = [sys.executable, "-m", "emscale", "run", str(wf), "--dashboard-address", "none"]
+    for stage in STAGES:
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                text=True, env=env, start_new_session=True)
+        said = []
+        for line in proc.stdout:
+            said.append(line)
+            if line.startswith(f"[{stage}]"):
+                break
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert said and said[-1].startswith(f"[{stage}]"), f"not killed in {stage}: {said}"
+        # the stages the earlier restarts finished were not done again
+        redone = [line for line in said if line.split("]")[0][1:] in
+                  STAGES[:max(0, STAGES.index(stage) - 1)] and "skipped" not in line]
+        assert not redone, said
+    from emscale.runner import run_workflow
+    from emscale.workflow import load_workflow
+
+    result = run_workflow(load_workflow(wf), echo=lambda *a: None)
+    assert result.ran == ["report"]
     assert_same_results(result, clean_run)
 
 

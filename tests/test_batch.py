@@ -106,3 +106,44 @@ def test_a_new_scan_never_takes_a_directory_the_ledger_gave_out(tmp_path, monkey
     (scans / "x.v1.zarr.npy").rename(scans / "x.v1.zarr")
     run_batch(scans, wf, output_root=tmp_path / "out", echo=lambda *a: None)
     assert len(ran) == 2 and ran[0] != ran[1] and ran[0].name == "x.v1", ran
+
+
+def test_a_batch_killed_mid_scan_reruns_with_its_ledger_consistent(tmp_path, local_client):
+    """``emscale batch`` SIGKILLed while its first scan is encoding: the ledger says that scan
+    is running and nothing else; the rerun resumes it (its finished stages skipped), runs the
+    other, and the ledger ends with each scan once, done, in its own output."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    scans, wf = _scans(tmp_path)
+    (scans / "broken.npy").unlink()
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+    proc = subprocess.Popen([sys.executable, "-m", "emscale", "batch", str(scans), "--workflow",
+                             str(wf), "--output", str(out), "--dashboard-address", "none"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env=env, start_new_session=True)
+    said = []
+    for line in proc.stdout:
+        said.append(line)
+        if line.strip().startswith("[encode]"):
+            break
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert said[-1].strip().startswith("[encode]") and "scan.v1.zarr: running" in "".join(said)
+    entries = {Path(e.scan).name: e for e in Ledger(out / "ledger.sqlite").entries()}
+    assert [(n, e.state) for n, e in entries.items()] == [("scan.v1.zarr", "running")]
+
+    lines = []
+    again = run_batch(scans, wf, output_root=out, echo=lines.append)
+    assert len(again["done"]) == 2 and not again["failed"]
+    said = "\n".join(lines)
+    assert "[pca] " in said.split("scan.v2.zarr")[0]  # (its stage lines: resumed, not redone)
+    first = said.split("scan.v2.zarr")[0]
+    assert "[preprocess] running" not in first and "[train] running" not in first, first
+    entries = Ledger(out / "ledger.sqlite").entries()
+    assert sorted((Path(e.scan).name, e.state, Path(e.output).name) for e in entries) == [
+        ("scan.v1.zarr", "done", "scan.v1"), ("scan.v2.zarr", "done", "scan.v2")]
+    assert "2 done" in status_table(out / "ledger.sqlite")

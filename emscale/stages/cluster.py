@@ -272,8 +272,10 @@ class PhaseClustering(BaseEstimator):
         """A seeded uniform sample of about ``sample_size`` valid pixels (collected: it is small)."""
         n = x.shape[0]
         fraction = min(1.0, self.sample_size / max(n, 1))
-        blocks = x.to_delayed().ravel()
-        vblocks = valid.to_delayed().ravel() if valid is not None else [None] * len(blocks)
+        # unfused, as reduction._block_lists says why
+        blocks = x.to_delayed(optimize_graph=False).ravel()
+        vblocks = (valid.to_delayed(optimize_graph=False).ravel() if valid is not None
+                   else [None] * len(blocks))
         parts = [dask.delayed(partial(_sample_block, fraction=fraction, seed=self.seed,
                                       block_seed=i), pure=True)(b, v)
                  for i, (b, v) in enumerate(zip(blocks, vblocks))]
