@@ -44,9 +44,10 @@ CHUNK_HELP = ("Target navigation-block size in MiB of float32 (policy: 32-128 Mi
 
 
 DASHBOARD_HELP = ("Where the Dask dashboard listens, HOST:PORT or :PORT (default: the cluster "
-                  "file's, else :8787; a busy port is replaced by a free one); 'none' turns it "
-                  "off. From a laptop: ssh -L 8787:NODE:PORT LOGIN_NODE, then open "
-                  "http://localhost:8787/status.")
+                  "file's, else :8787; a busy port is replaced by a free one); a port without a "
+                  "host listens on the loopback only (0.0.0.0:PORT: every interface); 'none' "
+                  "turns it off. From a laptop: ssh -J LOGIN_NODE -L 8787:localhost:PORT NODE, "
+                  "then open http://localhost:8787/status.")
 
 
 def _dashboard_line(client, cfg) -> str:

@@ -46,7 +46,7 @@ def compute(*collections, description: str = "", enabled: bool | None = None):
             print(description, file=sys.stderr)
             progress(futures, notebook=False)
         return tuple(client.gather(futures))
-    except BaseException:
+    except Exception:  # (not after Ctrl-C: the user wants out, and what was kept resumes)
         client.cancel(futures)
         _wait_until_idle(client)
         raise
@@ -70,10 +70,14 @@ def _own_thread_pool():
     from concurrent.futures import ThreadPoolExecutor
 
     pool = ThreadPoolExecutor(dask.config.get("num_workers", None) or os.cpu_count() or 1)
+    interrupted = False
     try:
         yield {"pool": pool}
+    except KeyboardInterrupt:  # the user wants out: running tasks are not waited for
+        interrupted = True
+        raise
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        pool.shutdown(wait=not interrupted, cancel_futures=True)
 
 
 def _wait_until_idle(client, timeout: float = 60.0) -> None:

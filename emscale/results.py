@@ -37,8 +37,8 @@ from emscale.config import utc_now
 from emscale.errors import StoreError
 from emscale.progress import compute, repeating
 from emscale.reduction import WINDOW_BLOCKS
-from emscale.store import (EVERY_CHUNK, SIGNAL_DIMS, WRITE_EMPTY_CHUNKS, default_compressors,
-                           open_target)
+from emscale.store import (EVERY_CHUNK, SIGNAL_DIMS, WRITE_EMPTY_CHUNKS, coordinate_encoding,
+                           default_compressors, open_target)
 
 log = logging.getLogger(__name__)
 
@@ -188,25 +188,6 @@ def check_every_chunk(group: Path, stage: str) -> None:
                              f"damaged: rerun with --force {stage}")
 
 
-def damaged_chunk(group: Path) -> Path | None:
-    """The first chunk file of a stage group whose CRC-32C does not match (a pass over the
-    group's stored bytes, at ~14 GB/s: only on the error path), or None."""
-    from emscale.chunk_files import verified
-
-    for meta in sorted(group.glob("*/zarr.json")):
-        info = json.loads(meta.read_text())
-        if not any(c.get("name") == "crc32c" for c in info.get("codecs", [])):
-            continue
-        for root, _dirs, files in os.walk(meta.parent / "c"):
-            for name in files:
-                path = Path(root) / name
-                try:
-                    verified(path.read_bytes(), str(path))
-                except ValueError:
-                    return path
-    return None
-
-
 # a stage group's maps are read in blocks of about this size: large enough that a pass over
 # them is a few tasks, small enough that the float64 temporaries of the passes over codes
 # (distances to each centre, responsibilities) stay a few hundred MB (at 64 MiB, 4.2 million
@@ -250,7 +231,7 @@ def _encoding(ds: xr.Dataset) -> dict[str, dict[str, Any]]:
             chunks = var.shape
         enc[name] = {"chunks": tuple(max(1, c) for c in chunks),
                      "compressors": default_compressors(np.dtype(var.dtype).itemsize)}
-    return enc
+    return {**coordinate_encoding(ds), **enc}
 
 
 def _layout(ds: xr.Dataset) -> dict[str, Any]:

@@ -138,7 +138,7 @@ def _checksums_named(results, reads: tuple[str, ...]):
         if "checksum do not match" not in str(exc):
             raise
         from emscale.errors import StoreError
-        from emscale.results import damaged_chunk
+        from emscale.chunk_files import damaged_chunk
 
         for name in reads:
             if results.has_stage(name):

@@ -173,6 +173,14 @@ def open_scan(path: str | os.PathLike, validate: bool = True) -> xr.Dataset:
     try:
         ds = xr.open_zarr(str(path), consolidated=False, chunks={}, zarr_format=3)
     except Exception as exc:
+        if "checksum" in str(exc):  # a coordinate (read here) changed or damaged in place
+            from emscale.chunk_files import damaged_chunk
+
+            bad = damaged_chunk(path)
+            if bad is not None:
+                raise StoreError(f"{bad}: its checksum does not match: changed or damaged since "
+                                 "it was written; the store is damaged: ingest the scan again") \
+                    from None
         raise StoreError(f"{path}: cannot open as an xarray dataset ({exc})") from None
     if "signal" in ds and isinstance(ds["signal"].data, da.Array):
         from emscale.chunk_files import direct_array
@@ -218,7 +226,15 @@ def _encoding(ds: xr.Dataset, nav_chunks: tuple[int, int]) -> dict[str, dict[str
             "chunks": chunks,
             "compressors": default_compressors(np.dtype(var.dtype).itemsize),
         }
-    return enc
+    return {**coordinate_encoding(ds), **enc}
+
+
+def coordinate_encoding(ds: xr.Dataset) -> dict[str, dict[str, Any]]:
+    """The numeric coordinates checksummed like the data (energy axes, positions): a damaged
+    one would calibrate every map wrongly, silently."""
+    return {str(name): {"compressors": default_compressors(np.dtype(var.dtype).itemsize)}
+            for name, var in ds.coords.items()
+            if var.ndim >= 1 and np.dtype(var.dtype).kind in "biuf"}
 
 
 def write_scan(

@@ -82,19 +82,39 @@ def small_disk(tmp_path):
 
 
 # a small workflow run once as it should go: the fault tests' results must equal it
-FAULT_DATA = {**WORKFLOW, "synth": {"kind": "eels", "shape": [32, 32], "channels": 128,
-                                    "anomaly": True, "seed": 1},
-              "train": {**WORKFLOW["train"], "epochs": 2, "tile": 8}}
+FAULT_WORKFLOW = {**WORKFLOW, "train": {**WORKFLOW["train"], "epochs": 2, "tile": 8}}
 
 
 @pytest.fixture(scope="module")
-def clean_run(tmp_path_factory, local_client):
+def raw_input(tmp_path_factory):
+    """The fault tests' input: a 32 x 32 x 128 EELS scan as a raw .npy (each run ingests it, so
+    its scan stage writes too); every fault test checks it is byte-identical afterwards."""
+    path = tmp_path_factory.mktemp("raw") / "scan.npy"
+    np.save(path, synth_eels((32, 32), channels=128, anomaly=True, seed=1)["signal"].values)
+    return path
+
+
+def fault_workflow(raw_input, out) -> dict:
+    return {**FAULT_WORKFLOW, "input": str(raw_input), "output": str(out)}
+
+
+@pytest.fixture(scope="module")
+def clean_run(tmp_path_factory, local_client, raw_input):
     from emscale.runner import run_workflow
     from emscale.workflow import validate_workflow
 
     out = tmp_path_factory.mktemp("clean") / "out"
-    return run_workflow(validate_workflow({**FAULT_DATA, "output": str(out)}),
-                        echo=lambda *a: None)
+    return run_workflow(validate_workflow(fault_workflow(raw_input, out)), echo=lambda *a: None)
+
+
+@pytest.fixture
+def input_unchanged(raw_input):
+    """Checks, after the test, that the fault left the input as it was."""
+    from emscale.ingest import sha256_of
+
+    before = sha256_of(raw_input)
+    yield raw_input
+    assert sha256_of(raw_input) == before, f"{raw_input} changed"
 
 
 def assert_same_results(result, clean) -> None:
@@ -110,7 +130,8 @@ STAGES = ("scan", "preprocess", "pca", "train", "encode", "anomaly", "cluster", 
 BLOCKWISE = ("preprocess", "pca", "encode", "anomaly", "cluster")
 
 
-def test_a_full_disk_in_each_stage_then_freed_resumes_identical(small_disk, clean_run):
+def test_a_full_disk_in_each_stage_then_freed_resumes_identical(small_disk, clean_run,
+                                                                input_unchanged):
     """Before each stage the output's disk is made exactly as large as what it holds; the stage
     fails with one line naming the output and saying what was kept; with space freed the rerun
     finishes the stage, and the results at the end equal a run that never failed."""
@@ -123,7 +144,7 @@ def test_a_full_disk_in_each_stage_then_freed_resumes_identical(small_disk, clea
 
     mnt, grow = small_disk
     grow("64m")
-    wf = validate_workflow({**FAULT_DATA, "output": str(mnt / "out")})
+    wf = validate_workflow(fault_workflow(input_unchanged, mnt / "out"))
     failed = []
     for stage in STAGES:
         st = os.statvfs(mnt)
@@ -148,7 +169,7 @@ def test_a_full_disk_in_each_stage_then_freed_resumes_identical(small_disk, clea
 
 
 def test_a_worker_killed_in_each_blockwise_stage_changes_nothing(tmp_path, local_client,
-                                                                 clean_run):
+                                                                 clean_run, input_unchanged):
     """A worker process SIGKILLed as each blockwise stage starts (one worker, then the other's
     replacement, and so on): its nanny starts another, the lost tasks run again, and the
     results equal a run without the kills."""
@@ -168,7 +189,7 @@ def test_a_worker_killed_in_each_blockwise_stage_changes_nothing(tmp_path, local
             killed[stage] = pids[len(killed) % 2]
             os.kill(killed[stage], signal.SIGKILL)
 
-    result = run_workflow(validate_workflow({**FAULT_DATA, "output": str(tmp_path / "out")}),
+    result = run_workflow(validate_workflow(fault_workflow(input_unchanged, tmp_path / "out")),
                           echo=echo)
     assert list(killed) == list(BLOCKWISE)
     local_client.wait_for_workers(2, timeout=60)
@@ -176,10 +197,11 @@ def test_a_worker_killed_in_each_blockwise_stage_changes_nothing(tmp_path, local
     assert_same_results(result, clean_run)
 
 
-def test_a_run_killed_in_each_stage_resumes_identical(tmp_path, clean_run):
+def test_a_run_killed_in_each_stage_resumes_identical(tmp_path, clean_run, input_unchanged):
     """``emscale run`` SIGKILLed (its client, scheduler and workers) as each stage starts, one
     stage after another: every restart resumes what the killed one left, and the run that
-    finally finishes equals a run that was never killed."""
+    finally finishes equals a run that was never killed (the restarts have one worker, the clean
+    run two: the results do not depend on the worker count either)."""
     import os
     import signal
     import subprocess
@@ -187,9 +209,10 @@ def test_a_run_killed_in_each_stage_resumes_identical(tmp_path, clean_run):
     from pathlib import Path
 
     wf = tmp_path / "wf.yaml"
-    wf.write_text(yaml.safe_dump({**FAULT_DATA, "output": str(tmp_path / "out")}))
+    wf.write_text(yaml.safe_dump(fault_workflow(input_unchanged, tmp_path / "out")))
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
-    command = [sys.executable, "-m", "emscale", "run", str(wf), "--dashboard-address", "none"]
+    command = [sys.executable, "-m", "emscale", "run", str(wf), "--dashboard-address", "none",
+               "--workers", "1"]
     for stage in STAGES:
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                 text=True, env=env, start_new_session=True)

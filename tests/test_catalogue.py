@@ -3,8 +3,8 @@ workflow or cluster file, hostile name or path and unwritable disk a user has me
 each refused the same way. The command line runs in-process and each case must give: exit code
 1; one line on stderr, ``emscale: error: ...``, naming the file, chunk or field; an error
 emscale wrote for it (not a library's exception passed through); no traceback; every input
-byte-identical afterwards; no output that looks complete and no ``*.partial-*`` left. Workflow
-and cluster-file cases are refused before a cluster starts (milliseconds each).
+byte-identical afterwards; no output that looks complete and no ``*.partial-*`` left; and no
+cluster started (every case is refused before one: milliseconds each).
 
 Faults during a run (a killed run, worker or batch, a disk that fills, Ctrl-C) are real runs in
 ``test_bad_input.py``, ``test_resume.py`` and ``test_batch.py``.
@@ -229,6 +229,16 @@ def _(tmp, scan):
     data[40] ^= 0xFF
     _chunk(store).write_bytes(bytes(data))
     return ingest_of(tmp, store, "signal/c/0/0/0: chunk (0, 0, 0) (pixels y 0:")
+
+
+@case("stores", "an energy axis changed in place")
+def _(tmp, scan):
+    store = copied_scan(tmp, scan)
+    (chunk,) = (store / "energy" / "c").iterdir()
+    data = bytearray(chunk.read_bytes())
+    data[20] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    return run_on(tmp, store, write_workflow(tmp), "energy/c/0: its checksum does not match")
 
 
 @case("stores", "a truncated chunk")
@@ -650,6 +660,7 @@ def test_refused_in_one_line_naming_it_and_nothing_harmed(c, tmp_path, scan_stor
     assert a.message in o.err, o.err
     assert "--debug for the traceback" not in o.err, "not an error emscale wrote: " + o.err
     assert "Traceback" not in o.err + o.out
+    assert "dashboard:" not in o.out, "refused only once a cluster had started"
     assert o.inputs_unchanged and digest(scan_store) == before
     assert not o.written, o.written
 
