@@ -110,6 +110,20 @@ def with_path_hash(stem: str, scan: Path) -> str:
     return f"{stem}-{hashlib.sha256(str(scan.resolve()).encode()).hexdigest()[:8]}"
 
 
+def batch_plan(source, workflow_path, output_root: Path | None = None):
+    """(the workflow, the outputs' root, the scans) of a batch, checked before a cluster starts:
+    the workflow file, the scan list, an output root outside the scan directory."""
+    from emscale.workflow import load_workflow
+
+    base = load_workflow(workflow_path, input=Path("batch"))  # the input is set per scan
+    root = Path(output_root or base.output)
+    if Path(source).is_dir() and root.resolve().is_relative_to(Path(source).resolve()):
+        # outputs among the scans would be the next run's scans (and could replace one)
+        raise ConfigError(f"output: {root} lies inside the scan directory {source}; choose an "
+                          "output outside it")
+    return base, root, list_scans(source)
+
+
 def run_batch(source, workflow_path, *, output_root: Path | None = None,
               ledger_path: Path | None = None, echo=print) -> dict[str, list[str]]:
     """Run the workflow on every scan of ``source``; returns the scans by outcome (done, failed,
@@ -117,13 +131,7 @@ def run_batch(source, workflow_path, *, output_root: Path | None = None,
     from emscale.runner import run_workflow
     from emscale.workflow import load_workflow
 
-    base = load_workflow(workflow_path, input=Path("batch"))  # the input is set per scan below
-    root = Path(output_root or base.output)
-    if Path(source).is_dir() and root.resolve().is_relative_to(Path(source).resolve()):
-        # outputs among the scans would be the next run's scans (and could replace one)
-        raise ConfigError(f"output: {root} lies inside the scan directory {source}; choose an "
-                          "output outside it")
-    scans = list_scans(source)
+    base, root, scans = batch_plan(source, workflow_path, output_root)
     ledger = Ledger(ledger_path or root / "ledger.sqlite")
     whash = base.section_hash("preprocess", "pca", "train", "encode", "anomaly", "cluster")
     names = output_names(scans)

@@ -313,13 +313,14 @@ def batch_cmd(
     """Run a workflow on many scans, one after another on one cluster, with a persistent ledger:
     done scans are skipped on a rerun, a failing scan is recorded and the others go on; a summary
     ends the run (exit 1 if any scan failed)."""
-    from emscale.batch import run_batch
+    from emscale.batch import batch_plan, run_batch
     from emscale.dask_cluster import (
         default_cluster_file,
         load_cluster_file,
         open_cluster,
     )
 
+    batch_plan(source, workflow, output)  # refused before the cluster starts
     cfg = load_cluster_file(cluster_file) if cluster_file else default_cluster_file()
     cfg = _dashboard(cfg, dashboard_address)
     with open_cluster(cfg) as (_cluster, client):

@@ -539,6 +539,9 @@ case("names and paths", "submit: a command in --begin")(
     lambda tmp, scan: _submit(tmp, "--begin: ", begin=INJECT))
 case("names and paths", "submit: a line break in the output path")(
     lambda tmp, scan: _submit(tmp, "output: ", output=f"out{INJECT}"))
+case("names and paths", "submit: a double quote in the output path")(
+    lambda tmp, scan: _submit(tmp, "a double quote or backslash cannot be passed",
+                              output='o"ut'))
 case("names and paths", "submit: an address cluster")(
     lambda tmp, scan: _submit(tmp, "submit: the cluster file must be",
                               cluster={"type": "address", "address": "tcp://h:8786"}))

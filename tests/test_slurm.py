@@ -105,6 +105,25 @@ def test_a_pbs_script_asks_for_the_queue_start_time_and_memory(tmp_path):
     assert "mem=2048mb" in script
 
 
+def test_a_submit_script_passes_hostile_names_literally(tmp_path):
+    """Names a shell would run ($(...), backquotes, ;) reach ``emscale run`` as they are."""
+    from emscale.dask_cluster import load_cluster_file
+    from emscale.submit import batch_script
+
+    wf = tmp_path / "wf $(touch pwned) `touch pwned2`; touch pwned3 'x'.yaml"
+    wf.write_text("")
+    cluster = tmp_path / "slurm.yaml"
+    cluster.write_text(yaml.safe_dump({"type": "slurm", "memory": "2GiB"}))
+    script, _ = batch_script(wf, cluster, load_cluster_file(cluster), tmp_path / "out $(x)")
+    (line,) = [line for line in script.splitlines() if line.startswith("exec ")]
+    shown = subprocess.run(["bash", "-c", "args() { printf '%s\\n' \"$@\"; }; "
+                            + line.replace("exec ", "args ", 1)], cwd=tmp_path,
+                           capture_output=True, text=True, check=True).stdout.splitlines()
+    assert shown[-6:] == ["run", str(wf), "--cluster", str(cluster), "--output",
+                          str(tmp_path / "out $(x)")]
+    assert not list(tmp_path.glob("pwned*"))
+
+
 def test_a_workflow_inside_one_slurm_allocation(slurm, tmp_path, capsys):
     """``slurm-runner``: ``emscale submit`` asks for one allocation of 3 tasks (scheduler,
     emscale, one worker) and ``srun`` starts them; the worker is a task of that job."""
