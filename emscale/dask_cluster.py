@@ -307,7 +307,18 @@ class open_cluster:
             self.client.register_plugin(QuietTaskFailures(), name="emscale-quiet-task-failures")
         if cfg.wait_for_workers:
             n = cfg.workers if cfg.type in ("local", "slurm-runner") else cfg.wait_for_workers
-            self.client.wait_for_workers(n, timeout=cfg.timeout)
+            try:
+                self.client.wait_for_workers(n, timeout=cfg.timeout)
+            except TimeoutError:  # (distributed's WorkerStartTimeoutError is one)
+                from emscale.errors import ConfigError
+
+                have = len(self.client.scheduler_info(n_workers=-1)["workers"])
+                where = f" at {cfg.address}" if cfg.type == "address" else ""
+                self.__exit__(None, None, None)
+                raise ConfigError(f"wait_for_workers: {have} of the {n} workers came up{where} "
+                                  f"within timeout: {cfg.timeout:g} s (start more workers, or "
+                                  "lower wait_for_workers or raise timeout in the cluster file)"
+                                  ) from None
         return self.cluster, self.client
 
     def __exit__(self, *exc):
@@ -336,6 +347,19 @@ def _jobqueue_cluster(cfg):
     if cfg.dashboard_address is not None:
         kwargs["scheduler_options"] = {"dashboard_address": dashboard_bind(cfg.dashboard_address)}
     return cls(**kwargs)
+
+
+def worker_hosts() -> dict[str, str]:
+    """The host name of each worker of the active client ({} without one), for provenance: on
+    a cluster of several hosts, where each part of a run ran."""
+    import platform
+
+    try:
+        from distributed import get_client
+
+        return get_client().run(platform.node)
+    except (ImportError, ValueError):
+        return {}
 
 
 def worker_jobs(client) -> dict[str, str | None]:

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from emscale.config import utc_now
+from emscale.dask_cluster import worker_hosts
 from emscale.results import PROGRESS_EVERY
 from emscale.errors import ConfigError, output_failure
 from emscale.stages import REGISTRY, NormalData, Registry, Stage, check_outputs
@@ -602,7 +603,8 @@ class Runner:
             "input": {"path": str(wf.input) if wf.input else None,
                       "source": scan.attrs.get("source", {})},
             "versions": _versions(), "host": platform.node(), "python": platform.python_version(),
-            "seed": wf.seed, "started": started, "cluster": self.cluster_info}})
+            "seed": wf.seed, "started": started,
+            "cluster": {**self.cluster_info, "hosts": worker_hosts()}}})
         lane = Lane(results, data={"scan": scan}, keys={"scan": scan_key})
         normal = self._normal(lane)
         for stage in self.registry:

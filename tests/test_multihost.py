@@ -1,0 +1,181 @@
+"""Issue 18: emscale across several hosts, simulated on this machine (``scripts/simcluster.py``):
+a login host (the scheduler, emscale) and two compute hosts (a Dask worker each), every host a
+network namespace with its own address, host name and /tmp, the data on a file system they all
+see. Skipped, saying why, where namespaces cannot be made (not root)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+import simcluster  # noqa: E402
+
+from emscale.results import ResultsStore  # noqa: E402
+
+WORKFLOW = {
+    "train": {"latent_dim": 3, "widths": [16], "epochs": 3, "tile": 8, "threads": 1},
+    "pca": {"n_components": 4},
+    "cluster": {"k_range": [2, 3], "n_init": 1, "sample_size": 500},
+    "chunk_mib": 0.1,  # 4 chunks: both workers get some
+}
+
+
+def _namespaces_work() -> str | None:
+    """Why the simulated cluster cannot run here, or None."""
+    if os.geteuid() != 0:
+        return "needs root (network namespaces)"
+    for tool in ("ip", "unshare", "nsenter"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed"
+    probe = f"emst-probe-{os.getpid()}"
+    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    if made.returncode != 0:
+        return f"cannot create a network namespace: {made.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    return None
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """The hosts up for the module; their state and shared data outside /tmp (each host has its
+    own /tmp)."""
+    why = _namespaces_work()
+    if why:
+        pytest.skip(f"no simulated multi-host cluster: {why}")
+    state = Path(f"/var/tmp/emscale-test-cluster-{os.getpid()}")
+    shutil.rmtree(state, ignore_errors=True)
+    try:
+        cluster_file = simcluster.up(2, state, sys.executable, prefix="emst-")
+        (state / "shared").mkdir()
+        yield state, cluster_file
+    finally:
+        simcluster.down(state)
+        shutil.rmtree(state, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def scan_input(cluster):
+    """A raw 32 x 32 x 96 EELS scan on the shared storage."""
+    from emscale.synth.eels import synth_eels
+
+    state, _ = cluster
+    path = state / "shared" / "scan.npy"
+    np.save(path, synth_eels((32, 32), channels=96, anomaly=True, seed=1)["signal"].values)
+    return path
+
+
+def _workflow(cluster, scan_input, name: str) -> Path:
+    state, _ = cluster
+    path = state / "shared" / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({**WORKFLOW, "input": str(scan_input),
+                                    "output": str(state / "shared" / name)}))
+    return path
+
+
+def _run_on_login(cluster, wf: Path, kill_at: str | None = None, then=None):
+    """``emscale run`` on the login host; with ``kill_at``, ``then()`` is called when a line
+    starts so. Returns (exit code, what it printed)."""
+    state, cluster_file = cluster
+    proc = simcluster.on("login", [sys.executable, "-m", "emscale", "run", str(wf), "--cluster",
+                                   str(cluster_file)], state, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    said = []
+    for line in proc.stdout:
+        said.append(line)
+        if kill_at and line.startswith(kill_at):
+            then(proc)
+            kill_at = None
+    return proc.wait(timeout=300), "".join(said)
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory, local_client, scan_input):
+    """The same workflow on a LocalCluster of this host: what the cluster's runs must equal."""
+    from emscale.runner import run_workflow
+    from emscale.workflow import validate_workflow
+
+    out = tmp_path_factory.mktemp("local") / "out"
+    return run_workflow(validate_workflow({**WORKFLOW, "input": str(scan_input),
+                                           "output": str(out)}), echo=lambda *a: None)
+
+
+def assert_same(results: Path, local) -> None:
+    done, ref = ResultsStore(results), ResultsStore(local.results)
+    for stage, name in (("encode", "latent"), ("anomaly", "anomaly_score"), ("cluster", "phase")):
+        np.testing.assert_array_equal(done.open_stage(stage)[name].values,
+                                      ref.open_stage(stage)[name].values)
+
+
+def _both_workers(cluster) -> None:
+    """Every compute host up with its worker (after a test took one down)."""
+    state, _ = cluster
+    for host in ("node1", "node2"):
+        if not simcluster._processes_of(state, host):
+            simcluster.start(host, state)
+    simcluster.wait_for_workers(state, 2, sys.executable)
+
+
+def test_a_run_on_three_hosts_killed_then_resumed_equals_a_local_run(cluster, scan_input,
+                                                                     local_run):
+    """``emscale run`` on the login host, its workers on node1 and node2: SIGKILLed as it
+    encodes, run again, it resumes (the finished stages skipped) and its results equal a
+    LocalCluster run's; the provenance names the hosts."""
+    wf = _workflow(cluster, scan_input, "three-hosts")
+    code, said = _run_on_login(cluster, wf, "[encode]",
+                               lambda proc: os.killpg(proc.pid, signal.SIGKILL))
+    assert code == -signal.SIGKILL, said
+    assert "dashboard: http://10.77.0.1:8787/status" in said  # the scheduler's, on login
+    code, said = _run_on_login(cluster, wf)
+    assert code == 0, said
+    assert "skipped: scan, preprocess, pca, train" in said
+    results = Path(yaml.safe_load(wf.read_text())["output"]) / "results.zarr"
+    prov = ResultsStore(results).attrs["provenance"]
+    assert prov["host"] == "login"
+    assert sorted(prov["cluster"]["hosts"].values()) == ["node1", "node2"]
+    assert all(a.startswith("tcp://10.77.0.1") for a in prov["cluster"]["hosts"])
+    assert_same(results, local_run)
+
+
+def test_a_compute_host_taken_down_mid_run_is_survived(cluster, scan_input, local_run):
+    """node1 loses power (every process on it SIGKILLed) as the model starts training: the run
+    goes on with node2 alone and its results equal the local run's."""
+    _both_workers(cluster)
+    state, _ = cluster
+    wf = _workflow(cluster, scan_input, "host-down")
+    killed = []
+    code, said = _run_on_login(cluster, wf, "[train] training set",
+                               lambda proc: killed.extend(simcluster.kill("node1", state)))
+    assert killed and code == 0, said
+    assert_same(Path(yaml.safe_load(wf.read_text())["output"]) / "results.zarr", local_run)
+
+
+def test_a_batch_across_hosts(cluster, scan_input):
+    """``emscale batch`` on the login host with the cluster file: its ledger on the shared
+    storage, the scan run on the compute hosts."""
+    from emscale.batch import Ledger
+
+    _both_workers(cluster)
+    state, cluster_file = cluster
+    scans = state / "shared" / "scans"
+    scans.mkdir()
+    shutil.copy(scan_input, scans / "a.npy")
+    wf = _workflow(cluster, scan_input, "batch")
+    out = state / "shared" / "batch-out"
+    proc = simcluster.run_on("login", [sys.executable, "-m", "emscale", "batch", str(scans),
+                                       "--workflow", str(wf), "--cluster", str(cluster_file),
+                                       "--output", str(out)], state, capture_output=True,
+                             text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert [e.state for e in Ledger(out / "ledger.sqlite").entries()] == ["done"]
+    prov = ResultsStore(out / "a" / "results.zarr").attrs["provenance"]
+    assert prov["host"] == "login"
+    assert sorted(prov["cluster"]["hosts"].values()) == ["node1", "node2"]
