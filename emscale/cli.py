@@ -15,7 +15,7 @@ from typing import Optional
 
 import typer
 
-from emscale.errors import EmscaleError
+from emscale.errors import ConfigError, EmscaleError
 
 app = typer.Typer(
     name="emscale",
@@ -271,6 +271,28 @@ def defaults_cmd() -> None:
     from emscale.workflow import defaults_yaml
 
     typer.echo(defaults_yaml(), nl=False)
+
+
+@app.command("tls")
+def tls_cmd(
+    directory: Path = typer.Argument(..., help="Where to write ca.pem, cert.pem and key.pem "
+                                     "(on storage every host of the cluster sees)."),
+    days: int = typer.Option(365, "--days", help="How long the certificates are valid."),
+) -> None:
+    """Make the certificates of one cluster for TLS between its scheduler, workers and emscale:
+    a new certificate authority and a certificate it signed. Name the directory in the cluster
+    file (tls: DIR); start the scheduler and workers with --tls-ca-file DIR/ca.pem --tls-cert
+    DIR/cert.pem --tls-key DIR/key.pem and a tls:// address."""
+    from emscale.atomic import check_output_free
+    from emscale.tls import FILES, make_certificates
+
+    if days < 1:
+        raise ConfigError(f"--days: {days} is not a positive number of days")
+    for name in FILES:
+        check_output_free(directory / name)
+    make_certificates(directory, days)
+    typer.echo(f"wrote {', '.join(str(directory / f) for f in FILES)}; in the cluster file: "
+               f"tls: {directory.resolve()}")
 
 
 @app.command("submit")

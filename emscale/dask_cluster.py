@@ -77,7 +77,8 @@ def dashboard_bind(address: str | None) -> str | None:
 
 
 def local_cluster(n_workers: int = 2, threads_per_worker: int = 1, memory_limit: str = "4GiB",
-                  dashboard_address: str | None = ":8787", keep_blas_coretype: bool = False):
+                  dashboard_address: str | None = ":8787", keep_blas_coretype: bool = False,
+                  security=None):
     """A LocalCluster of worker processes with emscale's worker environment."""
     from distributed import LocalCluster
 
@@ -92,9 +93,11 @@ def local_cluster(n_workers: int = 2, threads_per_worker: int = 1, memory_limit:
             # one, not 8787 (busy there: a warning on the terminal)
             off = {} if dashboard_address else {"scheduler_kwargs": {"dashboard_address":
                                                                      "127.0.0.1:0"}}
+            tls = {} if security is None else {"security": security, "protocol": "tls://"}
             cluster = LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker,
                                    processes=True, memory_limit=memory_limit,
-                                   dashboard_address=dashboard_bind(dashboard_address), **off)
+                                   dashboard_address=dashboard_bind(dashboard_address), **off,
+                                   **tls)
     finally:
         for k, v in saved.items():
             if v is None:
@@ -151,6 +154,10 @@ def _cluster_schema():
         interface: Optional[str] = None
         log_directory: Optional[str] = None
         python: Optional[str] = None
+        # every type
+        tls: Optional[str] = Field(None, description="TLS between scheduler, workers and "
+                                   "emscale: a directory of ca.pem, cert.pem, key.pem ('emscale "
+                                   "tls DIR' makes one), or auto (local: temporary ones)")
         # address
         address: Optional[str] = None
         wait_for_workers: int = Field(1, ge=0, description="workers to wait for before starting")
@@ -189,6 +196,15 @@ def _cluster_schema():
         def _address(self):
             if (self.type == "address") != (self.address is not None):
                 raise ValueError("address: give it exactly when type is 'address'")
+            if self.tls is not None and self.type == "slurm-runner":
+                raise ValueError("tls: not with slurm-runner (dask-jobqueue's SLURMRunner "
+                                 "starts its scheduler without certificates)")
+            if self.tls == "auto" and self.type != "local":
+                raise ValueError("tls: auto (certificates in memory) is for local clusters; "
+                                 "give a directory every host sees ('emscale tls DIR')")
+            if self.tls is not None and self.address and self.address.startswith("tcp://"):
+                raise ValueError(f"address: {self.address} is plain TCP while tls is set: "
+                                 "tls://HOST:PORT")
             return self
 
     return ClusterFile
@@ -268,14 +284,17 @@ class open_cluster:
     def __enter__(self):
         from distributed import Client
 
+        from emscale.tls import security
+
         cfg = self.cfg
+        sec = security(cfg.tls)
         if cfg.type == "local":
             self.cluster = local_cluster(cfg.workers, cfg.threads, cfg.memory,
-                                         dashboard_address=cfg.dashboard_address)
-            self.client = Client(self.cluster)
+                                         dashboard_address=cfg.dashboard_address, security=sec)
+            self.client = Client(self.cluster, security=sec)
         elif cfg.type == "address":
             check_listening(cfg.address)
-            self.client = Client(cfg.address, timeout=cfg.timeout)
+            self.client = _connect(cfg, sec)
         elif cfg.type == "slurm-runner":
             # every task runs this; only task 1 (the client) gets past __enter__, the scheduler
             # and worker tasks serve until the client closes, then exit
@@ -293,12 +312,12 @@ class open_cluster:
                 raise SystemExit(0)
             self.client = Client(self.cluster)
         else:
-            self.cluster = _jobqueue_cluster(cfg)
+            self.cluster = _jobqueue_cluster(cfg, sec)
             if cfg.adaptive:
                 self.cluster.adapt(minimum_jobs=cfg.minimum_jobs, maximum_jobs=cfg.jobs)
             else:
                 self.cluster.scale(jobs=cfg.jobs)
-            self.client = Client(self.cluster)
+            self.client = Client(self.cluster, security=sec)
         if cfg.type != "address" and dask.config.get("logging.distributed", None) == "warning":
             # a task's failure is raised here, named, in one line; its workers need not print
             # it again as a page of "Compute Failed" (kept with -v); not on someone else's workers
@@ -332,7 +351,28 @@ class open_cluster:
         return False
 
 
-def _jobqueue_cluster(cfg):
+def _connect(cfg, sec):
+    """A client of the scheduler at the cluster file's address; a TLS mismatch in one line."""
+    from distributed import Client
+    from distributed.comm.core import CommClosedError
+
+    from emscale.errors import ConfigError
+
+    try:
+        return Client(cfg.address, timeout=cfg.timeout, security=sec)
+    except (CommClosedError, OSError) as exc:
+        if cfg.tls is not None and "certificate" in str(exc):
+            raise ConfigError(f"tls: the scheduler at {cfg.address} refused the certificates in "
+                              f"{cfg.tls} (signed by another authority?): use the directory its "
+                              "scheduler and workers were started with") from None
+        if cfg.tls is None:
+            raise ConfigError(f"address: the scheduler at {cfg.address} closed the connection "
+                              f"({exc}); if it uses TLS, name its certificates (tls: DIR) and "
+                              "its tls:// address in the cluster file") from None
+        raise
+
+
+def _jobqueue_cluster(cfg, security=None):
     import sys
 
     from dask_jobqueue import PBSCluster, SLURMCluster
@@ -343,6 +383,7 @@ def _jobqueue_cluster(cfg):
                   memory=cfg.memory, walltime=cfg.walltime, queue=cfg.queue, account=cfg.account,
                   job_extra_directives=list(cfg.job_extra_directives), interface=cfg.interface,
                   log_directory=cfg.log_directory, python=cfg.python or sys.executable,
+                  security=security,
                   job_script_prologue=[f"export {k}={v}" for k, v in env.items()])
     if cfg.dashboard_address is not None:
         kwargs["scheduler_options"] = {"dashboard_address": dashboard_bind(cfg.dashboard_address)}

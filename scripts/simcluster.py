@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # emscale, run from a checkout
+
 STATE = Path("/var/tmp/emscale-cluster")  # not /tmp: every host has its own /tmp
 SUBNET = "10.77.0"
 PREFIX = "emscale-"  # of the namespaces' names (tests use their own)
@@ -109,21 +111,33 @@ def _daemon(state: Path, host: str, name: str, argv: list[str], env: dict) -> in
     return proc.pid
 
 
+def scheduler_address(state: Path) -> str:
+    protocol = "tls" if _state(state).get("tls") else "tcp"
+    return f"{protocol}://{address('login')}:{SCHEDULER_PORT}"
+
+
+def _tls_options(state: Path) -> list[str]:
+    from emscale.tls import worker_options
+
+    return worker_options(state / "tls") if _state(state).get("tls") else []
+
+
 def _worker(state: Path, host: str, python: str) -> None:
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from emscale.dask_cluster import worker_environment
 
     env = {**os.environ, **worker_environment()}
     _daemon(state, host, f"{host}-worker",
-            [python, "-m", "dask", "worker", f"tcp://{address('login')}:{SCHEDULER_PORT}",
-             "--host", address(host), "--name", host, "--nthreads", "1", "--nworkers", "1",
-             "--memory-limit", "3GiB", "--local-directory", "/tmp/dask-worker-space",
-             "--no-dashboard"], env)
+            [python, "-m", "dask", "worker", scheduler_address(state), "--host", address(host),
+             "--name", host, "--nthreads", "1", "--nworkers", "1", "--memory-limit", "3GiB",
+             "--local-directory", "/tmp/dask-worker-space", "--no-dashboard",
+             *_tls_options(state)], env)
 
 
 def wait_for_workers(state: Path, n: int, python: str, timeout: float = 120) -> None:
+    tls = f"security=security({str(state / 'tls')!r}), " if _state(state).get("tls") else ""
     code = ("from distributed import Client\n"
-            f"c = Client('tcp://{address('login')}:{SCHEDULER_PORT}', timeout={timeout})\n"
+            "from emscale.tls import security\n"
+            f"c = Client({scheduler_address(state)!r}, {tls}timeout={timeout})\n"
             f"c.wait_for_workers({n}, timeout={timeout})\n"
             "c.close()\n")
     run_on("login", [python, "-c", code], state, check=True, capture_output=True,
@@ -131,9 +145,10 @@ def wait_for_workers(state: Path, n: int, python: str, timeout: float = 120) -> 
 
 
 def up(nodes: int = 2, state: Path = STATE, python: str = sys.executable,
-       prefix: str = PREFIX) -> Path:
+       prefix: str = PREFIX, tls: bool = True) -> Path:
     """Start the hosts, the scheduler on login and a worker on each node; returns the cluster
-    file (``type: address``) that emscale on login takes. ``prefix`` names the namespaces."""
+    file (``type: address``) that emscale on login takes. ``prefix`` names the namespaces;
+    ``tls``: every connection encrypted, with certificates made for this cluster."""
     if Path(f"/run/netns/{prefix}net").exists():
         raise SystemExit(f"a simulated cluster is up already ({prefix}* namespaces): stop it "
                          "first (down)")
@@ -141,7 +156,12 @@ def up(nodes: int = 2, state: Path = STATE, python: str = sys.executable,
     hosts = ["login", *(f"node{i}" for i in range(1, nodes + 1))]
     (state / "hosts").write_text("127.0.0.1 localhost\n" + "".join(
         f"{address(h)} {h}\n" for h in hosts))
-    _save(state, {"hosts": hosts, "python": python, "daemons": {}, "prefix": prefix})
+    _save(state, {"hosts": hosts, "python": python, "daemons": {}, "prefix": prefix,
+                  "tls": tls})
+    if tls:
+        from emscale.tls import make_certificates
+
+        make_certificates(state / "tls")
     _ip("netns", "add", prefix + "net")
     _ip("-n", prefix + "net", "link", "add", "br0", "type", "bridge")
     _ip("-n", prefix + "net", "link", "set", "br0", "up")
@@ -149,14 +169,15 @@ def up(nodes: int = 2, state: Path = STATE, python: str = sys.executable,
         _add_host(state, host)
     _daemon(state, "login", "scheduler",
             [python, "-m", "dask", "scheduler", "--host", address("login"), "--port",
-             str(SCHEDULER_PORT), "--dashboard-address", f"{address('login')}:8787"],
-            dict(os.environ))
+             str(SCHEDULER_PORT), "--dashboard-address", f"{address('login')}:8787",
+             *(["--protocol", "tls"] if tls else []), *_tls_options(state)], dict(os.environ))
     for host in hosts[1:]:
         _worker(state, host, python)
     wait_for_workers(state, nodes, python)
     cluster = state / "cluster.yaml"
-    cluster.write_text(f"type: address\naddress: tcp://{address('login')}:{SCHEDULER_PORT}\n"
-                       f"wait_for_workers: {nodes}\ntimeout: 60\n")
+    cluster.write_text(f"type: address\naddress: {scheduler_address(state)}\n"
+                       f"wait_for_workers: {nodes}\ntimeout: 60\n"
+                       + (f"tls: {state / 'tls'}\n" if tls else ""))
     return cluster
 
 
@@ -222,11 +243,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("action", choices=["up", "down", "on", "kill", "start"])
     parser.add_argument("host", nargs="?")
     parser.add_argument("--nodes", type=int, default=2)
+    parser.add_argument("--no-tls", action="store_true", help="plain TCP between the hosts")
     parser.add_argument("--state", type=Path, default=STATE)
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     if args.action == "up":
-        print(up(args.nodes, args.state))
+        print(up(args.nodes, args.state, tls=not args.no_tls))
         print(f"emscale on the login host: python scripts/simcluster.py on login -- emscale run "
               f"WORKFLOW --cluster {args.state / 'cluster.yaml'} (data under "
               f"{args.state / 'shared'}: /tmp is each host's own)")

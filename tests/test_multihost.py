@@ -141,26 +141,15 @@ def test_a_run_on_three_hosts_killed_then_resumed_equals_a_local_run(cluster, sc
     prov = ResultsStore(results).attrs["provenance"]
     assert prov["host"] == "login"
     assert sorted(prov["cluster"]["hosts"].values()) == ["node1", "node2"]
-    assert all(a.startswith("tcp://10.77.0.1") for a in prov["cluster"]["hosts"])
+    assert all(a.startswith("tls://10.77.0.1") for a in prov["cluster"]["hosts"])  # TLS
     assert_same(results, local_run)
 
 
-def test_a_compute_host_taken_down_mid_run_is_survived(cluster, scan_input, local_run):
-    """node1 loses power (every process on it SIGKILLed) as the model starts training: the run
-    goes on with node2 alone and its results equal the local run's."""
-    _both_workers(cluster)
-    state, _ = cluster
-    wf = _workflow(cluster, scan_input, "host-down")
-    killed = []
-    code, said = _run_on_login(cluster, wf, "[train] training set",
-                               lambda proc: killed.extend(simcluster.kill("node1", state)))
-    assert killed and code == 0, said
-    assert_same(Path(yaml.safe_load(wf.read_text())["output"]) / "results.zarr", local_run)
-
-
-def test_a_batch_across_hosts(cluster, scan_input):
-    """``emscale batch`` on the login host with the cluster file: its ledger on the shared
-    storage, the scan run on the compute hosts."""
+def test_a_batch_across_hosts_survives_a_compute_host_taken_down(cluster, scan_input,
+                                                                  local_run):
+    """``emscale batch`` on the login host (its ledger on the shared storage): node1 loses
+    power (every process on it SIGKILLed) as the model starts training; the scan's run goes on
+    with node2 alone, the ledger says done and the results equal the local run's."""
     from emscale.batch import Ledger
 
     _both_workers(cluster)
@@ -170,12 +159,43 @@ def test_a_batch_across_hosts(cluster, scan_input):
     shutil.copy(scan_input, scans / "a.npy")
     wf = _workflow(cluster, scan_input, "batch")
     out = state / "shared" / "batch-out"
-    proc = simcluster.run_on("login", [sys.executable, "-m", "emscale", "batch", str(scans),
-                                       "--workflow", str(wf), "--cluster", str(cluster_file),
-                                       "--output", str(out)], state, capture_output=True,
-                             text=True)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = simcluster.on("login", [sys.executable, "-m", "emscale", "batch", str(scans),
+                                   "--workflow", str(wf), "--cluster", str(cluster_file),
+                                   "--output", str(out)], state, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    said, killed = [], []
+    for line in proc.stdout:
+        said.append(line)
+        if line.strip().startswith("[train] training set") and not killed:
+            killed.extend(simcluster.kill("node1", state))
+    assert proc.wait(timeout=300) == 0 and killed, "".join(said)
     assert [e.state for e in Ledger(out / "ledger.sqlite").entries()] == ["done"]
     prov = ResultsStore(out / "a" / "results.zarr").attrs["provenance"]
     assert prov["host"] == "login"
-    assert sorted(prov["cluster"]["hosts"].values()) == ["node1", "node2"]
+    assert sorted(prov["cluster"]["hosts"].values()) == ["node1", "node2"]  # both, at the start
+    assert_same(out / "a" / "results.zarr", local_run)
+
+
+def test_only_this_cluster_s_certificates_get_in(cluster, scan_input):
+    """Every connection of the cluster is TLS with its own certificates: emscale with another
+    cluster's certificates, or with none, is refused in one line and writes nothing."""
+    from emscale.tls import make_certificates
+
+    state, cluster_file = cluster
+    assert "tls: " in cluster_file.read_text()
+    other = make_certificates(state / "shared" / "other-ca")
+    wf = _workflow(cluster, scan_input, "refused")
+    tls_address = f"tls://{simcluster.address('login')}:{simcluster.SCHEDULER_PORT}"
+    for data, message in [
+        ({"address": tls_address, "tls": str(other)}, f"tls: the scheduler at {tls_address} "
+         f"refused the certificates in {other}"),
+        ({"address": tls_address.replace("tls:", "tcp:")}, "address: the scheduler at tcp://"),
+    ]:
+        path = state / "shared" / "refused-cluster.yaml"
+        path.write_text(yaml.safe_dump({"type": "address", "timeout": 10, **data}))
+        proc = simcluster.run_on("login", [sys.executable, "-m", "emscale", "run", str(wf),
+                                           "--cluster", str(path)], state, capture_output=True,
+                                 text=True, timeout=120)
+        assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+        assert proc.stderr.startswith("emscale: error: " + message), proc.stderr
+    assert not (state / "shared" / "refused").exists()
