@@ -43,3 +43,22 @@ def test_emscale_run_takes_the_dashboard_address(tmp_path, capsys):
     assert "dashboard: http://127.0.0.1:" in capsys.readouterr().out
     assert main(["run", str(path), "--workers", "1", "--dashboard-address", "none"]) == 0
     assert "dashboard: off" in capsys.readouterr().out
+
+
+def test_a_local_cluster_with_tls(tmp_path, capsys):
+    """``tls: auto``: the LocalCluster's scheduler and workers speak TLS with certificates made
+    for it; ``emscale tls DIR`` writes a cluster's certificates (the key private) once."""
+    import stat
+
+    cfg = default_cluster_file().model_copy(update={"workers": 1, "dashboard_address": None,
+                                                    "tls": "auto"})
+    with open_cluster(cfg) as (cluster, client):
+        assert cluster.scheduler_address.startswith("tls://127.0.0.1:")
+        assert client.submit(sum, [1, 2]).result() == 3
+    assert main(["tls", str(tmp_path / "certs")]) == 0
+    assert sorted(p.name for p in (tmp_path / "certs").iterdir()) == ["ca.pem", "cert.pem",
+                                                                      "key.pem"]
+    assert stat.S_IMODE((tmp_path / "certs" / "key.pem").stat().st_mode) == 0o600
+    capsys.readouterr()
+    assert main(["tls", str(tmp_path / "certs")]) == 1  # never overwritten
+    assert "ca.pem exists already" in capsys.readouterr().err
