@@ -78,7 +78,7 @@ def dashboard_bind(address: str | None) -> str | None:
 
 def local_cluster(n_workers: int = 2, threads_per_worker: int = 1, memory_limit: str = "4GiB",
                   dashboard_address: str | None = ":8787", keep_blas_coretype: bool = False,
-                  security=None):
+                  security=None, gpus: int = 0):
     """A LocalCluster of worker processes with emscale's worker environment."""
     from distributed import LocalCluster
 
@@ -94,6 +94,8 @@ def local_cluster(n_workers: int = 2, threads_per_worker: int = 1, memory_limit:
             off = {} if dashboard_address else {"scheduler_kwargs": {"dashboard_address":
                                                                      "127.0.0.1:0"}}
             tls = {} if security is None else {"security": security, "protocol": "tls://"}
+            if gpus:
+                tls["resources"] = {"GPU": gpus}
             cluster = LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker,
                                    processes=True, memory_limit=memory_limit,
                                    dashboard_address=dashboard_bind(dashboard_address), **off,
@@ -155,6 +157,9 @@ def _cluster_schema():
         log_directory: Optional[str] = None
         python: Optional[str] = None
         # every type
+        gpus: int = Field(0, ge=0, description="GPUs per worker (local) or per job (slurm: "
+                          "--gres=gpu:N; pbs: add its -l directive): the workers declare a GPU "
+                          "resource, and training and encoding run there")
         tls: Optional[str] = Field(None, description="TLS between scheduler, workers and "
                                    "emscale: a directory of ca.pem, cert.pem, key.pem ('emscale "
                                    "tls DIR' makes one), or auto (local: temporary ones)")
@@ -290,7 +295,8 @@ class open_cluster:
         sec = security(cfg.tls)
         if cfg.type == "local":
             self.cluster = local_cluster(cfg.workers, cfg.threads, cfg.memory,
-                                         dashboard_address=cfg.dashboard_address, security=sec)
+                                         dashboard_address=cfg.dashboard_address, security=sec,
+                                         gpus=cfg.gpus)
             self.client = Client(self.cluster, security=sec)
         elif cfg.type == "address":
             check_listening(cfg.address)
@@ -381,13 +387,27 @@ def _jobqueue_cluster(cfg, security=None):
     env = worker_environment()
     kwargs = dict(cores=cfg.cores, processes=cfg.processes,
                   memory=cfg.memory, walltime=cfg.walltime, queue=cfg.queue, account=cfg.account,
-                  job_extra_directives=list(cfg.job_extra_directives), interface=cfg.interface,
+                  job_extra_directives=[*cfg.job_extra_directives, *(
+                      [f"--gres=gpu:{cfg.gpus}"] if cfg.gpus and cfg.type == "slurm" else [])],
+                  interface=cfg.interface,
                   log_directory=cfg.log_directory, python=cfg.python or sys.executable,
                   security=security,
+                  worker_extra_args=["--resources", f"GPU={cfg.gpus}"] if cfg.gpus else [],
                   job_script_prologue=[f"export {k}={v}" for k, v in env.items()])
     if cfg.dashboard_address is not None:
         kwargs["scheduler_options"] = {"dashboard_address": dashboard_bind(cfg.dashboard_address)}
     return cls(**kwargs)
+
+
+def gpu_workers() -> int:
+    """How many workers of the active client declare a ``GPU`` resource (0 without a client)."""
+    try:
+        from distributed import get_client
+
+        info = get_client().scheduler_info(n_workers=-1)["workers"]
+    except (ImportError, ValueError):
+        return 0
+    return sum(1 for w in info.values() if w.get("resources", {}).get("GPU"))
 
 
 def worker_hosts() -> dict[str, str]:

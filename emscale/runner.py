@@ -129,6 +129,24 @@ def output_lock(output: Path):
 
 
 @contextlib.contextmanager
+def _on_gpu_workers(stage: Stage, note):
+    """An accelerated stage's tasks (reading, model, writing) on the workers that declare a
+    ``GPU`` resource, where the cluster has any; elsewhere as usual. (Training places its one
+    task itself: ``trainer.train_on_cluster``.)"""
+    import dask
+
+    from emscale.dask_cluster import gpu_workers
+
+    n = gpu_workers() if stage.accelerated else 0
+    if not n:
+        yield
+        return
+    note(f"on the {n} GPU worker(s)")
+    with dask.annotate(resources={"GPU": 1}):
+        yield
+
+
+@contextlib.contextmanager
 def _checksums_named(results, reads: tuple[str, ...]):
     """Zarr says only "Stored and computed checksum do not match" of a damaged chunk in a
     results group: find the file among the groups the stage reads and name it, with the stage
@@ -470,7 +488,7 @@ class Runner:
         with results.resumable(stage.name, key), _heartbeat(note, last, t0,
                                                             None if self.show_progress else
                                                             PROGRESS_EVERY), \
-                _checksums_named(results, stage.reads):
+                _checksums_named(results, stage.reads), _on_gpu_workers(stage, note):
             ds = stage.build(ctx)
             check_outputs(stage, ds)
             out = results.write_stage(stage.name, ds, overwrite=True, finalize=stage.finalize,

@@ -59,6 +59,7 @@ def batch_script(workflow: Path, cluster_file: Path, cfg, output: Path,
         lines += [f"#SBATCH -p {cfg.queue}"] if cfg.queue else []
         lines += [f"#SBATCH -A {cfg.account}"] if cfg.account else []
         lines += [f"#SBATCH --begin={begin}"] if begin else []
+        lines += [f"#SBATCH --gres=gpu:{cfg.gpus}"] if cfg.gpus and cfg.type != "slurm" else []
         lines += [f"#SBATCH {d}" for d in cfg.job_extra_directives]
         submit = "sbatch"
     else:

@@ -122,7 +122,9 @@ def _tls_options(state: Path) -> list[str]:
     return worker_options(state / "tls") if _state(state).get("tls") else []
 
 
-def _worker(state: Path, host: str, python: str) -> None:
+def _worker(state: Path, host: str, python: str, resources: str | None = None) -> None:
+    """The host's Dask worker; ``resources`` as ``dask worker --resources`` takes them (e.g.
+    ``GPU=1``: a GPU node, as far as placement goes)."""
     from emscale.dask_cluster import worker_environment
 
     env = {**os.environ, **worker_environment()}
@@ -130,7 +132,7 @@ def _worker(state: Path, host: str, python: str) -> None:
             [python, "-m", "dask", "worker", scheduler_address(state), "--host", address(host),
              "--name", host, "--nthreads", "1", "--nworkers", "1", "--memory-limit", "3GiB",
              "--local-directory", "/tmp/dask-worker-space", "--no-dashboard",
-             *_tls_options(state)], env)
+             *(["--resources", resources] if resources else []), *_tls_options(state)], env)
 
 
 def wait_for_workers(state: Path, n: int, python: str, timeout: float = 120) -> None:
@@ -209,12 +211,12 @@ def kill(host: str, state: Path = STATE) -> list[int]:
     return pids
 
 
-def start(host: str, state: Path = STATE) -> None:
-    """Bring a host taken down back, with its worker."""
+def start(host: str, state: Path = STATE, resources: str | None = None) -> None:
+    """Bring a host taken down back, with its worker (declaring ``resources``)."""
     data = _state(state)
     _add_host(state, host)
     if host != "login":
-        _worker(state, host, data["python"])
+        _worker(state, host, data["python"], resources)
 
 
 def down(state: Path = STATE) -> None:

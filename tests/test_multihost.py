@@ -199,3 +199,52 @@ def test_only_this_cluster_s_certificates_get_in(cluster, scan_input):
         assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
         assert proc.stderr.startswith("emscale: error: " + message), proc.stderr
     assert not (state / "shared" / "refused").exists()
+
+
+PLACEMENT = """
+import json, platform, sys, time
+from distributed import Client, get_task_stream
+from emscale.runner import run_workflow
+from emscale.tls import security
+from emscale.workflow import load_workflow
+client = Client(sys.argv[1], security=security(sys.argv[2]))
+marks = {}
+def echo(line):
+    print(line, flush=True)
+    marks.setdefault(line[1:].split("]")[0], time.time())
+with get_task_stream(client) as ts:
+    run_workflow(load_workflow(sys.argv[3]), echo=echo)
+print(json.dumps({"hosts": client.run(platform.node), "marks": marks,
+                  "tasks": [[str(t["key"]), t["worker"], t["startstops"][0]["start"]]
+                            for t in ts.data]}))
+"""
+
+
+def test_training_and_encoding_go_to_the_gpu_node(cluster, scan_input):
+    """node2 declares a GPU (``--resources GPU=1``; no device here, so torch runs on its CPU):
+    the training task and every task of the encode stage run there, the others anywhere."""
+    import json
+
+    state, cluster_file = cluster
+    simcluster.kill("node2", state)
+    simcluster.start("node2", state, resources="GPU=1")
+    _both_workers(cluster)
+    wf = _workflow(cluster, scan_input, "gpu-node")
+    cfg = yaml.safe_load(cluster_file.read_text())
+    try:
+        proc = simcluster.run_on("login", [sys.executable, "-c", PLACEMENT, cfg["address"],
+                                           cfg["tls"], str(wf)], state, capture_output=True,
+                                 text=True)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        data = json.loads(proc.stdout.strip().splitlines()[-1])
+    finally:  # node2 back as the other tests know it
+        simcluster.kill("node2", state)
+        simcluster.start("node2", state)
+    host, marks = data["hosts"], data["marks"]
+    train = [host[w] for k, w, _ in data["tasks"] if k.startswith("train-")]
+    assert train == ["node2"], train
+    assert "[encode] on the 1 GPU worker(s)" in proc.stdout
+    encode = [host[w] for _, w, t in data["tasks"] if marks["encode"] <= t < marks["anomaly"]]
+    assert len(encode) >= 4 and set(encode) == {"node2"}, encode
+    others = [host[w] for _, w, t in data["tasks"] if t >= marks["anomaly"]]
+    assert set(others) == {"node1", "node2"}, others  # the other stages use both

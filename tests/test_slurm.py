@@ -148,3 +148,24 @@ def test_a_workflow_inside_one_slurm_allocation(slurm, tmp_path, capsys):
     prov = ResultsStore(tmp_path / "out" / "results.zarr").attrs["provenance"]
     assert prov["cluster"]["type"] == "slurm-runner"
     assert list(prov["cluster"]["workers"].values()) == [job]  # the worker runs in this job
+
+
+def test_gpu_workers_as_slurm_jobs_ask_for_a_gpu_and_declare_it(tmp_path):
+    """``gpus: 1``: each worker job asks Slurm for a GPU and its worker declares a GPU resource
+    (where training and encoding are placed); a job running a local cluster asks for it too."""
+    from emscale.dask_cluster import _jobqueue_cluster, load_cluster_file
+    from emscale.submit import batch_script
+
+    path = tmp_path / "gpu.yaml"
+    path.write_text(yaml.safe_dump({"type": "slurm", "gpus": 1, "memory": "2GiB",
+                                    "dashboard_address": None}))
+    cluster = _jobqueue_cluster(load_cluster_file(path))
+    try:
+        script = cluster.job_script()
+    finally:
+        cluster.close()
+    assert "#SBATCH --gres=gpu:1" in script and "--resources GPU=1" in script
+    local = tmp_path / "local.yaml"
+    local.write_text(yaml.safe_dump({"type": "local", "gpus": 1}))
+    script, _ = batch_script(tmp_path / "wf.yaml", local, load_cluster_file(local), tmp_path)
+    assert "#SBATCH --gres=gpu:1" in script

@@ -42,6 +42,7 @@ class Stage:
     about: str                                 # one line: what the stage does
     attrs: Mapping[str, str] = field(default_factory=dict)  # attrs it writes: name -> meaning
     uses_normal: bool = False                  # its result depends on where normal data come from
+    accelerated: bool = False                  # runs the model: on GPU workers when there are any
     finalize: Callable[[xr.Dataset], dict] | None = None  # attrs from the written data
     # the written group as its readers see it (e.g. with variables recomputed lazily)
     reopen: Callable[[xr.Dataset], xr.Dataset] | None = None

@@ -186,26 +186,38 @@ _RUNNERS: dict = {}
 
 
 def _runner(spec: ModelSpec):
-    """The fastest evaluator of the spec's model in this process: ``DenseInference`` for MLP and
-    linear models, else the torch module (conv)."""
+    """The fastest evaluator of the spec's model in this process: on a worker with a CUDA
+    device, the torch module there; else ``DenseInference`` for MLP and linear models, or the
+    torch module on the CPU (conv). None: the torch module (``_torch_forward``)."""
     if spec.token not in _RUNNERS:
         _RUNNERS.clear()
         try:
-            _RUNNERS[spec.token] = DenseInference(spec)
+            _RUNNERS[spec.token] = None if _cuda() else DenseInference(spec)
         except TypeError:
             _RUNNERS[spec.token] = None
     return _RUNNERS[spec.token]
 
 
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _torch_forward(spec, x):
     import torch
 
-    model = spec.model()
+    device = "cuda" if _cuda() else "cpu"
+    key = (spec.token, device)
+    if key not in _RUNNERS:  # the module moved to the device once per worker process
+        _RUNNERS[key] = spec.model().to(device)
+    model = _RUNNERS[key]
     with torch.inference_mode():
-        xb = torch.from_numpy(x)
-        z = model.encode((xb - torch.from_numpy(spec.mean)).mul_(1.0 / spec.scale))
+        xb = torch.from_numpy(x).to(device)
+        mean = torch.from_numpy(spec.mean).to(device)
+        z = model.encode((xb - mean).mul_(1.0 / spec.scale))
         rec = spec.to_features(model.decode(z))
-    return z.numpy(), rec.numpy()
+    return z.cpu().numpy(), rec.cpu().numpy()
 
 
 def encode_block(block, valid, intensity, spec: ModelSpec, pca: PCAProjection | None = None, *,
@@ -325,7 +337,7 @@ def _build(ctx: Context) -> xr.Dataset:
 
 STAGE = Stage(
     name="encode", config=EncodeConfig, reads=("preprocess", "train", "pca"), build=_build,
-    library=encode_stage,
+    library=encode_stage, accelerated=True,
     about="every pixel through the autoencoder: latent codes and reconstruction errors, and "
           "PCA's error at the same k",
     outputs={
