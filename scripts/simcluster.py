@@ -23,13 +23,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # emscale, run from a checkout
+ROOT = Path(__file__).resolve().parent.parent  # the checkout (and, from it, emscale)
+sys.path.insert(0, str(ROOT))
 
 STATE = Path("/var/tmp/emscale-cluster")  # not /tmp: every host has its own /tmp
 SUBNET = "10.77.0"
@@ -87,11 +89,26 @@ def _add_host(state: Path, host: str) -> None:
         _ip("-n", ns, "link", "set", "lo", "up")
     pidfile = state / f"{host}.pid"
     pidfile.unlink(missing_ok=True)
-    script = (f"hostname {host} && mount -t tmpfs -o size=2g,mode=1777 tmpfs /tmp && "
-              f"mount --bind {state / 'hosts'} /etc/hosts && echo $$ > {pidfile} && "
+    # /tmp is the host's own, but what runs there must be found where the client has it: a
+    # checkout or virtual environment under /tmp (a CI clone) is bound back into the new /tmp
+    # (the CI run of the tests failed with exit 127 before: no python at that path on a host)
+    keep = sorted({p for p in (ROOT, Path(sys.prefix).resolve(), Path(os.getcwd()).resolve())
+                   if p.is_relative_to("/tmp")})
+    keep = [p for p in keep if not any(p != q and p.is_relative_to(q) for q in keep)]
+    hold = [state / "keep" / str(i) for i in range(len(keep))]
+    for h in hold:
+        h.mkdir(parents=True, exist_ok=True)
+    save = "".join(f"mount --bind {shlex.quote(str(p))} {h} && " for p, h in zip(keep, hold))
+    back = "".join(f"mkdir -p {shlex.quote(str(p))} && mount --bind {h} {shlex.quote(str(p))} "
+                   "&& " for p, h in zip(keep, hold))
+    script = (f"hostname {host} && {save}mount -t tmpfs -o size=2g,mode=1777 tmpfs /tmp && "
+              f"{back}mount --bind {state / 'hosts'} /etc/hosts && echo $$ > {pidfile} && "
               "exec sleep infinity")
-    subprocess.Popen(["ip", "netns", "exec", ns, "unshare", "--uts", "--mount", "--propagation",
-                      "private", "--fork", "sh", "-c", script], start_new_session=True,
+    # nsenter, not ip netns exec: that mounts a sysfs of its own, without the machine's cgroup
+    # hierarchies, and slurmd does not start without them
+    subprocess.Popen(["nsenter", f"--net=/run/netns/{ns}", "unshare", "--uts", "--mount",
+                      "--propagation", "private", "--fork", "sh", "-c", script],
+                     start_new_session=True,
                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                      stderr=open(state / f"{host}.log", "ab"))
     for _ in range(100):
@@ -183,6 +200,94 @@ def up(nodes: int = 2, state: Path = STATE, python: str = sys.executable,
     return cluster
 
 
+SLURM_CONF = """ClusterName=emscale-sim
+SlurmctldHost=login({login})
+SlurmUser=root
+AuthType=auth/munge
+ProctrackType=proctrack/pgid
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core_Memory
+SchedulerType=sched/backfill
+AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/none
+MpiDefault=none
+ReturnToService=2
+KillWait=5
+StateSaveLocation={slurm}/ctld
+SlurmdSpoolDir={slurm}/d-%n
+SlurmctldPidFile={slurm}/ctld.pid
+SlurmdPidFile={slurm}/d-%n.pid
+SlurmctldLogFile={slurm}/ctld.log
+SlurmdLogFile={slurm}/d-%n.log
+{nodes}
+PartitionName=sim Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+"""
+
+
+def slurm_env(state: Path) -> dict:
+    """The environment in which ``sbatch``, ``squeue`` (and emscale) talk to the simulated
+    cluster's Slurm."""
+    return {**os.environ, "SLURM_CONF": str(state / "slurm" / "slurm.conf")}
+
+
+def _munge() -> None:
+    """munged, as slurm-up.sh starts it (its socket is a file: every host reaches it)."""
+    if subprocess.run(["pgrep", "-x", "munged"], capture_output=True).returncode == 0:
+        return
+    for d in ("/run/munge", "/etc/munge"):
+        os.makedirs(d, exist_ok=True)
+        subprocess.run(["chown", "munge:munge", d], check=True)
+    key = Path("/etc/munge/munge.key")
+    if not key.exists() or key.stat().st_size == 0:
+        key.write_bytes(os.urandom(1024))
+        subprocess.run(["chown", "munge:munge", str(key)], check=True)
+        key.chmod(0o400)
+    subprocess.run(["runuser", "-u", "munge", "--", "munged"], check=True)
+
+
+def slurm_up(state: Path = STATE, timeout: float = 60) -> Path:
+    """A Slurm across the hosts: slurmctld on login, a slurmd on each node (its own spool,
+    pid and log files); returns a cluster file whose workers are Slurm jobs on the nodes."""
+    data = _state(state)
+    nodes = [h for h in data["hosts"] if h != "login"]
+    slurm = state / "slurm"
+    (slurm / "ctld").mkdir(parents=True, exist_ok=True)
+    (state / "shared" / "jobs").mkdir(parents=True, exist_ok=True)
+    (slurm / "slurm.conf").write_text(SLURM_CONF.format(
+        login=address("login"), slurm=slurm, nodes="\n".join(
+            f"NodeName={n} NodeAddr={address(n)} CPUs=2 RealMemory=8000 State=UNKNOWN"
+            for n in nodes)))
+    _munge()
+    env = slurm_env(state)
+    _daemon(state, "login", "slurmctld", ["slurmctld", "-D", "-c"], env)
+    for node in nodes:
+        (slurm / f"d-{node}").mkdir(exist_ok=True)
+        _daemon(state, node, f"{node}-slurmd", ["slurmd", "-D", "-N", node], env)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        states = run_on("login", ["sinfo", "-h", "-N", "-o", "%N %t"], state, env=env,
+                        capture_output=True, text=True).stdout.split()
+        ready = dict(zip(states[::2], states[1::2]))
+        if len(ready) == len(nodes) and all(v in ("idle", "mix", "alloc")
+                                            for v in ready.values()):
+            break
+        for node, st in ready.items():
+            if st.startswith(("drain", "down")):
+                run_on("login", ["scontrol", "update", f"nodename={node}", "state=resume"],
+                       state, env=env, capture_output=True)
+        time.sleep(0.3)
+    else:
+        raise RuntimeError(f"the simulated Slurm's nodes did not come up: see {slurm}")
+    cluster = state / "slurm-cluster.yaml"
+    tls = f"tls: {state / 'tls'}\n" if data.get("tls") else ""
+    cluster.write_text(f"type: slurm\njobs: {len(nodes)}\ncores: 1\nmemory: 2GiB\n"
+                       f"walltime: '00:20:00'\ninterface: eth0\nwait_for_workers: {len(nodes)}\n"
+                       f"timeout: 120\nlog_directory: {state / 'shared' / 'jobs'}\n"
+                       f"dashboard_address: null\n{tls}")
+    return cluster
+
+
 def _processes_of(state: Path, host: str) -> list[int]:
     """Every process in the host's UTS namespace (its holder included)."""
     try:
@@ -222,6 +327,12 @@ def start(host: str, state: Path = STATE, resources: str | None = None) -> None:
 def down(state: Path = STATE) -> None:
     """Stop everything the cluster started and remove its namespaces."""
     data = _state(state)
+    if "slurmctld" in data.get("daemons", {}) and "login" in data.get("hosts", []):
+        try:  # the jobs first (their workers), while slurmctld can still cancel them
+            run_on("login", ["scancel", "--partition=sim"], state, env=slurm_env(state),
+                   capture_output=True, timeout=30)
+        except (OSError, subprocess.SubprocessError, ValueError):
+            pass
     for host in data.get("hosts", []):
         kill(host, state)
     prefix = data.get("prefix", PREFIX)
@@ -246,18 +357,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("host", nargs="?")
     parser.add_argument("--nodes", type=int, default=2)
     parser.add_argument("--no-tls", action="store_true", help="plain TCP between the hosts")
+    parser.add_argument("--slurm", action="store_true", help="also a Slurm across the hosts")
     parser.add_argument("--state", type=Path, default=STATE)
-    parser.add_argument("command", nargs=argparse.REMAINDER)
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     if args.action == "up":
         print(up(args.nodes, args.state, tls=not args.no_tls))
+        if args.slurm:
+            print(slurm_up(args.state))
         print(f"emscale on the login host: python scripts/simcluster.py on login -- emscale run "
               f"WORKFLOW --cluster {args.state / 'cluster.yaml'} (data under "
               f"{args.state / 'shared'}: /tmp is each host's own)")
     elif args.action == "down":
         down(args.state)
     elif args.action == "on":
-        command = args.command[1:] if args.command[:1] == ["--"] else args.command
         return run_on(args.host, command, args.state, timeout=None).returncode
     elif args.action == "kill":
         print(" ".join(map(str, kill(args.host, args.state))))

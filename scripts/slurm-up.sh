@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install (Debian packages) and start a single-node Slurm on this machine, for the real-Slurm
 # tests and for trying `emscale run --cluster cluster_configs/slurm.yaml` locally. Needs root
-# and apt. Facts behind the settings: DESIGN.md section 6. Idempotent; `--down` stops it.
+# and apt. Facts behind the settings: DESIGN.md section 6. Idempotent; `--down` stops it;
+# `--install` only installs the packages.
 set -euo pipefail
 stop() {
     if pgrep -x slurmctld >/dev/null; then  # (scancel and squeue retry for ~20 s without it)
@@ -28,6 +29,9 @@ fi
 if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
         slurmctld slurmd slurm-client munge >/dev/null
+fi
+if [[ "${1:-}" == "--install" ]]; then  # the packages only (the simulated hosts' Slurm)
+    exit 0
 fi
 mkdir -p /run/munge /etc/munge /var/spool/slurmctld /var/spool/slurmd /var/log/slurm /etc/slurm
 chown munge:munge /run/munge /etc/munge

@@ -248,3 +248,41 @@ def test_training_and_encoding_go_to_the_gpu_node(cluster, scan_input):
     assert len(encode) >= 4 and set(encode) == {"node2"}, encode
     others = [host[w] for _, w, t in data["tasks"] if t >= marks["anomaly"]]
     assert set(others) == {"node1", "node2"}, others  # the other stages use both
+
+
+def test_emscale_submit_across_hosts_on_slurm(cluster, scan_input, local_run):
+    """A Slurm across the hosts (slurmctld on login, a slurmd on each node, each with its own
+    spool, pid and log files): ``emscale submit`` on login sends the run as a job to a node,
+    its workers are further jobs on the nodes, all over TLS; the results equal the local run's."""
+    import time
+
+    state, _ = cluster
+    root = Path(__file__).resolve().parent.parent
+    if subprocess.run(["bash", str(root / "scripts" / "slurm-up.sh"), "--install"],
+                      capture_output=True).returncode != 0:
+        pytest.skip("Slurm's Debian packages cannot be installed here")
+    _both_workers(cluster)
+    slurm_cluster = simcluster.slurm_up(state)
+    env = simcluster.slurm_env(state)
+    wf = _workflow(cluster, scan_input, "submitted")
+    proc = simcluster.run_on("login", [sys.executable, "-m", "emscale", "submit", str(wf),
+                                       "--cluster", str(slurm_cluster)], state, env=env,
+                             capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    job = proc.stdout.split("submitted job ")[1].split(":")[0]
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        queue = simcluster.run_on("login", ["squeue", "-h", "-j", job], state, env=env,
+                                  capture_output=True, text=True).stdout
+        if not queue.strip():
+            break
+        time.sleep(1)
+    out = Path(yaml.safe_load(wf.read_text())["output"])
+    log = (out / f"submit-{job}.out").read_text()
+    assert "report: " in log, log[-3000:]
+    prov = ResultsStore(out / "results.zarr").attrs["provenance"]
+    assert prov["host"] in ("node1", "node2") and prov["cluster"]["type"] == "slurm"
+    assert sorted(prov["cluster"]["hosts"].values()) == ["node1", "node2"]
+    assert all(j.isdigit() for j in prov["cluster"]["workers"].values())  # Slurm job ids
+    assert all(a.startswith("tls://") for a in prov["cluster"]["hosts"])
+    assert_same(out / "results.zarr", local_run)
