@@ -394,8 +394,9 @@ def _jobqueue_cluster(cfg, security=None):
                   security=security,
                   worker_extra_args=["--resources", f"GPU={cfg.gpus}"] if cfg.gpus else [],
                   job_script_prologue=[f"export {k}={v}" for k, v in env.items()])
-    if cfg.dashboard_address is not None:
-        kwargs["scheduler_options"] = {"dashboard_address": dashboard_bind(cfg.dashboard_address)}
+    # (dask-jobqueue's own default is ":8787": every interface)
+    kwargs["scheduler_options"] = {"dashboard_address": dashboard_bind(
+        cfg.dashboard_address if cfg.dashboard_address is not None else ":0")}
     return cls(**kwargs)
 
 

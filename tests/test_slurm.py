@@ -156,15 +156,26 @@ def test_gpu_workers_as_slurm_jobs_ask_for_a_gpu_and_declare_it(tmp_path):
     from emscale.dask_cluster import _jobqueue_cluster, load_cluster_file
     from emscale.submit import batch_script
 
+    import psutil
+
+    def listening():
+        return {c.laddr for c in psutil.Process().net_connections("tcp")
+                if c.status == psutil.CONN_LISTEN}
+
     path = tmp_path / "gpu.yaml"
     path.write_text(yaml.safe_dump({"type": "slurm", "gpus": 1, "memory": "2GiB",
-                                    "dashboard_address": None}))
+                                    "interface": "lo", "dashboard_address": None}))
+    before = listening()
     cluster = _jobqueue_cluster(load_cluster_file(path))
     try:
         script = cluster.job_script()
+        opened = listening() - before
     finally:
         cluster.close()
     assert "#SBATCH --gres=gpu:1" in script and "--resources GPU=1" in script
+    # the scheduler only on the interface named, its HTTP server (no dashboard asked for) on the
+    # loopback: dask-jobqueue's default had it on every interface, port 8787
+    assert len(opened) >= 2 and {a.ip for a in opened} == {"127.0.0.1"}, opened
     local = tmp_path / "local.yaml"
     local.write_text(yaml.safe_dump({"type": "local", "gpus": 1}))
     script, _ = batch_script(tmp_path / "wf.yaml", local, load_cluster_file(local), tmp_path)
