@@ -366,8 +366,10 @@ def main(argv: list[str] | None = None) -> int:
         print(up(args.nodes, args.state, tls=not args.no_tls))
         if args.slurm:
             print(slurm_up(args.state))
-        print(f"emscale on the login host: python scripts/simcluster.py on login -- emscale run "
-              f"WORKFLOW --cluster {args.state / 'cluster.yaml'} (data under "
+        py = os.path.relpath(sys.executable) if sys.executable.startswith(os.getcwd()) \
+            else sys.executable
+        print(f"emscale on the login host: {py} scripts/simcluster.py on login -- {py} -m "
+              f"emscale run WORKFLOW --cluster {args.state / 'cluster.yaml'} (data under "
               f"{args.state / 'shared'}: /tmp is each host's own)")
     elif args.action == "down":
         down(args.state)

@@ -253,7 +253,9 @@ def test_training_and_encoding_go_to_the_gpu_node(cluster, scan_input):
 def test_emscale_submit_across_hosts_on_slurm(cluster, scan_input, local_run):
     """A Slurm across the hosts (slurmctld on login, a slurmd on each node, each with its own
     spool, pid and log files): ``emscale submit`` on login sends the run as a job to a node,
-    its workers are further jobs on the nodes, all over TLS; the results equal the local run's."""
+    its workers are further jobs on the nodes, all over TLS; the results equal the local run's.
+    The output's name has a space, a quote and a %: Slurm must be given them, not a broken
+    script (``-o`` quoted, % escaped)."""
     import time
 
     state, _ = cluster
@@ -264,7 +266,7 @@ def test_emscale_submit_across_hosts_on_slurm(cluster, scan_input, local_run):
     _both_workers(cluster)
     slurm_cluster = simcluster.slurm_up(state)
     env = simcluster.slurm_env(state)
-    wf = _workflow(cluster, scan_input, "submitted")
+    wf = _workflow(cluster, scan_input, "night run's 100%")
     proc = simcluster.run_on("login", [sys.executable, "-m", "emscale", "submit", str(wf),
                                        "--cluster", str(slurm_cluster)], state, env=env,
                              capture_output=True, text=True)

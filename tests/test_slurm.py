@@ -1,6 +1,8 @@
-"""Real Slurm: a single-node Slurm from Debian packages (``scripts/slurm-up.sh``), then a small
-workflow whose Dask workers are Slurm jobs. Skipped, saying why, where Slurm cannot be set up
-(not root, no apt)."""
+"""Real Slurm: a single-node Slurm from Debian packages (``scripts/slurm-up.sh``) runs a workflow
+inside one allocation (``slurm-runner``); and what the cluster files and submit scripts hold.
+Workers as Slurm jobs and ``emscale submit`` run on a Slurm across simulated hosts
+(``tests/test_multihost.py``). Skipped, saying why, where Slurm cannot be set up (not root, no
+apt)."""
 
 from __future__ import annotations
 
@@ -50,46 +52,6 @@ def test_every_cluster_file_validates(path):
     from emscale.dask_cluster import CLUSTER_TYPES
 
     assert load_cluster_file(path).type in CLUSTER_TYPES
-
-
-def test_a_workflow_on_slurm_workers(slurm, tmp_path, capsys):
-    wf = _small_workflow(tmp_path, seed=1)
-    cluster = tmp_path / "slurm.yaml"
-    cluster.write_text(yaml.safe_dump({
-        "type": "slurm", "jobs": 2, "cores": 1, "memory": "2GiB", "walltime": "00:10:00",
-        "interface": "lo", "log_directory": str(tmp_path / "jobs"), "wait_for_workers": 2,
-        "timeout": 120, "dashboard_address": None}))
-    assert main(["run", str(wf), "--cluster", str(cluster)]) == 0
-    assert "report: " in capsys.readouterr().out
-    prov = ResultsStore(tmp_path / "out" / "results.zarr").attrs["provenance"]
-    jobs = prov["cluster"]["workers"]
-    assert prov["cluster"]["type"] == "slurm" and len(jobs) == 2
-    assert all(job is not None and job.isdigit() for job in jobs.values()), jobs
-
-
-def test_submit_runs_a_workflow_as_a_slurm_job(slurm, tmp_path, capsys):
-    import time
-
-    # a space, a quote and a % in the output path: Slurm must be given them, not a broken script
-    out = tmp_path / "night run's 100%"
-    wf = _small_workflow(tmp_path, seed=2)
-    cluster = tmp_path / "local.yaml"
-    cluster.write_text(yaml.safe_dump({"type": "local", "workers": 1, "memory": "2GiB",
-                                       "walltime": "00:10:00", "dashboard_address": None}))
-    assert main(["submit", str(wf), "--cluster", str(cluster), "--begin", "now",
-                 "--output", str(out)]) == 0
-    job = capsys.readouterr().out.split("submitted job ")[1].split(":")[0]
-    script = (out / "submit.sh").read_text()
-    assert "#SBATCH --begin=now" in script and "emscale run" in script
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        queue = subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True).stdout
-        if not queue.strip():
-            break
-        time.sleep(1)
-    log = (out / f"submit-{job}.out").read_text()
-    assert "report: " in log, log[-2000:]
-    assert (out / "report" / "index.html").exists()
 
 
 def test_a_pbs_script_asks_for_the_queue_start_time_and_memory(tmp_path):
