@@ -422,7 +422,12 @@ class Runner:
                  cluster_info: dict | None = None, until: str | None = None,
                  report: bool = True):
         preflight(workflow, force, registry, until)
-        self.wf = workflow
+        # absolute paths: a worker on another host resolves a relative one against its own
+        # working directory (a relative output failed there with FileNotFoundError)
+        self.wf = workflow.model_copy(update={
+            k: Path(getattr(workflow, k)).absolute() for k in ("input", "output")
+            if getattr(workflow, k) is not None})
+        workflow = self.wf
         self.registry = registry
         names = stage_names(registry)
         first = min((names.index(s) for s in force), default=len(names))

@@ -160,7 +160,7 @@ def not_a_zarr_group(path: Path, exc: Exception) -> str:
 
 def open_scan(path: str | os.PathLike, validate: bool = True) -> xr.Dataset:
     """Open a scan store lazily (dask-backed, chunks as stored) and check its contract."""
-    path = Path(path)
+    path = Path(path).absolute()  # the tasks that read it may run on other hosts
     if not path.exists():
         raise InputError(f"{path}: no such scan store")
     try:

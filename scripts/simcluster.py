@@ -60,18 +60,20 @@ def _holder(state: Path, host: str) -> int:
     return int((state / f"{host}.pid").read_text())
 
 
-def on(host: str, argv: list[str], state: Path = STATE, **popen) -> subprocess.Popen:
-    """Start ``argv`` on ``host`` (its network, host name and mounts), in this directory."""
-    pid = _holder(state, host)
-    return subprocess.Popen(["nsenter", "-t", str(pid), "-n", "-u", "-m", f"--wd={os.getcwd()}",
-                             "--", *argv], **popen)
+def _enter(state: Path, host: str, cwd=None) -> list[str]:
+    return ["nsenter", "-t", str(_holder(state, host)), "-n", "-u", "-m",
+            f"--wd={cwd or os.getcwd()}", "--"]
 
 
-def run_on(host: str, argv: list[str], state: Path = STATE, timeout: float = 600,
+def on(host: str, argv: list[str], state: Path = STATE, cwd=None, **popen) -> subprocess.Popen:
+    """Start ``argv`` on ``host`` (its network, host name and mounts), in ``cwd`` (default:
+    this directory)."""
+    return subprocess.Popen([*_enter(state, host, cwd), *argv], **popen)
+
+
+def run_on(host: str, argv: list[str], state: Path = STATE, timeout: float = 600, cwd=None,
            **kwargs) -> subprocess.CompletedProcess:
-    pid = _holder(state, host)
-    return subprocess.run(["nsenter", "-t", str(pid), "-n", "-u", "-m", f"--wd={os.getcwd()}",
-                           "--", *argv], timeout=timeout, **kwargs)
+    return subprocess.run([*_enter(state, host, cwd), *argv], timeout=timeout, **kwargs)
 
 
 def _add_host(state: Path, host: str) -> None:

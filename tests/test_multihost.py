@@ -81,12 +81,12 @@ def _workflow(cluster, scan_input, name: str) -> Path:
     return path
 
 
-def _run_on_login(cluster, wf: Path, kill_at: str | None = None, then=None):
+def _run_on_login(cluster, wf: Path, kill_at: str | None = None, then=None, cwd=None):
     """``emscale run`` on the login host; with ``kill_at``, ``then()`` is called when a line
     starts so. Returns (exit code, what it printed)."""
     state, cluster_file = cluster
     proc = simcluster.on("login", [sys.executable, "-m", "emscale", "run", str(wf), "--cluster",
-                                   str(cluster_file)], state, stdout=subprocess.PIPE,
+                                   str(cluster_file)], state, cwd=cwd, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True, start_new_session=True)
     said = []
     for line in proc.stdout:
@@ -128,16 +128,22 @@ def test_a_run_on_three_hosts_killed_then_resumed_equals_a_local_run(cluster, sc
                                                                      local_run):
     """``emscale run`` on the login host, its workers on node1 and node2: SIGKILLed as it
     encodes, run again, it resumes (the finished stages skipped) and its results equal a
-    LocalCluster run's; the provenance names the hosts."""
-    wf = _workflow(cluster, scan_input, "three-hosts")
+    LocalCluster run's; the provenance names the hosts. The workflow's paths are relative to
+    where emscale runs, which is not where the workers run (a relative output once failed on
+    them with FileNotFoundError)."""
+    state, _ = cluster
+    shared = state / "shared"
+    wf = shared / "three-hosts.yaml"
+    wf.write_text(yaml.safe_dump({**WORKFLOW, "input": scan_input.name, "output": "three-hosts"}))
+    assert Path.cwd() != shared  # (the workers were started here)
     code, said = _run_on_login(cluster, wf, "[encode]",
-                               lambda proc: os.killpg(proc.pid, signal.SIGKILL))
+                               lambda proc: os.killpg(proc.pid, signal.SIGKILL), cwd=shared)
     assert code == -signal.SIGKILL, said
     assert "dashboard: http://10.77.0.1:8787/status" in said  # the scheduler's, on login
-    code, said = _run_on_login(cluster, wf)
+    code, said = _run_on_login(cluster, wf, cwd=shared)
     assert code == 0, said
     assert "skipped: scan, preprocess, pca, train" in said
-    results = Path(yaml.safe_load(wf.read_text())["output"]) / "results.zarr"
+    results = shared / "three-hosts" / "results.zarr"
     prov = ResultsStore(results).attrs["provenance"]
     assert prov["host"] == "login"
     assert sorted(prov["cluster"]["hosts"].values()) == ["node1", "node2"]
