@@ -8,6 +8,12 @@ unless ``allow_nonfinite``; negative values are counted and recorded, because ga
 background-subtracted data legitimately hold a few, and the preprocessing stage decides what to
 do with them. The input is opened read-only. The pass runs on local threads of the process that
 calls it (the raw file is local to it), even when a distributed client is active.
+
+Calibrations given by the caller (``emscale ingest --axis DIM:scale=S,offset=O,units=U``, see
+``parse_axis``) become the axes' coordinates exactly as a file's own do (``offset + scale * i``
+with a ``units`` attr); they replace a file's calibration of that axis, keys not given kept. A
+spectrum's energy axis is stored in the units given or read (eV for EELS, keV as EDS detectors and
+rosettasciio give it): crop ranges and reports use the axis's own units.
 """
 
 from __future__ import annotations
@@ -15,11 +21,12 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import logging
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import dask
 import dask.array as da
@@ -32,9 +39,9 @@ import zarr
 
 from emscale.atomic import check_output_free
 from emscale.dask_cluster import keep_freed_chunks
-from emscale.errors import EmscaleError, InputError
-from emscale.readers import RawScan, open_raw
-from emscale.store import STORED_DTYPES, ChunkPolicy, navigation_chunks, write_scan
+from emscale.errors import ConfigError, EmscaleError, InputError
+from emscale.readers import RawScan, linear_coord, open_raw
+from emscale.store import NAV_DIMS, SIGNAL_DIMS, STORED_DTYPES, ChunkPolicy, navigation_chunks, write_scan
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +198,106 @@ def to_stored_dtype(data: da.Array, path: Path) -> da.Array:
                          name="ingest-convert-" + tokenize(data.name, str(target)))
 
 
+# --- calibrations and kind given by the caller ------------------------------------------------------
+
+AXIS_KEYS = ("scale", "offset", "units")
+AXIS_FORMAT = "DIM:scale=S,offset=O,units=U (e.g. energy:scale=0.01,offset=-0.2,units=keV)"
+# --kind: the scan kind, or the signal type of a spectrum image (recorded as ``signal_type``)
+KINDS = {"spectrum": ("spectrum", None), "eels": ("spectrum", "EELS"), "eds": ("spectrum", "EDS"),
+         "diffraction": ("diffraction", None), "4dstem": ("diffraction", None)}
+KIND_WORDS = {"spectrum": "spectrum image (y, x, energy)", "diffraction": "4D-STEM scan (y, x, ky, kx)"}
+
+
+@dataclass(frozen=True)
+class AxisCalibration:
+    """One axis's calibration given by the caller; ``None``: kept from the file (or the default:
+    offset 0, scale 1, no units)."""
+
+    dim: str
+    scale: float | None = None
+    offset: float | None = None
+    units: str | None = None
+
+    def given(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in AXIS_KEYS if getattr(self, k) is not None}
+
+
+def parse_axis(text: str) -> list[AxisCalibration]:
+    """``DIM[,DIM]:KEY=VALUE,...`` (``emscale ingest --axis``), keys scale, offset, units;
+    a ConfigError naming the option and the text otherwise. ``y,x:scale=2.5,units=nm`` gives both
+    navigation axes the same step."""
+    where = f"--axis {text!r}"
+    head, sep, rest = text.partition(":")
+    dims = [d.strip() for d in head.split(",")]
+    if not sep or not all(dims) or not rest.strip():
+        raise ConfigError(f"{where}: expected {AXIS_FORMAT}")
+    values: dict[str, Any] = {}
+    for item in rest.split(","):
+        key, eq, value = (part.strip() for part in item.partition("="))
+        if key.lower() not in AXIS_KEYS or not eq:
+            raise ConfigError(f"{where}: {item.strip()!r} is not KEY=VALUE with KEY one of "
+                              f"{', '.join(AXIS_KEYS)}")
+        key = key.lower()
+        if key in values:
+            raise ConfigError(f"{where}: {key} given twice")
+        if key == "units":
+            values[key] = value
+            continue
+        try:
+            number = float(value)
+        except ValueError:
+            raise ConfigError(f"{where}: {key} {value!r} is not a number") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"{where}: {key} {value!r} is not a finite number")
+        if key == "scale" and number <= 0:
+            raise ConfigError(f"{where}: scale must be positive (the step from one pixel or "
+                              f"channel to the next), got {value}")
+        values[key] = number
+    return [AxisCalibration(d, **values) for d in dims]
+
+
+def check_kind(raw: RawScan, kind: str | None, path: Path) -> None:
+    """``--kind`` against what the file holds (its dimensions decide: 3-D is a spectrum image,
+    4-D a 4D-STEM scan); records a spectrum's signal type (EELS, EDS)."""
+    if kind is None:
+        return
+    want, signal_type = KINDS[kind.lower()]
+    if raw.kind != want:
+        raise InputError(f"{path}: --kind {kind}: the file holds a {KIND_WORDS[raw.kind]}, shape "
+                         f"{tuple(raw.data.shape)}, not a {KIND_WORDS[want]}")
+    if signal_type is not None:
+        raw.attrs["signal_type"] = signal_type
+
+
+def apply_calibrations(raw: RawScan, axes: Sequence[AxisCalibration], path: Path) -> None:
+    """The given calibrations into ``raw.coords`` (replacing the file's for those axes)."""
+    dims = NAV_DIMS + SIGNAL_DIMS[raw.kind]
+    seen: set[str] = set()
+    for ax in axes:
+        if ax.dim not in dims:
+            what = "spectrum image" if raw.kind == "spectrum" else "4D-STEM scan"
+            raise InputError(f"{path}: --axis {ax.dim}: no such axis (a {what} has axes "
+                             f"{', '.join(dims)})")
+        if ax.dim in seen:
+            raise ConfigError(f"--axis {ax.dim}: given twice")
+        seen.add(ax.dim)
+        size = raw.data.shape[dims.index(ax.dim)]
+        old, attrs = raw.coords.get(ax.dim, (None, {}))
+        if old is not None:
+            log.info("%s: the file's calibration of %s replaced by --axis (%s)", path, ax.dim, ax.given())
+        if ax.scale is None and ax.offset is None and old is not None:
+            values = old  # units only: the file's values (uniform or not) stay
+        else:
+            offset = ax.offset if ax.offset is not None else float(old[0]) if old is not None else 0.0
+            scale = ax.scale if ax.scale is not None else \
+                float(old[1] - old[0]) if old is not None and size > 1 else 1.0
+            values = linear_coord(size, offset, scale)
+        units = ax.units if ax.units is not None else str(attrs.get("units", ""))
+        attrs = {k: v for k, v in attrs.items() if k != "calibrated"}
+        raw.coords[ax.dim] = (values, {**attrs, "units": units,
+                                       "long_name": attrs.get("long_name", ax.dim)})
+
+
 def to_dataset(raw: RawScan, source: dict[str, Any]) -> xr.Dataset:
     dims = raw.dims
     coords = {d: (d, v, a) for d, (v, a) in raw.coords.items()}
@@ -221,11 +328,20 @@ def ingest(
     *,
     policy: ChunkPolicy | None = None,
     allow_nonfinite: bool = False,
+    nonfinite_remedy: str = "use --allow-nonfinite to keep them for preprocessing to mask",
+    axes: Sequence[AxisCalibration] = (),
+    kind: str | None = None,
     overwrite: bool = False,
     progress: bool = False,
 ) -> IngestReport:
-    """Stream ``raw_path`` into a new scan store at ``out_path`` (see the module docstring)."""
+    """Stream ``raw_path`` into a new scan store at ``out_path`` (see the module docstring).
+
+    ``nonfinite_remedy`` ends the error that refuses NaN/inf values: the fix in the terms of the
+    caller (a command's option, a workflow's field). ``axes`` and ``kind``: see ``parse_axis``
+    and ``check_kind``."""
     raw_path, out_path = Path(raw_path), Path(out_path)
+    if kind is not None and kind.lower() not in KINDS:
+        raise ConfigError(f"--kind {kind!r}: not one of {', '.join(KINDS)}")
     check_output_free(out_path, overwrite, inputs=(raw_path,))
 
     def chunks_for(shape: tuple[int, ...]) -> tuple:
@@ -233,6 +349,8 @@ def ingest(
         return (rows, cols) + tuple(shape[2:])
 
     raw = open_raw(raw_path, chunks_for)
+    check_kind(raw, kind, raw_path)
+    apply_calibrations(raw, axes, raw_path)
     source = {"path": str(raw_path.resolve()), "size": source_size(raw_path), "format": raw.format}
     ds = to_dataset(raw, source)
     converted = to_stored_dtype(ds["signal"].data, raw_path)
@@ -261,7 +379,7 @@ def ingest(
             if nonfinite and not allow_nonfinite:
                 where = _first_bad_block(counts[..., 0], signal.chunks)
                 raise InputError(f"{raw_path}: {nonfinite} NaN/inf values, first in {where} "
-                                 "(use --allow-nonfinite to keep them for preprocessing to mask)")
+                                 f"({nonfinite_remedy})")
             if negative:
                 log.warning("%s: %d negative values (recorded; preprocessing decides)", raw_path, negative)
             sha = results[1] if fused else hashing.result()
@@ -269,7 +387,8 @@ def ingest(
             group.attrs["source"] = {**source, "sha256": sha}
             group.attrs["ingest"] = {"nonfinite": nonfinite, "negative": negative,
                                      "allow_nonfinite": allow_nonfinite,
-                                     "source_dtype": str(raw.data.dtype)}
+                                     "source_dtype": str(raw.data.dtype),
+                                     "axes_given": {a.dim: a.given() for a in axes}}
 
         try:
             # Local threads even when a distributed client is active: the raw file lives where this

@@ -583,7 +583,14 @@ class Runner:
         else:
             from emscale.ingest import ingest
 
-            ingest(wf.input, path, policy=policy, overwrite=True)
+            # the workflow's value policy, not ingest's default (refuse NaN/inf): preprocessing
+            # masks or zeroes them unless preprocess.nonfinite is 'error'
+            pre = getattr(wf, "preprocess", None)
+            nonfinite = getattr(pre, "nonfinite", "error")
+            ingest(wf.input, path, policy=policy, overwrite=True,
+                   allow_nonfinite=nonfinite != "error",
+                   nonfinite_remedy=f"the workflow's preprocess.nonfinite is {nonfinite!r}; "
+                   "'mask' leaves such pixels out of every fit and map")
         marker.write_text(key)
         self.result.seconds["scan"] = time.perf_counter() - t0
         self.result.ran.append("scan")

@@ -257,3 +257,112 @@ def test_npy_chunks_read_directly_and_buffered_are_the_same(tmp_path, monkeypatc
             monkeypatch.setattr(readers, "DIRECT_READS", direct)
             raw = readers.read_npy(tmp_path / "raw.npy", lambda shape, c=chunks: c)
             np.testing.assert_array_equal(raw.data.compute(scheduler="threads"), data)
+
+
+# --- calibrations and kind given on the command line; the workflow's NaN policy (issue 19) -------
+
+def cli(capsys, *args):
+    """``emscale ARGS`` in-process: (exit code, stdout, stderr)."""
+    from emscale.cli import main
+
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_axes_and_kind_of_a_raw_array(tmp_path, capsys):
+    """--axis gives a .npy the calibrations a file read by rosettasciio has: coordinates
+    offset + scale * i with units; --kind eds records the signal type."""
+    data = spectrum_data()
+    np.save(tmp_path / "raw.npy", data)
+    code, out, err = cli(capsys, "ingest", tmp_path / "raw.npy", tmp_path / "s.zarr", "--kind", "eds",
+                         "--axis", "energy:scale=0.01,offset=-0.2,units=keV",
+                         "--axis", "y,x:scale=2.5,units=nm", "--chunk-mib", "0.01")
+    assert code == 0, err
+    ds = open_scan(tmp_path / "s.zarr")
+    np.testing.assert_array_equal(ds.signal.values, data)
+    np.testing.assert_allclose(ds.energy.values, -0.2 + 0.01 * np.arange(64))
+    assert coord_step(ds, "energy")[2] == "keV" and "calibrated" not in ds.energy.attrs
+    assert coord_step(ds, "y") == (0.0, pytest.approx(2.5), "nm") == coord_step(ds, "x")
+    assert ds.attrs["signal_type"] == "EDS" and ds.attrs["kind"] == "spectrum"
+    assert ds.attrs["ingest"]["axes_given"]["energy"] == {"scale": 0.01, "offset": -0.2, "units": "keV"}
+
+
+def test_axis_replaces_a_files_calibration_keeping_keys_not_given(tmp_path, capsys):
+    hyperspy_spectrum(spectrum_data(), energy_offset=-0.2, energy_scale=0.01).save(tmp_path / "si.hspy")
+    code, _, err = cli(capsys, "ingest", tmp_path / "si.hspy", tmp_path / "s.zarr",
+                       "--axis", "energy:offset=100,units=eV", "--axis", "x:units=um")
+    assert code == 0, err
+    ds = open_scan(tmp_path / "s.zarr")
+    assert coord_step(ds, "energy") == (pytest.approx(100), pytest.approx(0.01), "eV")
+    assert coord_step(ds, "x") == (0.0, pytest.approx(2.5), "um")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--axis", "z:scale=1"], "raw.npy: --axis z: no such axis (a spectrum image has axes y, x, energy)"),
+    (["--axis", "ky:scale=1"], "--axis ky: no such axis"),
+    (["--axis", "energy:scale=abc"], "--axis 'energy:scale=abc': scale 'abc' is not a number"),
+    (["--axis", "energy:scale=0"], "scale must be positive"),
+    (["--axis", "energy:offset=nan"], "offset 'nan' is not a finite number"),
+    (["--axis", "energy:step=1"], "'step=1' is not KEY=VALUE with KEY one of scale, offset, units"),
+    (["--axis", "energy"], "--axis 'energy': expected DIM:scale=S,offset=O,units=U"),
+    (["--axis", "energy:units=eV", "--axis", "energy:scale=2"], "--axis energy: given twice"),
+    (["--kind", "4dstem"], "raw.npy: --kind 4dstem: the file holds a spectrum image (y, x, energy)"),
+    (["--kind", "image"], "--kind 'image': not one of spectrum, eels, eds, diffraction, 4dstem"),
+    (["--allow-nonfinite", "--kind", "eels"], None),  # the check of the one that runs
+])
+def test_bad_calibration_or_kind_refused_naming_the_option(tmp_path, capsys, args, message):
+    data = spectrum_data(dtype=np.float32)
+    np.save(tmp_path / "raw.npy", data)
+    code, _, err = cli(capsys, "ingest", tmp_path / "raw.npy", tmp_path / "out.zarr", *args)
+    if message is None:
+        assert code == 0 and open_scan(tmp_path / "out.zarr").attrs["signal_type"] == "EELS"
+        return
+    assert code == 1 and err.count("\n") == 1 and err.startswith("emscale: error: "), err
+    assert message in err
+    assert_nothing_written(tmp_path)
+
+
+def test_nonfinite_remedy_names_the_option_of_the_command(tmp_path, capsys):
+    data = spectrum_data(dtype=np.float32)
+    data[2, 3, 4] = np.nan
+    np.save(tmp_path / "raw.npy", data)
+    code, _, err = cli(capsys, "ingest", tmp_path / "raw.npy", tmp_path / "out.zarr")
+    assert code == 1 and "(use --allow-nonfinite to keep them" in err
+    assert_nothing_written(tmp_path)
+
+
+def test_run_and_batch_ingest_follow_the_workflows_nonfinite_policy(tmp_path):
+    """The ingest that run and batch trigger keeps NaN/inf for preprocessing to mask
+    (preprocess.nonfinite: mask, the default), and under 'error' its refusal names that field,
+    not an option the command does not have."""
+    import yaml
+
+    from emscale.batch import run_batch
+    from emscale.runner import run_workflow
+    from emscale.workflow import load_workflow
+
+    data = spectrum_data(dtype=np.float32)
+    data[2, 3, 4] = np.inf
+    np.save(tmp_path / "bad.npy", data)
+    for policy in ("mask", "error"):
+        (tmp_path / f"{policy}.yaml").write_text(yaml.safe_dump(
+            {"preprocess": {"nonfinite": policy, "steps": []}, "train": {"tile": 4},
+             "input": str(tmp_path / "bad.npy"),
+             "output": str(tmp_path / policy)}))
+    run_workflow(load_workflow(tmp_path / "mask.yaml"), until="scan", echo=lambda *a: None)
+    ingested = open_scan(tmp_path / "mask" / "scan.zarr").attrs["ingest"]
+    assert ingested["nonfinite"] == 1 and ingested["allow_nonfinite"] is True
+    with pytest.raises(InputError) as err:
+        run_workflow(load_workflow(tmp_path / "error.yaml"), until="scan", echo=lambda *a: None)
+    message = str(err.value)
+    assert "1 NaN/inf values" in message and "preprocess.nonfinite is 'error'" in message
+    assert "--allow-nonfinite" not in message
+    (tmp_path / "scans").mkdir()
+    np.save(tmp_path / "scans" / "bad.npy", data)
+    lines = []
+    outcome = run_batch(tmp_path / "scans", tmp_path / "error.yaml", output_root=tmp_path / "batch",
+                        echo=lines.append)
+    assert len(outcome["failed"]) == 1
+    failed = next(line for line in lines if "FAILED" in line)
+    assert "preprocess.nonfinite is 'error'" in failed and "--allow-nonfinite" not in failed
