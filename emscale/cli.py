@@ -159,6 +159,21 @@ def ingest_cmd(
     raw: Path = typer.Argument(..., help="Raw file: any rosettasciio format (dm3, dm4, emd, mib, bcf, "
                                "hspy, zspy, mrc, blo, ...), py4DSTEM/EMD .h5, .npy, or Zarr."),
     out: Path = typer.Argument(..., help="Output scan store (a new .zarr directory)."),
+    kind: Optional[str] = typer.Option(None, "--kind", metavar="KIND",
+                                       help="What the file holds, checked "
+                                       "against its dimensions: spectrum (or eels, eds: also "
+                                       "recorded as the signal type) for 3-D (y, x, energy), "
+                                       "diffraction (or 4dstem) for 4-D (y, x, ky, kx)."),
+    axis: Optional[list[str]] = typer.Option(None, "--axis", metavar="DIM:KEY=VALUE,...",
+                                             help="Calibrate an axis (repeatable): DIM is y, x, "
+                                             "energy or ky, kx (y,x: both); keys scale (step per "
+                                             "pixel or channel), offset (the first one's value), "
+                                             "units. E.g. --axis energy:scale=0.01,units=keV "
+                                             "--axis y,x:scale=2.5,units=nm. Replaces "
+                                             "the file's calibration of that axis (keys not given "
+                                             "are kept); a raw array's axes are uncalibrated "
+                                             "without it. Crop ranges of workflows are in these "
+                                             "units."),
     chunk_mib: float = typer.Option(64.0, "--chunk-mib", help=CHUNK_HELP),
     allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="Keep NaN/inf values "
                                          "(preprocessing masks them) instead of refusing the file."),
@@ -166,13 +181,15 @@ def ingest_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the ingest report as JSON."),
 ) -> None:
     """Stream a raw file into a scan store chunk by chunk (bounded memory, input read-only),
-    with calibrations as coordinates and the source's path, size and sha256 as provenance."""
+    with calibrations as coordinates (the file's, or --axis) and the source's path, size and
+    sha256 as provenance."""
     from emscale.atomic import check_output_free
-    from emscale.ingest import ingest
+    from emscale.ingest import ingest, parse_axis
 
+    axes = [a for text in axis or [] for a in parse_axis(text)]
     check_output_free(out, overwrite, OVERWRITE_REMEDY, inputs=(raw,))
     report = ingest(raw, out, policy=_policy(chunk_mib), allow_nonfinite=allow_nonfinite,
-                    overwrite=overwrite, progress=_progress())
+                    axes=axes, kind=kind, overwrite=overwrite, progress=_progress())
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))
     else:
