@@ -370,6 +370,40 @@ def batch_cmd(
         raise typer.Exit(1)
 
 
+@app.command("export")
+def export_cmd(
+    results: Path = typer.Argument(..., help="A run's output directory, or its results.zarr."),
+    to: str = typer.Option(..., "--to", metavar="FORMAT",
+                           help="hspy (HyperSpy's HDF5: maps as Signal2D, stacks of maps "
+                           "navigated by index like decomposition loadings, phase mean signals "
+                           "and PCA components as Signal1D/2D stacks, the denoised scan with the "
+                           "PCA and phases in its learning_results), py4dstem (one EMD 1.0 file "
+                           "of py4DSTEM objects: DataCube, RealSlice, DiffractionSlice; 4D-STEM "
+                           "only), tiff (ImageJ TIFFs with the pixel size: maps and pattern "
+                           "stacks), png (pictures), npy (arrays; axes in export.json). zspy "
+                           "needs a rosettasciio that writes Zarr 3."),
+    stage: Optional[list[str]] = typer.Option(None, "--stage", help="Export only these stages "
+                                              "(repeatable): preprocess, pca, encode, anomaly, "
+                                              "cluster. Default: all the run wrote."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output directory (default: "
+                                       "export-FORMAT beside results.zarr)."),
+    denoised: bool = typer.Option(True, "--denoised/--no-denoised", help="Include the denoised "
+                                  "scan when the run wrote it (as large as the scan as float32; "
+                                  "written chunk by chunk)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier export there."),
+) -> None:
+    """Write a run's results as HyperSpy, py4DSTEM, TIFF, PNG or NumPy files with calibrated axes
+    and units; export.json lists every file, its variable, dims and axes."""
+    from emscale.export import export_results
+
+    where = export_results(results, to, out, stages=tuple(stage) if stage else None,
+                           denoised=denoised, overwrite=overwrite)
+    files = json.loads((where / "export.json").read_text())
+    typer.echo(f"wrote {where}: {len(files['files'])} {to} files"
+               + (f" ({len(files['not_exported'])} variables have no place in {to}: see "
+                  "export.json)" if files["not_exported"] else ""))
+
+
 @app.command("status")
 def status_cmd(
     ledger: Path = typer.Argument(Path("emscale-output/ledger.sqlite"),

@@ -77,6 +77,7 @@ class ResultsStore:
         if attrs:
             root.attrs.update(attrs)
         self._remove_leftovers()
+        consolidate(self.path)
         return self
 
     def _remove_leftovers(self) -> None:
@@ -142,6 +143,8 @@ class ResultsStore:
             extra = finalize(_open(tmp)) if finalize else {}
             group.attrs.update({**(extra or {}), "stage": name, "started": started,
                                 "finished": utc_now(), EVERY_CHUNK: WRITE_EMPTY_CHUNKS})
+            consolidate(tmp)
+        consolidate(self.path)
         log.info("wrote stage %s of %s", name, self.path)
         return self.open_stage(name, registry)
 
@@ -159,6 +162,9 @@ class ResultsStore:
         """Add ``attrs`` to the root group, or to a stage group (e.g. its cache key)."""
         where = self.path if stage is None else self.path / stage
         zarr.open_group(str(where), mode="a", zarr_format=3).attrs.update(attrs)
+        if stage is not None:
+            consolidate(where)
+        consolidate(self.path)
 
     def open_stage(self, name: str, registry=None) -> xr.Dataset:
         """A stage group as its readers see it (lazy; through the stage's ``reopen`` of
@@ -172,6 +178,41 @@ class ResultsStore:
             check_every_chunk(self.path / name, name)
         stage = registry.get(name)
         return stage.reopen(ds) if stage is not None and stage.reopen is not None else ds
+
+
+def consolidate(path: Path) -> None:
+    """Gather the metadata of a group and everything under it into its zarr.json (Zarr's
+    consolidated metadata), so that ``xr.open_zarr(results, group=STAGE)``, ``xr.open_zarr``
+    of a stage group and ``xr.open_datatree`` read one file and do not warn that the store is not
+    consolidated. Redone after every change of a group or its attributes."""
+    with warnings.catch_warnings():  # "not part of the Zarr format 3 specification" (yet)
+        warnings.simplefilter("ignore", zarr.errors.ZarrUserWarning)
+        zarr.consolidate_metadata(str(path), zarr_format=3)
+
+
+def results_path(path: str | os.PathLike) -> Path:
+    """A results store given as itself or as the run's output directory."""
+    from emscale.info import is_results_store
+
+    path = Path(path)
+    if (path / "results.zarr" / "zarr.json").is_file():
+        path = path / "results.zarr"
+    if not path.exists():
+        raise StoreError(f"{path}: no such results store")
+    if not (path / "zarr.json").is_file() or not is_results_store(path):
+        raise StoreError(f"{path}: not a results store (give a run's output directory or its "
+                         "results.zarr)")
+    return path
+
+
+def open_results(path: str | os.PathLike) -> xr.DataTree:
+    """A run's results as one lazy ``xarray.DataTree``: a node per stage as its readers see it
+    (``ResultsStore.open_stage``: a preprocess stage that did not store its features recomputes
+    them from the scan store), the provenance in the root's attrs. ``path``: the run's output
+    directory or its ``results.zarr``."""
+    store = ResultsStore(results_path(path))
+    nodes = {name: store.open_stage(name) for name in store.stages()}
+    return xr.DataTree.from_dict({"/": xr.Dataset(attrs=store.attrs), **nodes})
 
 
 def check_every_chunk(group: Path, stage: str) -> None:

@@ -39,7 +39,7 @@ from emscale.config import utc_now
 from emscale.dask_cluster import worker_hosts
 from emscale.results import PROGRESS_EVERY
 from emscale.errors import ConfigError, output_failure
-from emscale.stages import REGISTRY, NormalData, Registry, Stage, check_outputs
+from emscale.stages import REGISTRY, NormalData, Registry, Stage, check_outputs, described
 from emscale.stages.base import Context
 from emscale.workflow import WorkflowBase
 
@@ -496,7 +496,8 @@ class Runner:
                 _checksums_named(results, stage.reads), _on_gpu_workers(stage, note):
             ds = stage.build(ctx)
             check_outputs(stage, ds)
-            out = results.write_stage(stage.name, ds, overwrite=True, finalize=stage.finalize,
+            out = results.write_stage(stage.name, described(stage, ds), overwrite=True,
+                                      finalize=stage.finalize,
                                       progress=self.show_progress,
                                       lines=None if self.show_progress else note,
                                       registry=self.registry,

@@ -12,6 +12,7 @@ from emscale.stages.base import (
     Output,
     Stage,
     check_outputs,
+    described,
     run_stage,
 )
 
@@ -63,4 +64,4 @@ def _default() -> Registry:
 REGISTRY = _default()
 
 __all__ = ["REGISTRY", "Context", "NormalData", "Output", "Registry", "Stage", "check_outputs",
-           "run_stage"]
+           "described", "run_stage"]

@@ -118,6 +118,19 @@ def check_outputs(stage: Stage, ds: xr.Dataset) -> None:
         raise ConfigError(f"{stage.name}: did not build {missing}")
 
 
+def described(stage: Stage, ds: xr.Dataset) -> xr.Dataset:
+    """``ds`` with each variable's declared meaning (``description``) and units (``units``,
+    where it has some) in its attrs: what xarray, HyperSpy and ``emscale export`` show."""
+    ds = ds.copy()
+    for name, var in ds.data_vars.items():
+        out = stage.outputs.get(str(name))
+        if out is not None:
+            var.attrs.setdefault("description", out.meaning)
+            if out.units:
+                var.attrs.setdefault("units", out.units)
+    return ds
+
+
 def run_stage(stage: Stage, inputs: Mapping[str, xr.Dataset], config: Section | None = None, *,
               seed: int = 0, **context: Any) -> xr.Dataset:
     """Build one stage's outputs outside the runner (nothing is written): the library's way to
