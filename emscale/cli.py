@@ -126,6 +126,39 @@ def synth_eels_cmd(
     typer.echo(f"wrote {out}: spectrum image {shape[0]} x {shape[1]} x {channels}")
 
 
+@synth_app.command("eds")
+def synth_eds_cmd(
+    out: Path = typer.Argument(..., help="Output scan store (a new .zarr directory)."),
+    shape: tuple[int, int] = typer.Option((64, 64), "--shape", help="Navigation size NY NX."),
+    channels: int = typer.Option(1024, "--channels", help="Number of energy channels (-0.2 to "
+                                 "20 keV)."),
+    anomaly: bool = typer.Option(False, "--anomaly", help="Add anomalous regions (Ga implanted "
+                                 "by the FIB, silica particles) labelled -1."),
+    seed: int = typer.Option(0, "--seed", help="Random seed: the same seed gives the same scan."),
+    dose: float = typer.Option(1000.0, "--dose", help="Mean X-ray counts per spectrum."),
+    layout: str = typer.Option("grains", "--layout", help="grains: Voronoi grains with mixed "
+                               "boundaries and a surface layer; bands: four equal bands of pure "
+                               "pixels, one phase each (groups of known phase)."),
+    chunk_mib: float = typer.Option(64.0, "--chunk-mib", help=CHUNK_HELP),
+    store_clean: bool = typer.Option(False, "--store-clean", help="Keep the float32 clean signal "
+                                     "in the store (about 3x the disk of the counts); without it "
+                                     "it is regenerated from the generator's parameters when read."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
+) -> None:
+    """Synthetic EDS of an aged stainless steel on a keV axis: austenite, sigma phase, M23C6
+    carbide and a Cr2O3 surface layer; K and L lines with the detector's energy-dependent resolution,
+    bremsstrahlung, low-energy absorption, thickness variation, Poisson counts."""
+    from emscale.atomic import check_output_free
+    from emscale.store import write_scan
+    from emscale.synth.eds import synth_eds
+
+    check_output_free(out, overwrite, OVERWRITE_REMEDY)
+    ds = synth_eds(shape, channels=channels, anomaly=anomaly, seed=seed, dose=dose, layout=layout,
+                   policy=_policy(chunk_mib), store_clean=store_clean)
+    write_scan(ds, out, policy=_policy(chunk_mib), overwrite=overwrite, progress=_progress())
+    typer.echo(f"wrote {out}: EDS spectrum image {shape[0]} x {shape[1]} x {channels} (keV)")
+
+
 @synth_app.command("4dstem")
 def synth_4dstem_cmd(
     out: Path = typer.Argument(..., help="Output scan store (a new .zarr directory)."),

@@ -96,6 +96,10 @@ def generator_from_attrs(attrs: dict) -> Generator:
         from emscale.synth.eels import EELSGenerator
 
         return EELSGenerator(**params)
+    if name == "eds":
+        from emscale.synth.eds import EDSGenerator
+
+        return EDSGenerator(**params)
     if name == "lecture":
         from emscale.synth.lecture import LectureGenerator
 
