@@ -35,7 +35,7 @@ from emscale.store import ChunkPolicy
 from emscale.synth import SpectrumImage, count_dtype_for, lazy_scan
 from emscale.synth.layout import AnomalyBlobs, BandLayout, GrainLayout, SmoothField, block_coords
 
-SLAB_PIXELS = 4096
+SLAB_PIXELS = 1024
 BEAM_KEV = 200.0
 
 # element: (Z, relative detection per atom, [(line energy keV, relative weight), ...])
@@ -173,10 +173,15 @@ class EDSGenerator(SpectrumImage):
         return weights, comp, t, kind
 
     def _spectra(self, comp: np.ndarray, t: np.ndarray) -> np.ndarray:
-        emitted = comp @ self._lines + (comp @ self._z)[:, None] * self._kramers[None, :]
-        absorbed = self._window[None, :] * np.exp(-t[:, None] * self._specimen[None, :])
-        out = self._scale * t[:, None] * emitted * absorbed + ZERO_PEAK * self.dose * self._zero
-        return out.astype(np.float32)
+        # float32 per pixel and channel (the tables are float64): the model needs no more
+        f32 = np.float32
+        comp, t = comp.astype(f32), t.astype(f32)[:, None]
+        out = comp @ self._lines.astype(f32)
+        out += (comp @ self._z.astype(f32))[:, None] * self._kramers.astype(f32)
+        out *= np.exp(-t * self._specimen.astype(f32))
+        out *= (self._scale * t) * self._window.astype(f32)
+        out += f32(ZERO_PEAK * self.dose) * self._zero.astype(f32)
+        return out
 
     # --- the Generator protocol -------------------------------------------------------------
     def clean_block(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
@@ -185,7 +190,7 @@ class EDSGenerator(SpectrumImage):
     def clean_at(self, y: np.ndarray, x: np.ndarray) -> np.ndarray:
         """Expected counts at scan positions ``y``, ``x`` (flat), float32 ``(n, channels)``."""
         out = np.empty((len(y), self.channels), dtype=np.float32)
-        # in slabs of pixels: the float64 temporaries stay a few tens of MB whatever the block
+        # in slabs of pixels: the temporaries stay a few MB whatever the block
         for i in range(0, len(y), SLAB_PIXELS):
             s = slice(i, i + SLAB_PIXELS)
             _w, comp, t, _k = self._composition(y[s], x[s])
