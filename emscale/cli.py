@@ -663,8 +663,20 @@ def bench_quality_cmd(
         json_path.write_text(json.dumps(result.to_dict(), indent=2))
 
 
+GLOBAL_OPTIONS = ("-v", "--verbose", "--debug")
+
+
+def _global_options_first(args: list[str]) -> list[str]:
+    """``-v`` and ``--debug`` are accepted after the command too (``emscale run wf.yaml -v``):
+    click takes a group's options only before the command, so they are moved there. No command
+    has options of these names; after ``--`` nothing is moved."""
+    end = args.index("--") if "--" in args else len(args)
+    moved = [a for a in args[:end] if a in GLOBAL_OPTIONS]
+    return moved + [a for a in args[:end] if a not in GLOBAL_OPTIONS] + args[end:]
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
+    args = _global_options_first(list(sys.argv[1:] if argv is None else argv))
     debug = "--debug" in args
     command = typer.main.get_command(app)
     try:

@@ -226,7 +226,7 @@ def load_cluster_file(path):
     try:
         return _cluster_schema().model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"{path}: {validation_message(exc)}") from None
+        raise ConfigError(f"{path}: {validation_message(exc, model=_cluster_schema())}") from None
 
 
 def default_cluster_file():
@@ -239,6 +239,7 @@ def with_options(cfg, options: dict[str, tuple[str, Any]]):
     the option."""
     from pydantic import ValidationError
 
+    from emscale.config import plain_message
     from emscale.errors import ConfigError
 
     for name, (option, value) in options.items():
@@ -247,7 +248,7 @@ def with_options(cfg, options: dict[str, tuple[str, Any]]):
         try:
             cfg = _cluster_schema().model_validate({**cfg.model_dump(), name: value})
         except ValidationError as exc:
-            message = "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
+            message = "; ".join(plain_message(e) for e in exc.errors())
             raise ConfigError(f"{option}: {message}") from None
     return cfg
 

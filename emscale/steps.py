@@ -43,6 +43,7 @@ from typing import Any, ClassVar
 import numpy as np
 from dask.base import tokenize
 
+from emscale.config import did_you_mean
 from emscale.errors import ConfigError
 from emscale.store import COMPUTE_DTYPE
 
@@ -75,7 +76,9 @@ class Step:
 
     def check_choice(self, param: str, options: tuple[str, ...]) -> None:
         if getattr(self, param) not in options:
-            raise self.error(param, f"{getattr(self, param)!r} is not one of {options}")
+            value = getattr(self, param)
+            raise self.error(param, f"must be one of {', '.join(map(str, options))}, got "
+                             f"{value!r}{did_you_mean(value, options)}")
 
     def prepare(self, coords: Coords) -> None:
         self.coords_in = coords
@@ -646,6 +649,10 @@ STEPS: dict[str, type[Step]] = {s.name: s for s in (
     PoissonWeight, Normalize, Polar)}
 
 
+# both spellings are accepted (British and American users write both); the first is stored
+SPELLINGS = {"center": "centre", "normalise": "normalize"}
+
+
 def make_step(spec: dict | Step, index: int, kind: str | None) -> Step:
     """A step from its config mapping ``{"step": NAME, **parameters}``."""
     where = f"preprocess.steps[{index}]"
@@ -656,14 +663,18 @@ def make_step(spec: dict | Step, index: int, kind: str | None) -> Step:
             raise ConfigError(f"{where}: must be a mapping with a 'step' key, got {spec!r}")
         params = dict(spec)
         name = params.pop("step")
+        name = SPELLINGS.get(name, name)
         if name not in STEPS:
-            raise ConfigError(f"{where}.step: {name!r} is not one of {sorted(STEPS)}")
+            raise ConfigError(f"{where}.step: {name!r} is not one of {sorted(STEPS)}"
+                              f"{did_you_mean(name, [*STEPS, *SPELLINGS])}")
         cls = STEPS[name]
         known = {f.name for f in dataclasses.fields(cls) if f.name != "where"}
         unknown = sorted(set(params) - known)
         if unknown:
-            raise ConfigError(f"{where}.{unknown[0]}: unknown parameter of step {name!r} "
-                              f"(known: {sorted(known)})")
+            raise ConfigError("; ".join(
+                f"{where}.{u}: unknown parameter of step {name!r}"
+                f"{did_you_mean(u, known) or f' (its parameters: {sorted(known)})'}"
+                for u in unknown))
         step = cls(**params, where=where)
     for param, options in step.choices.items():
         step.check_choice(param, options)

@@ -133,10 +133,13 @@ def load_workflow(path: str | Path, registry: Registry = REGISTRY, **overrides) 
 
 def validate_workflow(data: dict, source: str = "workflow",
                       registry: Registry = REGISTRY) -> WorkflowBase:
+    model = workflow_model(registry)
     try:
-        wf = workflow_model(registry).model_validate(data)
+        wf = model.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"{source}: {validation_message(exc)}") from None
+        message = validation_message(exc, model=model)
+        chain = _chain_errors(data, registry)  # all of the file's errors at once
+        raise ConfigError(f"{source}: {'; '.join(filter(None, [message, chain]))}") from None
     from emscale.stages.preprocess import Preprocessor
 
     if "preprocess" in registry.names:
@@ -147,6 +150,26 @@ def validate_workflow(data: dict, source: str = "workflow",
         except ConfigError as exc:
             raise ConfigError(f"{source}: {exc}") from None
     return wf
+
+
+def _chain_errors(data: dict, registry: Registry) -> str:
+    """The preprocessing chain's errors in a workflow that failed validation elsewhere (its
+    steps are checked only once the section is valid), so that one run names them all."""
+    from emscale.stages.preprocess import Preprocessor
+
+    pre = data.get("preprocess") if isinstance(data, dict) else None
+    if "preprocess" not in registry.names or not isinstance(pre, dict):
+        return ""
+    steps = pre.get("steps")
+    if not isinstance(steps, list):
+        return ""
+    try:
+        Preprocessor(steps).check(None)
+    except ConfigError as exc:
+        return str(exc)
+    except Exception:  # a section so broken that pydantic's errors say enough
+        return ""
+    return ""
 
 
 def defaults_yaml(registry: Registry = REGISTRY) -> str:

@@ -26,6 +26,54 @@ def test_console_script_installed():
     assert proc.returncode == 0 and "synth" in proc.stdout
 
 
+def test_help_loads_no_scientific_library():
+    """``emscale --help`` stays quick: the command line imports dask, xarray, zarr and torch only
+    in the commands that use them (``import emscale`` is lazy too)."""
+    heavy = ["dask", "xarray", "zarr", "torch", "numpy", "distributed"]
+    code = ("import sys, emscale, emscale.cli; from emscale.cli import main; main(['--help']); "
+            f"print([m for m in {heavy!r} if m in sys.modules])")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout
+
+
+def test_verbose_and_debug_after_the_command(tmp_path, capsys):
+    assert run(capsys, "defaults", "-v")[0] == 0
+    code, _, err = run(capsys, "info", str(tmp_path / "none.zarr"), "--debug")
+    assert code == 1 and "Traceback" in err and "no such scan store" in err
+
+
+def test_a_workflow_file_gets_all_its_errors_in_plain_words(tmp_path, capsys):
+    wf = tmp_path / "wf.yaml"
+    wf.write_text("synth: {kind: eels, shape: [16, 16]}\n"
+                  "train: {epoch: 3, latent_dim: 0}\n"
+                  "pca: {n_componets: 4}\n"
+                  "cluster: {method: kmean}\n"
+                  "preprocess:\n  steps:\n    - {step: normalise, method: summ}\n"
+                  "    - {step: crop, start: 500, stopp: 700}\n    - {step: centr}\n")
+    code, _, err = run(capsys, "run", str(wf))
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    for said in ["pca.n_componets: unknown field (did you mean 'n_components'?)",
+                 "train.epoch: unknown field (did you mean 'epochs'?)",
+                 "train.latent_dim: must be at least 1, got 0",
+                 "cluster.method: must be one of kmeans, gmm, got 'kmean' (did you mean 'kmeans'?)",
+                 "preprocess.steps[1].stopp: unknown parameter of step 'crop' (did you mean 'stop'?)",
+                 "preprocess.steps[2].step: 'centr' is not one of",
+                 "(did you mean 'centre'?)"]:
+        assert said in err, said
+    assert "Input should" not in err and "Extra inputs" not in err
+
+
+def test_both_spellings_of_step_names(tmp_path):
+    from emscale.stages.preprocess import Preprocessor
+
+    british = Preprocessor([{"step": "normalise"}, {"step": "centre"}])._check(None)
+    american = Preprocessor([{"step": "normalize"}, {"step": "center"}])._check(None)
+    assert [s.name for s in british] == [s.name for s in american] == ["normalize", "centre"]
+    chosen = Preprocessor([{"step": "normalise", "method": "summ"}])
+    with pytest.raises(Exception, match=r"method: must be one of .*got 'summ' \(did you mean 'sum'\?\)"):
+        chosen.check(None)
+
+
 def test_synth_then_info_json(tmp_path, capsys):
     out = tmp_path / "s.zarr"
     code, text, _ = run(capsys, "synth", "eels", str(out), "--shape", "12", "10", "--channels", "96",

@@ -208,7 +208,14 @@ class Preprocessor(BaseEstimator):
             raise ConfigError(f"preprocess.steps: must be a list of steps, got {chain!r}")
         # the policies by the section; the steps one by one (errors name the step's parameter)
         PreprocessConfig.of("preprocess", nonfinite=self.nonfinite, negative=self.negative)
-        steps = [make_step(s, i, kind) for i, s in enumerate(chain)]
+        steps, errors = [], []
+        for i, spec in enumerate(chain):  # every step's errors at once
+            try:
+                steps.append(make_step(spec, i, kind))
+            except ConfigError as exc:
+                errors.append(str(exc))
+        if errors:
+            raise ConfigError("; ".join(errors))
         names = [s.name for s in steps]
         if "anscombe" in names and "poisson_weight" in names:
             raise ConfigError("preprocess.steps: 'anscombe' and 'poisson_weight' both correct for "
