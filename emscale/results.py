@@ -37,8 +37,8 @@ from emscale.config import utc_now
 from emscale.errors import StoreError
 from emscale.progress import compute, repeating
 from emscale.reduction import WINDOW_BLOCKS
-from emscale.store import (EVERY_CHUNK, SIGNAL_DIMS, WRITE_EMPTY_CHUNKS, coordinate_encoding,
-                           default_compressors, open_target)
+from emscale.store import (EVERY_CHUNK, SIGNAL_DIMS, WRITE_EMPTY_CHUNKS, consolidate,
+                           coordinate_encoding, default_compressors, open_target)
 
 log = logging.getLogger(__name__)
 
@@ -178,16 +178,6 @@ class ResultsStore:
             check_every_chunk(self.path / name, name)
         stage = registry.get(name)
         return stage.reopen(ds) if stage is not None and stage.reopen is not None else ds
-
-
-def consolidate(path: Path) -> None:
-    """Gather the metadata of a group and everything under it into its zarr.json (Zarr's
-    consolidated metadata), so that ``xr.open_zarr(results, group=STAGE)``, ``xr.open_zarr``
-    of a stage group and ``xr.open_datatree`` read one file and do not warn that the store is not
-    consolidated. Redone after every change of a group or its attributes."""
-    with warnings.catch_warnings():  # "not part of the Zarr format 3 specification" (yet)
-        warnings.simplefilter("ignore", zarr.errors.ZarrUserWarning)
-        zarr.consolidate_metadata(str(path), zarr_format=3)
 
 
 def results_path(path: str | os.PathLike) -> Path:

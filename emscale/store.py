@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -275,6 +276,18 @@ def write_scan(
             finalize(tmp, results)
     log.info("wrote %s: %s %s, chunks %s", path, kind, dict(sig.sizes), nav)
     return results
+
+
+def consolidate(path: Path) -> None:
+    """Gather the metadata of a group and everything under it into its zarr.json (Zarr's
+    consolidated metadata), so that ``xr.open_zarr`` of a results store's stage group
+    (``group=STAGE`` or its path) and ``xr.open_datatree`` read one file and do not warn that
+    the store is not consolidated. Redone after every change of a group or its attributes.
+    Scan stores are not consolidated: a chunk or array lost from one must show (the
+    consolidated listing would still name it)."""
+    with warnings.catch_warnings():  # "not part of the Zarr format 3 specification" (yet)
+        warnings.simplefilter("ignore", zarr.errors.ZarrUserWarning)
+        zarr.consolidate_metadata(str(path), zarr_format=3)
 
 
 def _store_blocks(arr: da.Array, target: str) -> da.Array:
