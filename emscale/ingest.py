@@ -41,7 +41,14 @@ from emscale.atomic import check_output_free
 from emscale.dask_cluster import keep_freed_chunks
 from emscale.errors import ConfigError, EmscaleError, InputError
 from emscale.readers import RawScan, linear_coord, open_raw
-from emscale.store import NAV_DIMS, SIGNAL_DIMS, STORED_DTYPES, ChunkPolicy, navigation_chunks, write_scan
+from emscale.store import (
+    NAV_DIMS,
+    SIGNAL_DIMS,
+    STORED_DTYPES,
+    ChunkPolicy,
+    navigation_chunks,
+    write_scan,
+)
 
 log = logging.getLogger(__name__)
 
@@ -198,14 +205,15 @@ def to_stored_dtype(data: da.Array, path: Path) -> da.Array:
                          name="ingest-convert-" + tokenize(data.name, str(target)))
 
 
-# --- calibrations and kind given by the caller ------------------------------------------------------
+# --- calibrations and kind given by the caller ---------------------------------------------------
 
 AXIS_KEYS = ("scale", "offset", "units")
 AXIS_FORMAT = "DIM:scale=S,offset=O,units=U (e.g. energy:scale=0.01,offset=-0.2,units=keV)"
 # --kind: the scan kind, or the signal type of a spectrum image (recorded as ``signal_type``)
 KINDS = {"spectrum": ("spectrum", None), "eels": ("spectrum", "EELS"), "eds": ("spectrum", "EDS"),
          "diffraction": ("diffraction", None), "4dstem": ("diffraction", None)}
-KIND_WORDS = {"spectrum": "spectrum image (y, x, energy)", "diffraction": "4D-STEM scan (y, x, ky, kx)"}
+KIND_WORDS = {"spectrum": "spectrum image (y, x, energy)",
+              "diffraction": "4D-STEM scan (y, x, ky, kx)"}
 
 
 @dataclass(frozen=True)
@@ -284,11 +292,13 @@ def apply_calibrations(raw: RawScan, axes: Sequence[AxisCalibration], path: Path
         size = raw.data.shape[dims.index(ax.dim)]
         old, attrs = raw.coords.get(ax.dim, (None, {}))
         if old is not None:
-            log.info("%s: the file's calibration of %s replaced by --axis (%s)", path, ax.dim, ax.given())
+            log.info("%s: the file's calibration of %s replaced by --axis (%s)", path, ax.dim,
+                     ax.given())
         if ax.scale is None and ax.offset is None and old is not None:
             values = old  # units only: the file's values (uniform or not) stay
         else:
-            offset = ax.offset if ax.offset is not None else float(old[0]) if old is not None else 0.0
+            offset = ax.offset if ax.offset is not None else \
+                float(old[0]) if old is not None else 0.0
             scale = ax.scale if ax.scale is not None else \
                 float(old[1] - old[0]) if old is not None and size > 1 else 1.0
             values = linear_coord(size, offset, scale)

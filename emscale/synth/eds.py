@@ -121,8 +121,10 @@ class EDSGenerator(SpectrumImage):
                                      wavelength=max(8.0, max(self.shape) / 1.5))
         rng = np.random.default_rng([self.seed, 404])
         # each grain's composition a few per cent off its phase's, element by element
-        self.grain_jitter = np.exp(rng.normal(0.0, 0.04, (self.phase_layout.n_grains, len(ELEMENTS))))
-        self.blobs = AnomalyBlobs(self.shape, len(ANOMALIES) - 1, self.seed) if self.anomaly else None
+        self.grain_jitter = np.exp(rng.normal(0.0, 0.04,
+                                              (self.phase_layout.n_grains, len(ELEMENTS))))
+        self.blobs = (AnomalyBlobs(self.shape, len(ANOMALIES) - 1, self.seed) if self.anomaly
+                      else None)
         self._build_tables()
 
     # --- the spectral model -----------------------------------------------------------------
@@ -151,7 +153,8 @@ class EDSGenerator(SpectrumImage):
         sigma0 = fwhm_kev(0.0) / 2.355
         self._zero = step / (sigma0 * np.sqrt(2 * np.pi)) * np.exp(-0.5 * (e / sigma0) ** 2)
         self._scale = self.dose / (lines_ref * (1.0 + BACKGROUND))
-        peak = self._scale * 1.5 * (self._comp @ self._lines).max() + ZERO_PEAK * self.dose * self._zero.max()
+        peak = self._scale * 1.5 * (self._comp @ self._lines).max() \
+            + ZERO_PEAK * self.dose * self._zero.max()
         self.count_dtype = count_dtype_for(4.0 * peak)
 
     def _composition(self, y: np.ndarray, x: np.ndarray):
