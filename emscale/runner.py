@@ -322,10 +322,8 @@ def scan_outline(workflow: WorkflowBase) -> tuple[str, tuple[int, int], dict] | 
 
     if workflow.synth is not None:
         s = workflow.synth
-        if s.kind == "eels":
-            from emscale.synth.eels import synth_eels
-
-            ds = synth_eels((2, 2), channels=s.channels)
+        if s.kind in ("eels", "eds"):
+            ds = _synth_spectra(s.kind)((2, 2), channels=s.channels)
         else:
             return "diffraction", tuple(s.shape), {d: np.arange(n, dtype=np.float64)
                                                     for d, n in zip(("ky", "kx"), s.pattern)}
@@ -570,11 +568,9 @@ class Runner:
         policy = ChunkPolicy.of(wf.chunk_mib)
         if wf.synth is not None:
             s = wf.synth
-            if s.kind == "eels":
-                from emscale.synth.eels import synth_eels
-
-                ds = synth_eels(s.shape, channels=s.channels, anomaly=s.anomaly, seed=s.seed,
-                                store_clean=s.store_clean)
+            if s.kind in ("eels", "eds"):
+                ds = _synth_spectra(s.kind)(s.shape, channels=s.channels, anomaly=s.anomaly,
+                                            seed=s.seed, store_clean=s.store_clean)
             else:
                 from emscale.synth.diffraction import synth_diffraction
 
@@ -686,6 +682,17 @@ class Runner:
 
 def _is_scan_store(path: Path) -> bool:
     return (path / "signal" / "zarr.json").exists()
+
+
+def _synth_spectra(kind: str):
+    """The generator of a workflow's ``synth.kind`` of spectrum image."""
+    if kind == "eds":
+        from emscale.synth.eds import synth_eds
+
+        return synth_eds
+    from emscale.synth.eels import synth_eels
+
+    return synth_eels
 
 
 def run_workflow(workflow: WorkflowBase, **kwargs) -> RunResult:

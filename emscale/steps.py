@@ -6,7 +6,7 @@ Steps (``kind`` is the scan kind they apply to):
 ==================  ==========  ==============================================================
 step                kind        parameters
 ==================  ==========  ==============================================================
-``crop``            spectrum    ``start``, ``stop``: energy range kept (coordinate units, eV)
+``crop``            spectrum    ``start``, ``stop``: energy range kept (the axis' units: eV, keV)
 ``crop``            diffraction ``ky``, ``kx``: ``[first, stop)`` pixel index ranges kept
 ``bin``             both        ``factor``: sum groups of channels (or factor x factor pixels);
                                 a remainder at the end is dropped
@@ -128,14 +128,16 @@ class Crop(Step):
         super().prepare(coords)
         if "energy" in coords:
             if self.ky is not None or self.kx is not None:
-                raise self.error("ky", "a spectrum scan is cropped by energy: use start/stop (eV)")
+                raise self.error("ky", "a spectrum scan is cropped by energy: use start/stop "
+                                 "(in the energy axis' units)")
             e = coords["energy"]
             lo = -np.inf if self.start is None else float(self.start)
             hi = np.inf if self.stop is None else float(self.stop)
             keep = np.flatnonzero((e >= lo) & (e <= hi))
             if keep.size == 0:
                 raise self.error("start", f"range [{lo}, {hi}] keeps no channel of the energy "
-                                 f"axis {e[0]:.4g}..{e[-1]:.4g}")
+                                 f"axis {e[0]:.4g}..{e[-1]:.4g} (ranges are in the axis' units: "
+                                 "eV for EELS, keV for EDS)")
             self.index = (slice(keep[0], keep[-1] + 1),)
         else:
             if self.start is not None or self.stop is not None:
@@ -285,7 +287,8 @@ class Background(Step):
         super().prepare(coords)
         _, e = _axis(coords, self, "window")
         if self.window is None or len(self.window) != 2 or not self.window[0] < self.window[1]:
-            raise self.error("window", f"must be [lo, hi] with lo < hi (eV), got {self.window!r}")
+            raise self.error("window", f"must be [lo, hi] with lo < hi (energy axis' units), "
+                             f"got {self.window!r}")
         sel = np.flatnonzero((e >= self.window[0]) & (e <= self.window[1]))
         if sel.size < 2:
             raise self.error("window", f"{self.window} holds {sel.size} channel(s) of the energy axis "

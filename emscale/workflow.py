@@ -46,10 +46,10 @@ from emscale.stages import REGISTRY, Registry
 class SynthConfig(Section):
     """A generated scan instead of an input file (demos, tests, benchmarks)."""
 
-    kind: Literal["eels", "4dstem"] = Field("eels", description=
-        'what to generate: an EELS spectrum image or a 4D-STEM scan')
+    kind: Literal["eels", "eds", "4dstem"] = Field("eels", description=
+        'what to generate: an EELS or EDS spectrum image, or a 4D-STEM scan')
     shape: tuple[int, int] = Field((128, 128), description='scan size in pixels (y, x)')
-    channels: int = Field(1024, ge=64, description="energy channels (eels)")
+    channels: int = Field(1024, ge=64, description="energy channels (eels, eds)")
     pattern: tuple[int, int] = Field((64, 64), description='diffraction pattern size (4dstem)')
     anomaly: bool = Field(True, description=
         'add anomalous regions (labelled -1 in the ground truth)')
@@ -143,7 +143,8 @@ def validate_workflow(data: dict, source: str = "workflow",
     from emscale.stages.preprocess import Preprocessor
 
     if "preprocess" in registry.names:
-        kind = None if wf.synth is None else {"eels": "spectrum", "4dstem": "diffraction"}[wf.synth.kind]
+        kind = None if wf.synth is None else {"eels": "spectrum", "eds": "spectrum",
+                                               "4dstem": "diffraction"}[wf.synth.kind]
         pre = wf.preprocess
         try:  # the chain's step names, parameters and choices, before any data are read
             Preprocessor(list(pre.steps), pre.nonfinite, pre.negative).check(kind)

@@ -162,3 +162,15 @@ def test_spectrum_workflows_run_end_to_end(workflow, scan, small_scans, tmp_path
     if workflow == "eds-phase-mapping":  # channels below 0.2 keV dropped, nothing else
         energy = features["energy"].values
         assert energy[0] >= 0.2 and energy[-1] == pytest.approx(20.0)
+
+
+def test_a_workflow_generates_an_eds_scan(tmp_path):
+    from emscale.runner import run_workflow
+    from emscale.workflow import validate_workflow
+
+    wf = validate_workflow({"synth": {"kind": "eds", "shape": [8, 6], "channels": 128, "seed": 4},
+                            "output": str(tmp_path / "out"),
+                            "preprocess": {"steps": [{"step": "crop", "start": 0.2}]}})
+    run_workflow(wf, until="scan", echo=lambda *a: None)
+    ds = open_scan(tmp_path / "out" / "scan.zarr")
+    assert ds["energy"].attrs["units"] == "keV" and ds.sizes["energy"] == 128
