@@ -383,22 +383,29 @@ def batch_cmd(
                                                     help=DASHBOARD_HELP),
 ) -> None:
     """Run a workflow on many scans, one after another on one cluster, with a persistent ledger:
-    done scans are skipped on a rerun, a failing scan is recorded and the others go on; a summary
-    ends the run (exit 1 if any scan failed)."""
-    from emscale.batch import batch_plan, run_batch
+    done scans are skipped on a rerun (with none left to run, no cluster starts), a failing scan
+    is recorded and the others go on; index.html beside the ledger shows every scan (state, K, %
+    flagged, time, report, error), rewritten as each ends; a summary ends the run (exit 1 if any
+    scan failed)."""
+    from emscale.batch import batch_todo, run_batch
     from emscale.dask_cluster import (
         default_cluster_file,
         load_cluster_file,
         open_cluster,
     )
 
-    batch_plan(source, workflow, output)  # refused before the cluster starts
+    todo = batch_todo(source, workflow, output, ledger)  # refused before the cluster starts
     cfg = load_cluster_file(cluster_file) if cluster_file else default_cluster_file()
     cfg = _dashboard(cfg, dashboard_address)
-    with open_cluster(cfg) as (_cluster, client):
-        typer.echo(_dashboard_line(client, cfg))
+    if not todo:  # every scan done before with this workflow: the summary, no cluster
+        typer.echo("[batch] nothing to run: every scan is done with this workflow")
         outcome = run_batch(source, workflow, output_root=output, ledger_path=ledger,
                             echo=typer.echo)
+    else:
+        with open_cluster(cfg) as (_cluster, client):
+            typer.echo(_dashboard_line(client, cfg))
+            outcome = run_batch(source, workflow, output_root=output, ledger_path=ledger,
+                                echo=typer.echo)
     if outcome["failed"]:
         raise typer.Exit(1)
 
@@ -439,11 +446,13 @@ def export_cmd(
 
 @app.command("status")
 def status_cmd(
-    ledger: Path = typer.Argument(Path("emscale-output/ledger.sqlite"),
-                                  help="The batch ledger, or the batch's output directory "
-                                  "(default: emscale-output/ledger.sqlite)."),
+    ledger: Optional[Path] = typer.Argument(
+        None, help="The batch ledger, or the batch's output directory (default: the first of "
+        "./ledger.sqlite, the shipped workflows/overnight-batch.yaml's output "
+        "results/overnight/ledger.sqlite, emscale-output/ledger.sqlite)."),
 ) -> None:
-    """The state of every scan of a batch: pending, running, done or failed (with its error)."""
+    """Every scan of a batch: its state (pending, running, done, failed), K, % of pixels flagged
+    anomalous, time, and its report or its error; the same as the batch's index.html."""
     from emscale.batch import status_table
 
     typer.echo(status_table(ledger))
