@@ -76,6 +76,46 @@ def dashboard_bind(address: str | None) -> str | None:
     return address
 
 
+def free_port_or_any(address: str | None) -> str | None:
+    """``address``, or the same host on any free port where its port is taken (another run's
+    dashboard on 8787): distributed would do the same after a UserWarning on the terminal; the
+    address chosen is the one ``emscale run``/``batch`` print."""
+    import socket
+
+    if not address or address.rpartition(":")[2] in ("", "0"):
+        return address
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.socket() as s:
+            s.bind((host or "127.0.0.1", int(port)))
+    except (OSError, ValueError):
+        log.info("dashboard: %s is taken, any free port instead", address)
+        return f"{host}:0"
+    return address
+
+
+class spawned_without_sigint:
+    """Processes started inside ignore SIGINT: a Ctrl-C on the terminal reaches every process of
+    its group, and local workers that took it each printed a KeyboardInterrupt traceback while
+    emscale closed them in order. A child inherits an ignored SIGINT across exec and Python then
+    installs no handler of its own. This process ignores Ctrl-C only while the workers start."""
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        self.saved = None
+        if threading.current_thread() is threading.main_thread():
+            self.saved = signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self.saved is not None:
+            signal.signal(signal.SIGINT, self.saved)
+        return False
+
+
 def local_cluster(n_workers: int = 2, threads_per_worker: int = 1, memory_limit: str = "4GiB",
                   dashboard_address: str | None = ":8787", keep_blas_coretype: bool = False,
                   security=None, gpus: int = 0):
@@ -96,10 +136,11 @@ def local_cluster(n_workers: int = 2, threads_per_worker: int = 1, memory_limit:
             tls = {} if security is None else {"security": security, "protocol": "tls://"}
             if gpus:
                 tls["resources"] = {"GPU": gpus}
-            cluster = LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker,
-                                   processes=True, memory_limit=memory_limit,
-                                   dashboard_address=dashboard_bind(dashboard_address), **off,
-                                   **tls)
+            with spawned_without_sigint():
+                cluster = LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker,
+                                       processes=True, memory_limit=memory_limit,
+                                       dashboard_address=free_port_or_any(
+                                           dashboard_bind(dashboard_address)), **off, **tls)
     finally:
         for k, v in saved.items():
             if v is None:
@@ -348,6 +389,8 @@ class open_cluster:
         return self.cluster, self.client
 
     def __exit__(self, *exc):
+        if self.cluster is not None and self.cfg.type == "local":
+            stop_local_workers(self.cluster, self.client)
         if self.client is not None:
             self.client.close()
         if self.cluster is not None:
@@ -356,6 +399,59 @@ class open_cluster:
             else:
                 self.cluster.close()
         return False
+
+
+def _exit_at_once_if_busy(dask_worker) -> bool:
+    """(on a worker about to be stopped) With a task still running, the process ends without
+    the C++ destructors that would abort under a running torch thread ("terminate called without
+    an active exception"): after multiprocessing's own exit (its finalizers unregister the
+    semaphores), the interpreter's last step is ``os._exit``."""
+    if not getattr(dask_worker, "active_threads", None):
+        return False
+    import atexit
+    import os
+    import sys
+
+    def exit_now():
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+        os._exit(0)
+
+    atexit.register(exit_now)
+    return True
+
+
+def stop_local_workers(cluster, client=None, timeout: float = 10) -> None:
+    """Stop a LocalCluster's worker processes before its scheduler, without waiting for the
+    tasks they still run (an interrupted run's training, a failed scan's other tasks): a thread
+    cannot be stopped, so distributed's close waited 4 s, then killed the worker ("Worker process
+    still alive after 4.0 seconds, killing", then a leaked semaphore warning: numcodecs' lock).
+    Every result is written atomically, so an abandoned task loses nothing."""
+    import asyncio
+
+    nannies = [n for n in cluster.workers.values() if getattr(n, "process", None) is not None]
+    if not nannies:
+        return
+    if client is not None:
+        try:
+            client.run(_exit_at_once_if_busy, on_error="return")
+        except Exception as exc:
+            log.debug("workers' exit: %s", exc)
+
+    async def stop():
+        for nanny in nannies:
+            nanny.close_gracefully(reason="emscale-exit")  # its worker's exit: no restart
+        await asyncio.gather(*(nanny.process.kill(timeout=timeout, executor_wait=False,
+                                                  reason="emscale-exit") for nanny in nannies),
+                             return_exceptions=True)
+
+    try:
+        cluster.sync(stop)
+    except Exception as exc:  # distributed's own close still follows
+        log.debug("stopping the local workers: %s", exc)
 
 
 def _connect(cfg, sec):
