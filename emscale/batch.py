@@ -353,7 +353,7 @@ def status_table(ledger_path: Path) -> str:
     for e in entries:
         where = e.error if e.state == "failed" else _shown_path(e.report) if e.report else ""
         if e.state == "running":
-            where = f"since {e.started}"
+            where = f"since {_minute(e.started)} UTC"
         lines.append(f"{names[e.scan]:<{width}}  {e.state:<7}  {_k(e):>3}  {_flagged(e):>7}  "
                      f"{_duration(e.seconds):>10}  {where or ''}".rstrip())
     lines.append(_counts(entries))
@@ -377,17 +377,23 @@ th, td { text-align: left; padding: 0.45em 0.8em; border-bottom: 1px solid #ddd;
          vertical-align: top; }
 th { background: #f3f3f3; font-weight: 600; }
 td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
-td.path { color: #666; font-size: 0.85em; }
+.path { color: #777; font-size: 0.8em; overflow-wrap: anywhere; }
+td.scan { min-width: 12em; max-width: 22em; }
 .state { display: inline-block; padding: 0.1em 0.6em; border-radius: 0.8em; font-size: 0.9em;
          font-weight: 600; }
 .done { background: #dff3e3; color: #1b6e2e; }
 .failed { background: #fbe0e0; color: #a11; }
 .running { background: #e0ecfb; color: #1a4f94; }
 .pending { background: #eee; color: #555; }
-.how { color: #666; font-size: 0.85em; }
+.how { color: #666; font-size: 0.85em; white-space: normal; }
 td.error { font-family: ui-monospace, monospace; font-size: 0.85em; color: #a11;
-           max-width: 40em; overflow-wrap: anywhere; }
+           min-width: 16em; max-width: 48em; overflow-wrap: anywhere; }
 """
+
+
+def _minute(stamp: str | None) -> str:
+    """An ISO timestamp to the minute, for a person: ``2026-12-04 12:36``."""
+    return stamp.replace("T", " ")[:16] if stamp else ""
 
 
 def write_index(ledger_path: Path) -> Path:
@@ -406,9 +412,10 @@ def write_index(ledger_path: Path) -> Path:
             href = Path(os.path.relpath(Path(e.report).resolve(), path.parent.resolve()))
             report = f'<a href="{esc(href.as_posix())}">report</a>'
         how = f'<div class="how">{esc(str(e.k_chosen_by))}</div>' if e.k_chosen_by else ""
-        when = e.finished or (f"since {e.started}" if e.started else "")
+        when = _minute(e.finished) or (f"since {_minute(e.started)}" if e.started else "")
         rows.append(
-            f'<tr><td><b>{esc(names[e.scan])}</b><br><span class="path">{esc(e.scan)}</span>'
+            f'<tr><td class="scan"><b>{esc(names[e.scan])}</b><br>'
+            f'<span class="path">{esc(e.scan)}</span>'
             f'</td><td><span class="state {esc(e.state)}">{esc(e.state)}</span></td>'
             f'<td class="num">{_k(e)}{how}</td><td class="num">{_flagged(e)}</td>'
             f'<td class="num">{_duration(e.seconds)}</td><td class="num">{esc(when)}</td>'
@@ -419,7 +426,7 @@ def write_index(ledger_path: Path) -> Path:
 {'<meta http-equiv="refresh" content="60">' if running else ''}
 <title>emscale batch: {_counts(entries)}</title><style>{INDEX_STYLE}</style></head>
 <body><h1>emscale batch: {len(entries)} scans</h1>
-<p class="sub">{esc(_counts(entries))}; updated {esc(utc_now())}; ledger
+<p class="sub">{esc(_counts(entries))}; updated {esc(_minute(utc_now()))} UTC; ledger
 <code>{esc(ledger_path.name)}</code>{' (reloads every minute while a scan runs)' if running else ''}</p>
 <table><thead><tr><th>scan</th><th>state</th><th class="num">K</th>
 <th class="num">flagged</th><th class="num">time</th><th class="num">finished (UTC)</th>

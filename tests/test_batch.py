@@ -191,7 +191,7 @@ def test_a_batch_killed_mid_scan_then_rerun_with_a_broken_scan(tmp_path, local_c
     states = sorted((Path(e.scan).name, e.state) for e in Ledger(out / "ledger.sqlite").entries())
     assert states == [("broken.npy", "failed"), ("scan.v1.zarr", "running")]
     page = (out / "index.html").read_text()  # rewritten as each scan started and ended
-    assert page.count("<tr><td>") == 2 and '"state running"' in page and "need 3-D" in page
+    assert page.count("<td class=\"scan\">") == 2 and '"state running"' in page and "need 3-D" in page
 
     lines = []
     again = run_batch(scans, wf, output_root=out, echo=lines.append)
@@ -223,7 +223,7 @@ def test_a_batch_killed_mid_scan_then_rerun_with_a_broken_scan(tmp_path, local_c
     import re
 
     page = (out / "index.html").read_text()
-    assert page.count("<tr><td>") == 3 and "need 3-D" in page and "refresh" not in page
+    assert page.count("<td class=\"scan\">") == 3 and "need 3-D" in page and "refresh" not in page
     links = re.findall(r'href="([^"]+)"', page)
     assert sorted(links) == ["scan.v1/report/index.html", "scan.v2/report/index.html"]
     assert f"{100 * entries['scan.v1.zarr'].flagged:.2f}%" in page
