@@ -135,6 +135,7 @@ def _space_axes(ax, arr, dims=None, bar: bool = True) -> str | None:
                                    size_vertical=abs(bottom - top) / 80,
                                    fontproperties=FontProperties(size=8))
         scalebar.patch.set(alpha=0.75, edgecolor="none")
+        scalebar.set_gid(f"scale bar: {length:g} {units}")
         ax.add_artist(scalebar)
     return units
 
@@ -266,7 +267,8 @@ def _errors(add, plt, pca, train, enc, an, cl, timings) -> None:
         return
     (err, step), (perr, _) = _view(enc["recon_error"]), _view(enc["pca_recon_error"])
     mean_err, mean_perr = _exact(enc["recon_error"].mean(), enc["pca_recon_error"].mean())
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.9), layout="constrained")
+    fig, axes = plt.subplots(1, 3, figsize=(15.5, 4), layout="constrained",
+                             gridspec_kw={"width_ratios": [1, 1, 0.9], "wspace": 0.08})
     lo = np.nanpercentile(np.concatenate([err.ravel(), perr.ravel()]), 1)
     hi = np.nanpercentile(np.concatenate([err.ravel(), perr.ravel()]), 99.5)
     metric = {"poisson": "chi-square per feature", "mse": "mean squared residual"}.get(
@@ -510,18 +512,24 @@ def _phases(add, plt, pca, train, enc, an, cl, timings, verdict=None, pre=None) 
         dims = mean.dims[1:]
         finite = np.concatenate([im[np.isfinite(im)].ravel() for im, _ in panels])
         lo, hi = (np.percentile(finite, [0.5, 99.5]) if finite.size else (0, 1))
-        fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels) + 1.2, 3.2),
+        cols = min(len(panels), 4)
+        rows = -(-len(panels) // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols + 1.4, 3.3 * rows),
                                  squeeze=False, sharex=True, sharey=True, layout="constrained")
         extent = _extent(mean, dims)
-        for j, (ax, (image, title)) in enumerate(zip(axes[0], panels)):
+        for j, ax in enumerate(axes.ravel()):
+            if j >= len(panels):
+                ax.axis("off")
+                continue
+            image, title = panels[j]
             im = ax.imshow(image, cmap="inferno", vmin=lo, vmax=hi, extent=extent,
                            interpolation="nearest")
-            ax.set_title(title, fontsize=8)
-            if j == 0:
+            ax.set_title(title, fontsize=9)
+            if j % cols == 0:
                 _space_axes(ax, mean, dims, bar=False)
-            else:
-                ax.tick_params(labelleft=False)
-        fig.colorbar(im, ax=axes[0].tolist(), shrink=0.9, label=ylabel)
+                if j + cols < len(panels):  # the x label once, under the bottom row
+                    ax.set_xlabel("")
+        fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.9, label=ylabel)
     add("phase_mean", "Phase mean signals", fig, "Exact means over all pixels of each phase"
         + (" and of the pixels flagged anomalous" if n_flagged else "")
         + "; minor: under cluster.min_phase_fraction of the pixels. The signal is the "
@@ -529,7 +537,8 @@ def _phases(add, plt, pca, train, enc, an, cl, timings, verdict=None, pre=None) 
         + ".")
 
 
-def _traverse(add, plt, pca, train, enc, an, cl, timings, steps: int = 7, max_dims: int = 8) -> None:
+def _traverse(add, plt, pca, train, enc, an, cl, timings, steps: int = 7,
+              max_dims: int = 8) -> None:
     """What each latent coordinate means: the decoder's signal as one coordinate goes from the
     5th to the 95th percentile of the codes, the others at their median (the lecture's latent
     traverse; for a variational autoencoder the prior's axes)."""
@@ -711,12 +720,11 @@ def _source_text(results, scan, pre) -> str:
     if source.get("generator"):
         synthetic = f"synthetic: {source['generator']}" + (f", seed {seed}" if seed is not None
                                                              else "")
-    if given or source.get("path"):
-        text = str(given or source["path"]) + (f" ({synthetic})" if synthetic else "")
-    else:
-        text = synthetic or "unknown"
+    path = str(given or source.get("path") or "")
+    text = (path + (f" ({synthetic})" if synthetic else "")) if path else synthetic or "unknown"
     store = pre.attrs.get("scan_store") if pre is not None else None
-    return text + (f" (scan store {store})" if store and str(store) != text else "")
+    same = store and path and Path(store).resolve() == Path(path).resolve()
+    return text + (f"; scan store {store}" if store and not same else "")
 
 
 def _axes_text(arr, dims, what: str) -> str:
