@@ -1,11 +1,16 @@
 """The run's report: one self-contained HTML page (figures inlined) plus the PNG files.
 
-Figures, from the results store only: the PCA scree; autoencoder against PCA reconstruction error
-at the same k; the loss curves; a 2-D view of the latent codes coloured by phase; the K-choice
-curves; the phase maps (codes, PCA scores) with fractions; the phase mean spectra or patterns; a
-latent traverse (the decoder's signal along each code coordinate); the orientation map (a chain
-with a polar step); the anomaly map and the
-score histogram with its threshold; seconds per stage. The client never holds a whole map (a
+First a summary in words (the scan, its kind and size with calibrations, the preprocessing, K and
+how it was chosen, the phases' shares, minor phases, the share flagged anomalous, training with
+its early stop, total time, warnings). Figures, from the results store only: the PCA scree (its
+elbow k beside the k the comparisons use); autoencoder against PCA reconstruction error at the
+same k; the loss curves (best epoch and early stop marked); a 2-D view of the latent codes
+coloured by phase; the K-choice curves; the phase maps (codes, PCA scores) with fractions and the
+anomalous pixels outlined; the phase mean spectra or patterns; a latent traverse (the decoder's
+signal along each code coordinate); the orientation map (a chain with a polar step); the anomaly
+map and the score histogram with its threshold; seconds per stage. Maps are drawn in the scan's
+calibrated coordinates (y/x with their units) with a scale bar, in pixels where the scan has no
+calibration; every colour bar and axis says its units. The client never holds a whole map (a
 100 GB scan has 24 million pixels): maps are shown at every s-th pixel (at most ``MAX_SIDE`` per
 side, more than a figure shows; the caption says so), histograms and the latent view use those
 pixels, and the means and fractions printed are exact (dask reductions over the whole map).
