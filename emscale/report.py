@@ -817,6 +817,7 @@ def _summary_html(results, scan, pre, train, enc, an, cl, timings, verdict) -> s
                      "included)" if len(names) > 1 else f"{_duration(timings[names[0]])}"))
     if cl is not None:
         n = sum(len(cl.attrs.get(key, {}).get("warnings", [])) for key in ("phase", "pca_phase"))
+        n += verdict is not None  # (the warnings' list starts with it)
         rows.append(("Warnings", f"{n}, listed below" if n else "none"))
     body = "".join(f"<tr><th>{html.escape(h)}</th><td>{html.escape(str(v))}</td></tr>"
                    for h, v in rows)
