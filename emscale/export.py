@@ -468,15 +468,34 @@ def _write_npy(items: list[Item], out: Path, store) -> tuple[list, list]:
     for item in items:
         file = f"{item.name}.npy"
         if item.role == "scan":
-            target = np.lib.format.open_memmap(out / file, mode="w+", dtype=item.data.dtype,
-                                               shape=item.data.shape)
-            da.store(item.data.data, target, lock=False)
-            target.flush()
-            del target
+            with open(out / file, "wb") as f:
+                np.lib.format.write_array_header_1_0(
+                    f, {"descr": np.lib.format.dtype_to_descr(item.data.dtype),
+                        "fortran_order": False, "shape": item.data.shape})
+                da.store(item.data.data, _NpyRows(f.fileno(), f.tell(), item.data.shape,
+                                                  item.data.dtype), lock=False)
         else:
             np.save(out / file, _values(item))
         written.append(_entry(item, file))
     return written, []
+
+
+class _NpyRows:
+    """The body of a C-ordered ``.npy`` file as a ``da.store`` target: each block goes to its
+    place with ``os.pwrite``, one run of pixels per scan row (a memory map would count the
+    whole file in the process's resident memory)."""
+
+    def __init__(self, fd: int, start: int, shape: tuple, dtype):
+        self.fd, self.start, self.shape = fd, start, shape
+        self.pixel = int(np.prod(shape[2:])) * np.dtype(dtype).itemsize
+
+    def __setitem__(self, key: tuple, block: np.ndarray) -> None:
+        ys, xs = key[0], key[1]
+        block = np.ascontiguousarray(block)
+        for i, y in enumerate(range(*ys.indices(self.shape[0]))):
+            x0 = xs.indices(self.shape[1])[0]
+            os.pwrite(self.fd, block[i].tobytes(),
+                      self.start + (y * self.shape[1] + x0) * self.pixel)
 
 
 WRITERS = {"hspy": _write_hyperspy("hspy"), "zspy": _write_hyperspy("zspy"),
