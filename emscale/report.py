@@ -447,8 +447,12 @@ def _phases(add, plt, pca, train, enc, an, cl, timings, verdict=None, pre=None) 
                    title=name + {"inertia": " (elbow)", "silhouette": " (highest)",
                                  "bic": " (lowest)"}[name])
         caption = _k_choice_text(cl)
-        picks = {"silhouette": int(kk[np.nanargmax(cl["k_silhouette"].values)]),
-                 "BIC": int(kk[np.nanargmin(cl["k_bic"].values)])}
+        sil, bic = cl["k_silhouette"].values, cl["k_bic"].values
+        picks = {}
+        if np.isfinite(sil).any():
+            picks["silhouette"] = int(kk[np.nanargmax(sil)])
+        if np.isfinite(bic).any():
+            picks["BIC"] = int(kk[np.nanargmin(bic)])
         others = [f"{name} K = {pick}" for name, pick in picks.items()
                   if pick != swept and name.lower() != chosen_by]
         if others and chosen_by in CHOSEN_BY:
