@@ -255,9 +255,9 @@ def _scree(add, plt, pca, train, enc, an, cl, timings) -> None:
     ax.legend(fontsize=8)
     caption = (f"The elbow (k = {k}) is where the explained variance levels off onto the noise "
                f"floor: an estimate of how many components carry signal")
-    if k >= facts.get("n_components", k + 1):
-        caption += (f" (here the last component computed: no elbow within pca.n_components = "
-                    f"{facts['n_components']})")
+    if k > facts.get("n_components", k):
+        caption += (f" (more than the {facts['n_components']} components the stage keeps, "
+                    "pca.n_components)")
     caption += (f"; the pca stage's own error map (pca_recon_error in its group) uses k = "
                 f"{error_k} (pca.error_k)." if error_k is not None else ".")
     if used is not None:
