@@ -26,7 +26,7 @@ def test_bench_phases_runs_the_chain_and_writes_json(tmp_path, capsys):
         for c in classes.values():
             assert max(c["flagged"], c["own_phase"]) <= c["either"] <= 1 and c["pixels"] > 0
         assert 0 <= figures[run]["classes"]["false_alarm_rate"] < 0.05
-    assert figures["noise"]["shape"] == [128, 128, 64] and figures["noise"]["flagged"] < 0.05
+    assert figures["noise"]["shape"] == [64, 64, 64] and figures["noise"]["flagged"] < 0.05
     assert figures["noise"]["n_clusters"] == 1
     assert figures["noise"]["k_chosen_by"] == "no phase structure"
 

@@ -359,10 +359,12 @@ def run_phase_bench(shape=(512, 512), channels=1024, latent_dim=None, epochs=20,
         seconds["without_reference"] = sum(alone_result.seconds.values())
         figures["without_reference"] = _run_figures(ResultsStore(alone_result.results), truth,
                                                     label)
-        # a uniform specimen: Poisson counts around the clean spectrum of one pure pixel
-        # (a 4D-STEM noise scan smaller: 48 x 48 patterns of 128 x 128 are 0.3 GB of counts)
+        # a uniform specimen: Poisson counts around the clean spectrum of one pure pixel, 128 x
+        # 128 (twice the side of a small scan; a 4D-STEM noise scan smaller: 48 x 48 patterns
+        # of 128 x 128 are 0.3 GB of counts)
         figures["noise"] = _noise_figures(scan_ds, purity, label, alone, Path(tmp), seed,
-                                          side=128 if kind == "eels" else min(48, max(shape)))
+                                          side=(min(128, 2 * max(shape)) if kind == "eels"
+                                                else min(48, max(shape))))
     return PhaseBench(kind=kind, shape=list(shape), channels=channels if kind == "eels" else None,
                       pattern=None if kind == "eels" else list(pattern),
                       latent_dim=latent_dim, epochs=epochs,
