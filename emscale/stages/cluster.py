@@ -230,6 +230,13 @@ def _silhouette_one(sample, k, sil_idx, *, n_init, seed) -> float:
     return _kmeans_silhouette(sample, k, sil_idx, n_init=n_init, seed=seed)[1]
 
 
+def _bic_one(sample, k, *, seed) -> float:
+    from sklearn.mixture import GaussianMixture
+
+    return float(GaussianMixture(k, covariance_type="full", n_init=1, random_state=seed,
+                                 reg_covar=1e-6).fit(sample).bic(sample))
+
+
 # ---------------------------------------------------------------------------------------------
 # the estimator
 
@@ -344,19 +351,19 @@ class PhaseClustering(BaseEstimator):
                 "bic_k1": bic1}
 
     def _light_sweep(self, sample: np.ndarray) -> dict:
-        """The structure test's part of a sweep, on the PCA scores: the k-means silhouette over
-        ``k_range`` and the BIC of two Gaussians (one task per K, as ``_sweep``)."""
-        from sklearn.mixture import GaussianMixture
-
+        """The structure test's part of a sweep, on the PCA scores: the k-means silhouette and
+        the Gaussian mixture's BIC over ``k_range`` (one task per K, as ``_sweep``). Every K's
+        BIC, as the codes' sweep has, so that "one Gaussian is lower than every K" means it."""
         lo, hi = self.k_range
         ks = list(range(lo, min(hi, len(sample) - 1) + 1))
         sil_idx = np.random.default_rng(self.seed).permutation(len(sample))[:self.silhouette_size]
         shared = dask.delayed(sample, pure=True)
-        sil = dask.compute(*[dask.delayed(_silhouette_one, pure=True)(
-            shared, k, sil_idx, n_init=min(self.n_init, 3), seed=self.seed) for k in ks])
-        two = GaussianMixture(2, covariance_type="full", n_init=1, random_state=self.seed,
-                              reg_covar=1e-6).fit(sample)
-        return {"k": ks, "silhouette": list(sil), "bic": [float(two.bic(sample))]}
+        n_init = min(self.n_init, 3)
+        sil = [dask.delayed(_silhouette_one, pure=True)(shared, k, sil_idx, n_init=n_init,
+                                                        seed=self.seed) for k in ks]
+        bic = [dask.delayed(_bic_one, pure=True)(shared, k, seed=self.seed) for k in ks]
+        sil, bic = dask.compute(sil, bic)
+        return {"k": ks, "silhouette": list(sil), "bic": list(bic)}
 
     def _warn(self, message: str) -> None:
         log.warning("cluster: %s", message)
@@ -410,6 +417,11 @@ class PhaseClustering(BaseEstimator):
             self.structure_ = self._structure(self.k_table_, sample)
             if pca_scores is not None and self.structure_["phase_structure"]:
                 other = self._sample(pca_scores, valid)  # the same pixels
+                # in units of their spread: the mixtures' reg_covar (1e-6) is absolute, and
+                # the scores of unit-sum spectra vary by 1e-7..1e-5, so every mixture looked
+                # like one Gaussian (a BIC lower by 5000 at K = 4 became higher by 196); a
+                # scaling per axis shifts every K's BIC alike
+                other = other / np.where(other.std(axis=0) > 0, other.std(axis=0), 1.0)
                 other_structure = self._structure(self._light_sweep(other), other)
                 self.structure_["pca_scores"] = other_structure
                 if not other_structure["phase_structure"]:
