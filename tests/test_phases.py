@@ -313,6 +313,19 @@ def test_blobs_have_phase_structure_and_no_structure_warning(sync_scheduler):
     assert c.n_clusters_ == 3 and not any("phase structure" in w for w in c.warnings_)
 
 
+def test_the_pca_scores_veto_does_not_depend_on_their_scale(sync_scheduler):
+    """The PCA scores of unit-sum spectra vary by 1e-7..1e-5: phases there are phases (a fixed
+    reg_covar of the mixtures once made them one Gaussian, and the scan K = 1); and one cloud
+    stays one, whatever its scale."""
+    x, _ = _blobs()
+    blobs = da.from_array(x, chunks=(700, 4))
+    c = PhaseClustering(k_range=(2, 5), n_init=2, seed=0).fit(blobs, pca_scores=blobs * 1e-4)
+    assert c.structure_["pca_scores"]["phase_structure"] and c.n_clusters_ == 3
+    cloud = da.from_array(np.random.default_rng(3).normal(0, 1e-4, (3000, 4)), chunks=(700, 4))
+    c = PhaseClustering(k_range=(2, 5), n_init=2, seed=0).fit(blobs, pca_scores=cloud)
+    assert c.n_clusters_ == 1 and not c.structure_["pca_scores"]["phase_structure"]
+
+
 def test_k_at_the_top_of_k_range_and_a_minor_phase_are_warned(sync_scheduler):
     x, _ = _blobs(n=3000, k=5, seed=6)
     c = PhaseClustering(k_choice="silhouette", k_range=(2, 4), n_init=2, seed=0).fit(
