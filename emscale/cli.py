@@ -439,9 +439,12 @@ def export_cmd(
     where = export_results(results, to, out, stages=tuple(stage) if stage else None,
                            denoised=denoised, overwrite=overwrite)
     files = json.loads((where / "export.json").read_text())
-    typer.echo(f"wrote {where}: {len(files['files'])} {to} files"
-               + (f" ({len(files['not_exported'])} variables have no place in {to}: see "
-                  "export.json)" if files["not_exported"] else ""))
+    names = {f["file"] for f in files["files"]}
+    left = len(files["not_exported"])
+    typer.echo(f"wrote {where}: {len(files['files'])} variables in {len(names)} "
+               f"{to} file{'s' if len(names) != 1 else ''}"
+               + (f" ({left} variable{'s' if left != 1 else ''} with no place in {to}: see "
+                  "export.json)" if left else ""))
 
 
 @app.command("status")

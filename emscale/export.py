@@ -210,6 +210,9 @@ def hyperspy_signal(item: Item, store=None):
     if lazy:
         signal = signal.as_lazy()
     signal.metadata.General.title = f"emscale {item.stage}.{item.name}"
+    if store is not None and (item.role in ("scan", "signal", "signals")
+                              and item.name not in ("pca_components", "pca_scree")):
+        signal.metadata.set_item("Signal.quantity", _quantity(item, store))
     signal.original_metadata.add_dictionary(
         {"emscale": {"stage": item.stage, "variable": item.name, "meaning": item.meaning,
                      "dims": list(item.data.dims),
@@ -250,12 +253,27 @@ def _learning_results(signal, items: dict[str, Item], store) -> bool:
             lr.poissonian_noise_normalized = False
             done = True
     phase, means = items.get("phase"), items.get("phase_mean_signal")
-    if phase is not None and means is not None and pixels * 8 <= LEARNING_LIMIT_BYTES:
+    if phase is not None and means is not None and pixels * 16 <= LEARNING_LIMIT_BYTES:
+        # what HyperSpy's cluster_analysis leaves, so that get_cluster_labels, _signals and
+        # _distances work: labels per phase, sums and centroid signals, distances of each
+        # pixel's code to each phase centre (the clustering's own space)
         labels = _values(phase).reshape(-1)
         k = means.data.sizes["cluster"]
+        mean = _values(means).reshape(k, -1)
+        counts = np.array([(labels == c).sum() for c in range(k)], dtype=np.float64)
         lr.cluster_labels = np.stack([labels == c for c in range(k)])
         lr.cluster_membership = labels
-        lr.cluster_centers = _values(means).reshape(k, -1)
+        lr.cluster_sum_signals = mean * counts[:, None]
+        decoded = items.get("phase_centroid_signal")
+        lr.cluster_centroid_signals = (_values(decoded).reshape(k, -1) if decoded is not None
+                                       else mean)
+        lr.cluster_centers = mean
+        cluster = store.open_stage("cluster")
+        codes = store.open_stage("encode")["latent"].values.reshape(pixels, -1)
+        centres = np.asarray(cluster["phase_centroid"].values, np.float64)
+        if centres.shape[1] == codes.shape[1]:
+            lr.cluster_centroids = centres
+            lr.cluster_distances = np.stack([np.linalg.norm(codes - c, axis=1) for c in centres])
         lr.cluster_algorithm = "emscale phase clustering of the latent codes"
         lr.number_of_clusters = k
         done = True
@@ -304,6 +322,12 @@ def _write_py4dstem(items: list[Item], out: Path, store) -> tuple[list, list]:
         cal.set_R_pixel_size(ay.get("scale", 1.0))
         cal.set_R_pixel_units(ay["units"] or "pixels")
     pattern = next((it.data for it in items if {"ky", "kx"} <= set(it.data.dims)), None)
+    if pattern is None and store.has_stage("preprocess"):  # polar features: the scan's k axes
+        from emscale.store import open_scan
+
+        scan = store.stage_attrs("preprocess").get("scan_store")
+        if scan and Path(scan).exists():
+            pattern = open_scan(scan, validate=False)["signal"]
     if pattern is not None:
         ak = axis(pattern, "ky")
         factor, units = _py4dstem_units(ak["units"])
@@ -385,7 +409,7 @@ def _write_tiff(items: list[Item], out: Path, store) -> tuple[list, list]:
         if len(image_dims) != 2 or item.role == "scan":
             skipped.append({"variable": item.name, "why": "not an image (TIFF holds maps and "
                             "pattern stacks; use --to hspy or npy)" if item.role != "scan" else
-                            "the scan itself: use --to hspy, zspy, py4dstem or npy"})
+                            "the scan itself: use --to hspy, py4dstem (4D-STEM) or npy"})
             continue
         data = _values(item)
         if data.dtype == np.int32:
@@ -416,7 +440,7 @@ def _write_png(items: list[Item], out: Path, store) -> tuple[list, list]:
     for item in items:
         if item.role == "scan":
             skipped.append({"variable": item.name, "why": "the scan itself: use --to hspy, "
-                            "zspy, py4dstem or npy"})
+                            "py4dstem (4D-STEM) or npy"})
             continue
         data = _values(item).astype(np.float64)
         if item.role in ("map", "maps") or len(item.sig) == 2:
@@ -425,7 +449,11 @@ def _write_png(items: list[Item], out: Path, store) -> tuple[list, list]:
                 file = f"{item.name}.png" if not item.nav else f"{item.name}_{i}.png"
                 rgb, style = _colours(item, image)
                 plt.imsave(out / file, rgb, **style)
-                written.append({**_entry(item, file), "slice": i if item.nav else None})
+                entry = {**_entry(item, file), "slice": i if item.nav else None}
+                if item.name in PHASE_MAPS:  # the key to the colours (as in the plots)
+                    entry["colours"] = {str(c): matplotlib.colors.to_hex(phase_colour(c))
+                                        for c in np.unique(image[image >= 0]).astype(int)}
+                written.append(entry)
             continue
         fig, ax = plt.subplots(figsize=(7, 4))
         a = axis(item.data, item.sig[0])
@@ -433,8 +461,10 @@ def _write_png(items: list[Item], out: Path, store) -> tuple[list, list]:
             else np.arange(a["size"])
         for i, curve in enumerate(data if item.nav else data[None]):
             name = item.nav and ("phase" if item.nav[0] == "cluster" else item.nav[0])
-            ax.plot(x, curve, lw=1, label=f"{name} {i}" if name else None)
+            colour = phase_colour(i) if name == "phase" else None
+            ax.plot(x, curve, lw=1, label=f"{name} {i}" if name else None, color=colour)
         ax.set_xlabel(f"{item.sig[0]} ({a['units']})" if a["units"] else item.sig[0])
+        ax.set_ylabel(_quantity(item, store))
         ax.set_title(f"{item.stage}.{item.name}")
         if item.nav:
             ax.legend(fontsize=8)
@@ -445,14 +475,33 @@ def _write_png(items: list[Item], out: Path, store) -> tuple[list, list]:
     return written, skipped
 
 
-def _colours(item: Item, image: np.ndarray) -> tuple:
-    if item.name in ("phase", "pca_phase"):
-        from matplotlib import colormaps
+PHASE_MAPS = ("phase", "pca_phase")
 
-        tab = colormaps["tab20"]
+
+def phase_colour(c: int) -> tuple:
+    """Phase ``c``'s colour in every picture (map and spectra): matplotlib's default cycle
+    (tab10), then tab20's light shades."""
+    from matplotlib import colormaps
+
+    return colormaps["tab10"](c)[:3] if c < 10 else colormaps["tab20"]((2 * c + 1) % 20)[:3]
+
+
+def _quantity(item: Item, store) -> str:
+    """What a signal's values are: the preprocessed features (not counts), named by the chain
+    that made them."""
+    if item.name in ("pca_scree",):
+        return "explained variance ratio"
+    chain = (store.stage_attrs("preprocess").get("preprocess", {})
+             if store.has_stage("preprocess") else {})
+    steps = ", ".join(s.get("step", "?") for s in chain.get("steps", [])) or "no step"
+    return f"preprocessed signal, not counts (after: {steps})"
+
+
+def _colours(item: Item, image: np.ndarray) -> tuple:
+    if item.name in PHASE_MAPS:
         rgb = np.zeros((*image.shape, 3))
         for c in np.unique(image[image >= 0]).astype(int):
-            rgb[image == c] = tab(c % 20)[:3]
+            rgb[image == c] = phase_colour(c)
         return rgb, {}
     finite = image[np.isfinite(image)]
     lo, hi = (np.percentile(finite, [1, 99]) if finite.size else (0, 1))

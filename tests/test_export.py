@@ -93,6 +93,12 @@ def test_hyperspy_loads_every_export_with_its_values_and_calibrated_axes(eels, t
     np.testing.assert_array_equal(lr.loadings, pca["pca_scores"].values.reshape(120, 4))
     np.testing.assert_allclose(lr.explained_variance, pca["pca_explained_variance"].values)
     np.testing.assert_array_equal(lr.cluster_membership, cl["phase"].values.reshape(-1))
+    den = hs.load(out / "denoised.hspy")  # HyperSpy's own cluster and decomposition methods
+    k = cl.sizes["cluster"]
+    np.testing.assert_allclose(den.get_cluster_signals().data, cl["phase_mean_signal"].values,
+                               rtol=1e-5)
+    assert den.get_cluster_distances().data.shape == (k, 12, 10)
+    assert den.get_decomposition_model().data.shape == (12, 10, cl.sizes["energy"])
 
 
 def test_py4dstem_loads_its_objects_with_the_calibration(d4, tmp_path):
@@ -156,6 +162,9 @@ def test_tiff_png_and_npy_carry_the_pixel_size_and_values(eels, tmp_path):
     assert any(s["variable"] == "phase_mean_signal" for s in manifest["not_exported"])
     png = export_results(eels.path, "png", tmp_path / "png", stages=("cluster",))
     assert (png / "phase.png").read_bytes()[:4] == b"\x89PNG"
+    key = next(f for f in json.loads((png / "export.json").read_text())["files"]
+               if f["variable"] == "phase")["colours"]
+    assert key["0"] == "#1f77b4"  # matplotlib's first colour: phase 0 in the spectra's plot too
     npy = export_results(eels.path, "npy", tmp_path / "npy")
     np.testing.assert_array_equal(np.load(npy / "phase.npy"), cl["phase"].values)
     entry = next(f for f in json.loads((npy / "export.json").read_text())["files"]
