@@ -188,7 +188,7 @@ def scan_figures(out: Path) -> dict:
     anomaly map counted. What is not there is None; a figure never fails a scan."""
     import zarr
 
-    out = Path(out)
+    out = Path(out).absolute()  # the ledger is read from other directories (emscale status)
     figures = {"k": None, "k_chosen_by": None, "flagged": None, "report": None}
     if (out / "report" / "index.html").exists():
         figures["report"] = str(out / "report" / "index.html")

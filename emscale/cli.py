@@ -310,6 +310,12 @@ def run_cmd(
         result = run_workflow(wf, force=tuple(force), echo=typer.echo, cluster_info=info)
     typer.echo(f"ran: {', '.join(result.ran) or 'nothing'}; skipped: "
                f"{', '.join(result.skipped) or 'nothing'}")
+    from emscale.batch import scan_figures
+
+    found = scan_figures(Path(result.results).parent)
+    if found["k"] is not None:
+        flagged = "" if found["flagged"] is None else f"; {100 * found['flagged']:.2f}% flagged"
+        typer.echo(f"phases: K = {found['k']} ({found['k_chosen_by']}){flagged}")
     typer.echo(f"results: {result.results}")
     typer.echo(f"report: {result.report}")
 

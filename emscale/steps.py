@@ -668,8 +668,8 @@ def make_step(spec: dict | Step, index: int, kind: str | None) -> Step:
         name = params.pop("step")
         name = SPELLINGS.get(name, name)
         if name not in STEPS:
-            raise ConfigError(f"{where}.step: {name!r} is not one of {sorted(STEPS)}"
-                              f"{did_you_mean(name, [*STEPS, *SPELLINGS])}")
+            raise ConfigError(f"{where}.step: must be one of {', '.join(sorted(STEPS))}, got "
+                              f"{name!r}{did_you_mean(name, [*STEPS, *SPELLINGS])}")
         cls = STEPS[name]
         known = {f.name for f in dataclasses.fields(cls) if f.name != "where"}
         unknown = sorted(set(params) - known)

@@ -57,7 +57,7 @@ def test_a_workflow_file_gets_all_its_errors_in_plain_words(tmp_path, capsys):
                  "train.latent_dim: must be at least 1, got 0",
                  "cluster.method: must be one of kmeans, gmm, got 'kmean' (did you mean 'kmeans'?)",
                  "preprocess.steps[1].stopp: unknown parameter of step 'crop' (did you mean 'stop'?)",
-                 "preprocess.steps[2].step: 'centr' is not one of",
+                 "preprocess.steps[2].step: must be one of ",
                  "(did you mean 'centre'?)"]:
         assert said in err, said
     assert "Input should" not in err and "Extra inputs" not in err

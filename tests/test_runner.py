@@ -289,6 +289,7 @@ def test_emscale_run_cli(tmp_path, capsys):
     assert main(["run", str(path), "--workers", "2"]) == 0
     printed = capsys.readouterr().out
     assert "dashboard:" in printed and "report: " in printed
+    assert re.search(r"phases: K = \d+ \(\w[^)]*\); \d+\.\d\d% flagged", printed), printed
     report = printed.strip().splitlines()[-1].split("report: ")[1]
     assert report.endswith("index.html")
     assert main(["run", str(path), "--force", "nonsense"]) == 1

@@ -343,7 +343,7 @@ class PhaseClustering(BaseEstimator):
         best = float(np.nanmax(sil)) if np.isfinite(sil).any() else None
         reasons = []
         if best is not None and best < self.min_silhouette:
-            reasons.append(f"the best silhouette over k_range is {best:.2f} "
+            reasons.append(f"the best silhouette over k_range is {best:.3f} "
                            f"(under cluster.min_silhouette {self.min_silhouette:g})")
         if bic1 <= min(table["bic"]):
             reasons.append("one Gaussian has a lower BIC than every K of k_range")
