@@ -313,9 +313,10 @@ def preflight(workflow: WorkflowBase, force: tuple[str, ...] = (),
 GRAM_MAX_BYTES = 1 << 30
 
 
-def scan_outline(workflow: WorkflowBase) -> tuple[str, tuple[int, int], dict] | None:
-    """(kind, navigation shape, signal coordinates) of the scan a workflow will read, without
-    reading its data (a store's or raw file's metadata, or the generator's description)."""
+def scan_outline(workflow: WorkflowBase) -> tuple[str, tuple[int, int], dict, set] | None:
+    """(kind, navigation shape, signal coordinates, the signal dims without a calibration) of
+    the scan a workflow will read, without reading its data (a store's or raw file's metadata,
+    or the generator's description)."""
     import numpy as np
 
     from emscale.store import SIGNAL_DIMS, check_every_chunk, open_scan
@@ -326,14 +327,16 @@ def scan_outline(workflow: WorkflowBase) -> tuple[str, tuple[int, int], dict] | 
             ds = _synth_spectra(s.kind)((2, 2), channels=s.channels)
         else:
             return "diffraction", tuple(s.shape), {d: np.arange(n, dtype=np.float64)
-                                                    for d, n in zip(("ky", "kx"), s.pattern)}
-        return ds.attrs["kind"], tuple(s.shape), {d: ds[d].values for d in SIGNAL_DIMS["spectrum"]}
+                                                    for d, n in zip(("ky", "kx"), s.pattern)}, set()
+        return (ds.attrs["kind"], tuple(s.shape),
+                {d: ds[d].values for d in SIGNAL_DIMS["spectrum"]}, set())
     src = Path(workflow.input)
     if _is_scan_store(src):
         ds = open_scan(src)
         check_every_chunk(src, ds)
         kind = ds.attrs["kind"]
-        return kind, tuple(ds["signal"].shape[:2]), {d: ds[d].values for d in SIGNAL_DIMS[kind]}
+        return (kind, tuple(ds["signal"].shape[:2]), {d: ds[d].values for d in SIGNAL_DIMS[kind]},
+                {d for d in SIGNAL_DIMS[kind] if ds[d].attrs.get("calibrated") is False})
     from emscale.readers import open_raw
 
     raw = open_raw(src, lambda shape: tuple(shape))  # one chunk: only the shape is looked at
@@ -341,7 +344,7 @@ def scan_outline(workflow: WorkflowBase) -> tuple[str, tuple[int, int], dict] | 
     sizes = dict(zip(raw.dims, raw.data.shape))
     coords = {d: raw.coords[d][0] if d in raw.coords else np.arange(sizes[d], dtype=np.float64)
               for d in dims}
-    return raw.kind, tuple(raw.data.shape[:2]), coords
+    return raw.kind, tuple(raw.data.shape[:2]), coords, {d for d in dims if d not in raw.coords}
 
 
 def check_against_scan(workflow: WorkflowBase, registry: Registry, reference,
@@ -358,8 +361,16 @@ def check_against_scan(workflow: WorkflowBase, registry: Registry, reference,
     outline = scan_outline(workflow)
     if outline is None or "preprocess" not in runs:
         return
-    kind, (ny, nx), coords = outline
+    kind, (ny, nx), coords, uncalibrated = outline
     pre = workflow.preprocess
+    ranged = [i for i, step in enumerate(pre.steps) if isinstance(step, dict)
+              and step.get("step") in ("crop", "mask_channels", "background")
+              and set(step) & {"start", "stop", "ranges", "window"}]
+    if kind == "spectrum" and "energy" in uncalibrated and ranged:
+        # a workflow's energies (keV, eV) taken as channel numbers: a run that "works"
+        log.warning("preprocess.steps[%d]: its energy range is read as channel numbers: the "
+                    "scan's energy axis has no calibration (emscale ingest RAW OUT --axis "
+                    "energy:scale=S,offset=O,units=U gives it one)", ranged[0])
     out = Preprocessor(list(pre.steps), pre.nonfinite, pre.negative).output_coords(kind, coords)
     features, pixels = int(np.prod([v.size for v in out.values()])), ny * nx
     shape = " x ".join(str(v.size) for v in out.values())

@@ -174,3 +174,18 @@ def test_a_workflow_generates_an_eds_scan(tmp_path):
     run_workflow(wf, until="scan", echo=lambda *a: None)
     ds = open_scan(tmp_path / "out" / "scan.zarr")
     assert ds["energy"].attrs["units"] == "keV" and ds.sizes["energy"] == 128
+
+
+def test_energy_ranges_on_an_uncalibrated_axis_are_warned(tmp_path, caplog):
+    """An EDS workflow's keV ranges on a raw array without calibration are channel numbers:
+    said before anything runs (the run itself would 'work')."""
+    from emscale.runner import check_against_scan
+    from emscale.stages import REGISTRY
+    from emscale.workflow import load_workflow
+
+    raw = tmp_path / "raw.npy"
+    np.save(raw, np.random.default_rng(0).poisson(5, (40, 40, 128)).astype(np.uint16))
+    wf = load_workflow(WORKFLOWS / "eds-phase-mapping.yaml", input=raw, output=tmp_path / "o")
+    check_against_scan(wf, REGISTRY, None)
+    assert "its energy range is read as channel numbers" in caplog.text
+    assert "--axis energy:" in caplog.text
