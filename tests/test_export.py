@@ -37,9 +37,8 @@ def _run(tmp, synth, **sections):
 
 
 @pytest.fixture(scope="module")
-def eels(tmp_path_factory):
-    return _run(tmp_path_factory.mktemp("eels"),
-                {"kind": "eels", "shape": [12, 10], "channels": 96, "seed": 2, "anomaly": True})
+def eels(small_eels_run):  # the report's tests read the same run
+    return ResultsStore(small_eels_run.results)
 
 
 @pytest.fixture(scope="module")

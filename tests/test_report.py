@@ -13,22 +13,13 @@ import xarray as xr
 
 from emscale import report
 from emscale.results import ResultsStore
-from emscale.runner import run_workflow
-from emscale.workflow import validate_workflow
 
 STAGES = ("pca", "train", "encode", "anomaly", "cluster")
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("report")
-    wf = validate_workflow({
-        "synth": {"kind": "eels", "shape": [12, 10], "channels": 96, "seed": 2, "anomaly": True},
-        "train": {"latent_dim": 3, "widths": [32, 16], "epochs": 2, "tile": 4, "threads": 1,
-                  "batch_size": 64},
-        "pca": {"n_components": 4}, "cluster": {"k_range": [2, 3], "n_init": 1},
-        "output": str(tmp / "out"), "chunk_mib": 0.05})
-    return run_workflow(wf, echo=lambda *a: None)
+def run(small_eels_run):
+    return small_eels_run
 
 
 def _sections(section, stages: dict, **kwargs) -> dict:
