@@ -83,6 +83,25 @@ def _global(
             asyncio_log.addFilter(DropAfterCancel())
 
 
+STORE_CLEAN_HELP = ("Keep the float32 clean signal in the store (about 3x the disk of the "
+                    "counts); without it it is regenerated from the generator's parameters when "
+                    "read.")
+LAYOUT_HELP = ("grains: Voronoi grains with mixed boundaries and a surface layer; bands: four "
+               "equal bands of pure pixels, one phase each (groups of known phase).")
+
+
+def _write_synthetic(make, out: Path, chunk_mib: float, overwrite: bool, **settings) -> None:
+    """OUT checked first, then the scan ``make(**settings, policy=...)`` generates lazily,
+    written chunk by chunk."""
+    from emscale.atomic import check_output_free
+    from emscale.store import write_scan
+
+    check_output_free(out, overwrite, OVERWRITE_REMEDY)
+    policy = _policy(chunk_mib)
+    write_scan(make(policy=policy, **settings), out, policy=policy, overwrite=overwrite,
+               progress=_progress())
+
+
 def _policy(chunk_mib: float):
     from emscale.store import ChunkPolicy
 
@@ -103,26 +122,18 @@ def synth_eels_cmd(
     seed: int = typer.Option(0, "--seed", help="Random seed: the same seed gives the same scan."),
     dose: float = typer.Option(50.0, "--dose", help="Mean counts per channel just above the Fe-L3 edge."),
     read_noise: float = typer.Option(1.0, "--read-noise", help="Gaussian read noise (counts, sd)."),
-    layout: str = typer.Option("grains", "--layout", help="grains: Voronoi grains with mixed "
-                               "boundaries and a surface band; bands: four equal bands of pure "
-                               "pixels, one phase each (groups of known phase)."),
+    layout: str = typer.Option("grains", "--layout", help=LAYOUT_HELP),
     chunk_mib: float = typer.Option(64.0, "--chunk-mib", help=CHUNK_HELP),
-    store_clean: bool = typer.Option(False, "--store-clean", help="Keep the float32 clean signal "
-                                     "in the store (about 3x the disk of the counts); without it "
-                                     "it is regenerated from the generator's parameters when read."),
+    store_clean: bool = typer.Option(False, "--store-clean", help=STORE_CLEAN_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
 ) -> None:
     """Synthetic iron-oxide core-loss EELS: O-K and Fe-L2,3 edges, four phases (Fe2O3, FeO, Fe3O4,
     amorphous surface), thickness and chemical-shift variation, Poisson + read noise."""
-    from emscale.atomic import check_output_free
-    from emscale.store import write_scan
     from emscale.synth.eels import synth_eels
 
-    check_output_free(out, overwrite, OVERWRITE_REMEDY)
-    ds = synth_eels(shape, channels=channels, anomaly=anomaly, seed=seed, dose=dose,
-                    read_noise=read_noise, layout=layout, policy=_policy(chunk_mib),
-                    store_clean=store_clean)
-    write_scan(ds, out, policy=_policy(chunk_mib), overwrite=overwrite, progress=_progress())
+    _write_synthetic(synth_eels, out, chunk_mib, overwrite, shape=shape, channels=channels,
+                     anomaly=anomaly, seed=seed, dose=dose, read_noise=read_noise, layout=layout,
+                     store_clean=store_clean)
     typer.echo(f"wrote {out}: spectrum image {shape[0]} x {shape[1]} x {channels}")
 
 
@@ -136,26 +147,18 @@ def synth_eds_cmd(
                                  "by the FIB, silica particles) labelled -1."),
     seed: int = typer.Option(0, "--seed", help="Random seed: the same seed gives the same scan."),
     dose: float = typer.Option(1000.0, "--dose", help="Mean X-ray counts per spectrum."),
-    layout: str = typer.Option("grains", "--layout", help="grains: Voronoi grains with mixed "
-                               "boundaries and a surface layer; bands: four equal bands of pure "
-                               "pixels, one phase each (groups of known phase)."),
+    layout: str = typer.Option("grains", "--layout", help=LAYOUT_HELP),
     chunk_mib: float = typer.Option(64.0, "--chunk-mib", help=CHUNK_HELP),
-    store_clean: bool = typer.Option(False, "--store-clean", help="Keep the float32 clean signal "
-                                     "in the store (about 3x the disk of the counts); without it "
-                                     "it is regenerated from the generator's parameters when read."),
+    store_clean: bool = typer.Option(False, "--store-clean", help=STORE_CLEAN_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
 ) -> None:
     """Synthetic EDS of an aged stainless steel on a keV axis: austenite, sigma phase, M23C6
     carbide and a Cr2O3 surface layer; K and L lines with the detector's energy-dependent resolution,
     bremsstrahlung, low-energy absorption, thickness variation, Poisson counts."""
-    from emscale.atomic import check_output_free
-    from emscale.store import write_scan
     from emscale.synth.eds import synth_eds
 
-    check_output_free(out, overwrite, OVERWRITE_REMEDY)
-    ds = synth_eds(shape, channels=channels, anomaly=anomaly, seed=seed, dose=dose, layout=layout,
-                   policy=_policy(chunk_mib), store_clean=store_clean)
-    write_scan(ds, out, policy=_policy(chunk_mib), overwrite=overwrite, progress=_progress())
+    _write_synthetic(synth_eds, out, chunk_mib, overwrite, shape=shape, channels=channels,
+                     anomaly=anomaly, seed=seed, dose=dose, layout=layout, store_clean=store_clean)
     typer.echo(f"wrote {out}: EDS spectrum image {shape[0]} x {shape[1]} x {channels} (keV)")
 
 
@@ -168,22 +171,16 @@ def synth_4dstem_cmd(
     seed: int = typer.Option(0, "--seed", help="Random seed: the same seed gives the same scan."),
     dose: Optional[float] = typer.Option(None, "--dose", help="Mean electrons per pattern."),
     chunk_mib: float = typer.Option(64.0, "--chunk-mib", help=CHUNK_HELP),
-    store_clean: bool = typer.Option(False, "--store-clean", help="Keep the float32 clean signal "
-                                     "in the store (about 3x the disk of the counts); without it "
-                                     "it is regenerated from the generator's parameters when read."),
+    store_clean: bool = typer.Option(False, "--store-clean", help=STORE_CLEAN_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
 ) -> None:
     """Synthetic 4D-STEM: a polycrystal of grains (two crystal phases, many orientations) with
     Bragg-disk patterns, amorphous and vacuum regions, thickness variation, Poisson noise."""
-    from emscale.atomic import check_output_free
-    from emscale.store import write_scan
     from emscale.synth.diffraction import synth_diffraction
 
-    check_output_free(out, overwrite, OVERWRITE_REMEDY)
-    kwargs = {} if dose is None else {"dose": dose}
-    ds = synth_diffraction(shape, pattern=pattern, anomaly=anomaly, seed=seed,
-                           policy=_policy(chunk_mib), store_clean=store_clean, **kwargs)
-    write_scan(ds, out, policy=_policy(chunk_mib), overwrite=overwrite, progress=_progress())
+    _write_synthetic(synth_diffraction, out, chunk_mib, overwrite, shape=shape, pattern=pattern,
+                     anomaly=anomaly, seed=seed, store_clean=store_clean,
+                     **({} if dose is None else {"dose": dose}))
     typer.echo(f"wrote {out}: 4D-STEM {shape[0]} x {shape[1]} scan of {pattern[0]} x {pattern[1]} patterns")
 
 

@@ -196,6 +196,19 @@ class SpectrumImage:
         return params
 
 
+def checked_outline(shape, channels: int) -> tuple[int, int]:
+    """A spectrum generator's navigation shape and channel count, checked (errors name the
+    field)."""
+    from emscale.errors import ConfigError
+
+    shape = tuple(int(n) for n in shape)
+    if len(shape) != 2 or min(shape) < 1:
+        raise ConfigError(f"shape: need two positive sizes (NY NX), got {shape}")
+    if channels < 64:
+        raise ConfigError(f"channels: at least 64 channels are needed, got {channels}")
+    return shape
+
+
 def count_dtype_for(max_expected: float):
     """uint16 while the counts fit with a wide margin, else uint32."""
     return np.uint16 if max_expected < 40000 else np.uint32

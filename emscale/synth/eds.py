@@ -32,7 +32,7 @@ import xarray as xr
 
 from emscale.errors import ConfigError
 from emscale.store import ChunkPolicy
-from emscale.synth import SpectrumImage, count_dtype_for, lazy_scan
+from emscale.synth import SpectrumImage, checked_outline, count_dtype_for, lazy_scan
 from emscale.synth.layout import AnomalyBlobs, BandLayout, GrainLayout, SmoothField, block_coords
 
 SLAB_PIXELS = 1024
@@ -89,11 +89,7 @@ class EDSGenerator(SpectrumImage):
     kind: str = field(default="spectrum", init=False)
 
     def __post_init__(self) -> None:
-        self.shape = tuple(int(n) for n in self.shape)
-        if len(self.shape) != 2 or min(self.shape) < 1:
-            raise ConfigError(f"shape: need two positive sizes (NY NX), got {self.shape}")
-        if self.channels < 64:
-            raise ConfigError(f"channels: at least 64 channels are needed, got {self.channels}")
+        self.shape = checked_outline(self.shape, self.channels)
         lo, hi = (float(v) for v in self.energy_range)
         if not (lo < 5.2 and hi > 7.6):
             raise ConfigError(f"energy_range: must cover 5.2-7.6 keV (the Cr, Fe and Ni K lines), "

@@ -26,7 +26,7 @@ from scipy.signal import fftconvolve
 
 from emscale.errors import ConfigError
 from emscale.store import ChunkPolicy
-from emscale.synth import SpectrumImage, count_dtype_for, lazy_scan
+from emscale.synth import SpectrumImage, checked_outline, count_dtype_for, lazy_scan
 from emscale.synth.layout import (
     AnomalyBlobs,
     BandLayout,
@@ -82,11 +82,7 @@ class EELSGenerator(SpectrumImage):
     kind: str = field(default="spectrum", init=False)
 
     def __post_init__(self) -> None:
-        self.shape = tuple(int(n) for n in self.shape)
-        if len(self.shape) != 2 or min(self.shape) < 1:
-            raise ConfigError(f"shape: need two positive sizes (NY NX), got {self.shape}")
-        if self.channels < 64:
-            raise ConfigError(f"channels: at least 64 channels are needed, got {self.channels}")
+        self.shape = checked_outline(self.shape, self.channels)
         lo, hi = self.energy_range
         if not (lo < 520.0 and hi > 735.0):
             raise ConfigError(f"energy_range: must cover 520-735 eV (O-K and Fe-L edges), got {lo}-{hi}")
