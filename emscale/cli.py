@@ -567,8 +567,10 @@ def bench_scale_cmd(
             raise ConfigError(f"--set: SECTION.FIELD=VALUE, got {item!r}")
         key, value = item.split("=", 1)
         overrides[key] = yaml.safe_load(value)
-    cfg = load_cluster_file(cluster) if cluster else None
-    runs = run_scale_bench(size_list, kinds, workdir, cluster_cfg=cfg, overrides=overrides,
+    if cluster:
+        load_cluster_file(cluster)  # its errors before any scan is generated
+    # the path, not the loaded file: each run is a spawned process (the schema class is local)
+    runs = run_scale_bench(size_list, kinds, workdir, cluster_cfg=cluster, overrides=overrides,
                            chunk_mib=chunk_mib, echo=typer.echo)
     typer.echo(table(runs))
     if json_path:

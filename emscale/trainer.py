@@ -64,6 +64,10 @@ def pick_device(config: TrainConfig):
     use_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
     if not use_cuda and config.threads:
         torch.set_num_threads(config.threads)
+    if use_cuda:
+        # cuDNN's fastest convolution gradients add in a varying order: a conv model resumed
+        # from a checkpoint then ended 1e-7 away from the straight run (seen on an H200)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     return torch.device("cuda" if use_cuda else "cpu")
 
 
@@ -281,7 +285,9 @@ def train_autoencoder(stage_path: str | os.PathLike, config: TrainConfig | None 
     if best["state"] is not None:
         model.load_state_dict(best["state"])
     model.generator, model.kl = None, None  # (a generator cannot be pickled to the client)
-    model.eval()
+    # returned on the CPU (``device`` says where it trained): a CUDA model pickled back from a GPU
+    # worker cannot be loaded by a client without CUDA, and callers compare it with numpy
+    model.eval().cpu()
     return TrainResult(model=model, history=history, best_epoch=best["epoch"], mean=mean,
                        scale=scale, config=config, device=str(device),
                        samples_per_s=seen / train_time if train_time else float("nan"),

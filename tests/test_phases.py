@@ -84,6 +84,35 @@ def test_encode_blockwise_equals_in_memory(pipeline):
     assert e.attrs["encode"]["error"] == "poisson"
 
 
+def test_a_wide_conv_model_is_encoded_in_passes_within_the_activation_budget():
+    """A conv model's intermediate outputs per row (about 4.6 MB at 256 channels on 64 x 64
+    patterns) set the rows per forward pass: 2048 rows of it had taken a worker past 6 GiB. The
+    codes and errors are the whole block's."""
+    from emscale.models import build_model
+    from emscale.stages import encode as enc
+
+    torch.manual_seed(0)
+    model = build_model("conv", (64, 64), 4, (256, 64)).eval()
+    layout, flat, offset = [], [], 0
+    for name, tensor in model.state_dict().items():
+        layout.append({"name": name, "shape": list(tensor.shape), "offset": offset})
+        flat.append(tensor.numpy().ravel())
+        offset += tensor.numel()
+    spec = ModelSpec(config={"model": "conv", "latent_dim": 4, "widths": [256, 64]},
+                     signal_shape=(64, 64), weights=np.concatenate(flat).astype(np.float32),
+                     layout=tuple(layout), mean=np.zeros(64 * 64, np.float32), scale=1.0)
+    step = enc._torch_model(spec)[2]
+    assert 16 <= step <= 64, step
+    x = np.random.default_rng(0).random((6, 20, 64, 64), dtype=np.float32)
+    ones = np.ones((6, 20), np.float32)
+    latent, err = enc.encode_block(x, ones.astype(bool), ones, spec)
+    with torch.no_grad():
+        z = model.encode(torch.from_numpy(x.reshape(120, -1)))
+        rec = model.decode(z).numpy()
+    np.testing.assert_allclose(latent.reshape(120, 4), z.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(err.ravel(), ((rec - x.reshape(120, -1)) ** 2).mean(1), rtol=1e-4)
+
+
 def test_pca_error_at_the_same_k_equals_numpy(pipeline):
     f, p = pipeline["features"], pipeline["pca"]
     x = f["features"].values.reshape(-1, CHANNELS).astype(np.float64)

@@ -276,6 +276,9 @@ class ScaleRun:
     stages: dict = field(default_factory=dict)
     features_stored: bool = False  # the stages after preprocess read stored features
     features_floor_seconds: float | None = None  # their read+decode floor
+    # where the model ran: the training's device, its epochs and samples/s, GPU workers (encode)
+    training: dict = field(default_factory=dict)
+    gpu_workers: int = 0
 
 
 def generate(kind: str, size_gb: float, path: Path, seed: int = 0, chunk_mib: float = 64.0,
@@ -315,8 +318,10 @@ def _workflow(kind: str, scan: Path, out: Path, overrides: dict):
 
 def run_one(kind: str, size_gb: float, workdir: Path, *, cluster_cfg=None, overrides=None,
             keep: bool = False, chunk_mib: float = 64.0, echo=print) -> ScaleRun:
-    """Generate (or reuse) the scan, run the shipped workflow on it, measure."""
-    from emscale.dask_cluster import default_cluster_file, open_cluster
+    """Generate (or reuse) the scan, run the shipped workflow on it, measure. ``cluster_cfg``:
+    a loaded cluster file or its path (default: the LocalCluster ``emscale run`` starts)."""
+    from emscale.dask_cluster import (default_cluster_file, gpu_workers, load_cluster_file,
+                                      open_cluster)
     from emscale.results import ResultsStore
     from emscale.runner import Runner
     from emscale.store import open_scan
@@ -330,6 +335,8 @@ def run_one(kind: str, size_gb: float, workdir: Path, *, cluster_cfg=None, overr
     n_pixels = int(signal.shape[0] * signal.shape[1])
     input_gb = n_pixels * int(np.prod(signal.shape[2:])) * 4 / GB
     wf = _workflow(kind, scan, out, overrides or {})
+    if isinstance(cluster_cfg, (str, os.PathLike)):
+        cluster_cfg = load_cluster_file(cluster_cfg)
     cfg = cluster_cfg or default_cluster_file()
     with open_cluster(cfg) as (_cluster, client):
         floor_s, n_chunks = codec_floor(scan)
@@ -368,6 +375,7 @@ def run_one(kind: str, size_gb: float, workdir: Path, *, cluster_cfg=None, overr
         features_dir = result.results / "preprocess" / "features"
         features_floor_s = codec_floor(result.results / "preprocess", array="features")[0] \
             if stored else None
+        gpus = gpu_workers()
         rates = {"syrk_rows_per_s": _on_all_workers(client, _syrk_rate, n_features),
                  "encode_pixels_per_s": _on_all_workers(client, _encode_rate,
                                                          str(result.results)),
@@ -401,6 +409,11 @@ def run_one(kind: str, size_gb: float, workdir: Path, *, cluster_cfg=None, overr
     limits = sum(s.limit_seconds for s in timed.values() if s.limit_seconds)
     chains = sum(s.chain_seconds for s in timed.values())
     store_gb = _du(scan) / GB
+    trained = ResultsStore(result.results).open_stage("train")
+    about = trained.attrs.get("train", {})
+    training = {"device": about.get("device"), "epochs": int(trained.sizes["epoch"]),
+                "median_epoch_seconds": float(np.median(trained["epoch_seconds"].values)),
+                "samples_per_s": about.get("samples_per_s")}
     run = ScaleRun(
         kind=kind, size_gb=size_gb, shape=list(signal.shape), store_gb=store_gb,
         synth_seconds=synth_seconds, floor_seconds=floor_s, floor_gb_per_s=input_gb / floor_s,
@@ -411,7 +424,7 @@ def run_one(kind: str, size_gb: float, workdir: Path, *, cluster_cfg=None, overr
         else float("nan"),
         disk_gb=(_du(out) + _du(scan)) / GB, rates=rates,
         stages={n: asdict(s) for n, s in stages.items()}, features_stored=bool(stored),
-        features_floor_seconds=features_floor_s)
+        features_floor_seconds=features_floor_s, training=training, gpu_workers=gpus)
     if not keep:
         shutil.rmtree(out, ignore_errors=True)
     return run
@@ -486,6 +499,12 @@ def table(runs: list[ScaleRun]) -> str:
                      f"{100 * r.end_to_end_ratio_to_limit:.0f} % of the summed limits "
                      f"({100 * r.end_to_end_ratio_to_limit_with_chain:.0f} % with the chain; "
                      f"training out), disk {r.disk_gb:.2f} GB")
+        if r.training:
+            t = r.training
+            rate = f", {t['samples_per_s']:,.0f} samples/s" if t.get("samples_per_s") else ""
+            lines.append(f"  training on {t['device']}: {t['epochs']} epochs of "
+                         f"{t['median_epoch_seconds']:.1f} s{rate}; "
+                         f"{r.gpu_workers} GPU worker(s) for encoding")
         if r.features_stored:
             lines.append(f"  features stored: the stages after preprocess read them (floor "
                          f"{r.features_floor_seconds:.1f} s a pass), not the scan")

@@ -46,7 +46,11 @@ class EncodeConfig(Section):
 _DEFAULTS = defaults_of(EncodeConfig)
 ERROR_NAMES = {"poisson": "chi-square per feature (squared residual over the Poisson variance)",
                "mse": "mean squared residual over the features"}
-INFERENCE_ROWS = 2048  # rows per forward pass: GEMM-efficient, temporaries of 8 MiB
+INFERENCE_ROWS = 2048  # rows per forward pass: GEMM-efficient, temporaries of 8 MiB (MLP)
+# a torch model's intermediate outputs per forward pass: a conv model's first layer holds
+# channels x (pattern / 2)^2 floats per row (1 MiB at 256 channels on 64 x 64 patterns), so
+# 2048 rows of it took a 6 GiB worker past its limit
+ACTIVATION_BUDGET = 256 * 2**20
 
 
 class PCAProjection:
@@ -204,14 +208,39 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def _torch_model(spec):
+    """The spec's torch module on this process's device (moved there once per worker process)
+    and the rows per forward pass that keep its intermediate outputs within ACTIVATION_BUDGET."""
+    device = "cuda" if _cuda() else "cpu"
+    key = (spec.token, device)
+    if key not in _RUNNERS:
+        model = spec.model().to(device)
+        _RUNNERS[key] = model, device, _rows_per_pass(model, spec, device)
+    return _RUNNERS[key]
+
+
+def _rows_per_pass(model, spec, device) -> int:
+    """How many rows fit ACTIVATION_BUDGET: every leaf module's output counted (an upper bound:
+    inference frees each once the next layer has read it), measured on one row."""
+    import torch
+
+    floats = []
+    hooks = [m.register_forward_hook(lambda _m, _i, out: floats.append(out.numel()))
+             for m in model.modules() if not any(m.children())]
+    try:
+        with torch.inference_mode():
+            model.decode(model.encode(torch.zeros(1, int(np.prod(spec.signal_shape)),
+                                                  device=device)))
+    finally:
+        for h in hooks:
+            h.remove()
+    return int(max(1, min(INFERENCE_ROWS, ACTIVATION_BUDGET // (4 * max(sum(floats), 1)))))
+
+
 def _torch_forward(spec, x):
     import torch
 
-    device = "cuda" if _cuda() else "cpu"
-    key = (spec.token, device)
-    if key not in _RUNNERS:  # the module moved to the device once per worker process
-        _RUNNERS[key] = spec.model().to(device)
-    model = _RUNNERS[key]
+    model, device, _ = _torch_model(spec)
     with torch.inference_mode():
         xb = torch.from_numpy(x).to(device)
         mean = torch.from_numpy(spec.mean).to(device)
@@ -228,13 +257,14 @@ def encode_block(block, valid, intensity, spec: ModelSpec, pca: PCAProjection | 
     x = np.ascontiguousarray(block, np.float32).reshape(n, -1)
     s_all = np.asarray(intensity, np.float32).ravel()
     dense = _runner(spec)
+    step = INFERENCE_ROWS if dense is not None else _torch_model(spec)[2]
     k = spec.latent_dim
     latent = np.empty((n, k), np.float32)
     err = np.empty(n, np.float32)
     pca_err = np.empty(n, np.float32) if pca is not None else None
     out = np.empty_like(x) if denoised else None
-    for s in range(0, n, INFERENCE_ROWS):
-        rows = slice(s, s + INFERENCE_ROWS)
+    for s in range(0, n, step):
+        rows = slice(s, s + step)
         xb = x[rows]
         if dense is not None:
             z = dense.encode(xb)
