@@ -213,6 +213,7 @@ class ChunkStream:
         self.path = path
         self._selections: dict = {}
         self._resident: dict = {}
+        self._kept: dict = {}
         self._validation = None
         # tiles are validation below a hash threshold, drawn over the candidate tiles (those of
         # a declared region, which must get validation tiles of its own); at least one tile
@@ -295,10 +296,44 @@ class ChunkStream:
                 "c": None if self.clean is None else np.empty(shape(rows), np.float32),
                 "head": head}
 
-    def _read_group(self, chunks, part, buffers):
-        """The group's selected pixels, read into ``buffers`` behind its head room: (x, clean, n)."""
+    def _held(self, part: int) -> dict | None:
+        """``part``'s selected pixels per chunk, read and decoded once and kept, when they (and
+        their clean targets) take at most ``resident_mib``; else None (read every epoch). A
+        re-read and decode of the gathered set each epoch held the steps up: 2.1 s an epoch of
+        the EELS MLP on 2 cores against 3.0-3.6, and a GPU trained it no faster than 8 CPU
+        threads."""
+        if part not in self._kept:
+            counts = [int(self.selection(c, part).sum()) for c in self.chunks]
+            per_pixel = self.n_features * 4 * (1 if self.clean is None else 2)
+            self._kept[part] = None
+            if sum(counts) * per_pixel <= self.config.resident_mib * 2**20:
+                cy, cx = self.features.chunks[:2]
+                rows = lambda m: np.empty((m, self.n_features), np.float32)  # noqa: E731
+                whole = {"x": rows(sum(counts)), "c": None if self.clean is None
+                         else rows(sum(counts)), "scratch": rows(cy * cx), "head": 0}
+                with _blosc_threads(not self.prefetch):
+                    self._read_group(self.chunks, part, whole, held=None)
+                starts = np.concatenate([[0], np.cumsum(counts)])
+                self._kept[part] = {
+                    c: (whole["x"][a:b], None if whole["c"] is None else whole["c"][a:b])
+                    for c, a, b in zip(self.chunks, starts[:-1], starts[1:])}
+        return self._kept[part]
+
+    def _read_group(self, chunks, part, buffers, held: dict | None | bool = True):
+        """The group's selected pixels, read into ``buffers`` behind its head room: (x, clean, n).
+        From the pixels kept in memory where ``_held`` keeps them (the same rows, copied)."""
+        if held is True:
+            held = self._held(part)
         off = buffers["head"]
         for chunk in chunks:
+            if held is not None:
+                x, c = held[chunk]
+                n = len(x)
+                buffers["x"][off:off + n] = x
+                if c is not None:
+                    buffers["c"][off:off + n] = c
+                off += n
+                continue
             sel = self.selection(chunk, part)
             n = int(sel.sum())
             self._read_into(self.features, chunk, sel, buffers["scratch"], buffers["x"][off:off + n])
@@ -325,7 +360,8 @@ class ChunkStream:
         groups = [[self.chunks[i] for i in order[g:g + size]] for g in range(0, len(order), size)]
         if len(groups) == 1:  # the whole part fits in the buffer: read it once, in chunk order
             if part not in self._resident:
-                buffers, end = self._read_group(sorted(groups[0]), part, self._group_buffers(0))
+                buffers, end = self._read_group(sorted(groups[0]), part, self._group_buffers(0),
+                                                held=None)
                 self._resident[part] = (buffers["x"][:end], None if self.clean is None
                                         else buffers["c"][:end])
             yield from self._yield_group(*self._resident[part], rng, batch_size, last=True)

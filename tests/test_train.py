@@ -274,6 +274,29 @@ def test_max_train_pixels_takes_a_regular_grid(eels_stage):
     assert n_capped <= 300 < n_full and n_capped > 100
 
 
+def test_a_training_set_within_resident_mib_is_decoded_once_and_gives_the_same_batches(
+        eels_stage, monkeypatch):
+    """Under ``resident_mib`` the training pixels are read and decoded once, not every epoch;
+    the epochs draw the same batches as when they are streamed."""
+    config = TrainConfig(buffer_chunks=1, **SMALL)
+    counts, drawn = {}, {}
+    for budget in (1024, 0):
+        stream = ChunkStream(eels_stage, config.model_copy(update={"resident_mib": budget}))
+        assert len(stream.chunks) > 2
+        reads, read_into = [], stream._read_into
+        monkeypatch.setattr(stream, "_read_into", lambda *a: (reads.append(1), read_into(*a)))
+        for epoch in (0, 1):
+            drawn[budget, epoch] = [b.numpy() for b, _ in stream.batches(0, epoch, 64)]
+            counts[budget, epoch] = len(reads)
+    for epoch in (0, 1):
+        assert all(np.array_equal(a, b) for a, b in zip(drawn[1024, epoch], drawn[0, epoch]))
+        assert len(drawn[1024, epoch]) == len(drawn[0, epoch])
+    assert not np.array_equal(drawn[0, 0][0], drawn[0, 1][0])  # shuffled by epoch
+    assert counts[1024, 1] == counts[1024, 0] > 0       # nothing read in the second epoch
+    assert counts[0, 1] == 2 * counts[0, 0]              # streamed: read again
+    assert TrainConfig(resident_mib=0).hash() == TrainConfig().hash()
+
+
 def test_split_fraction_and_seed(tmp_path):
     feats = xr.Dataset({"features": (("y", "x", "energy"),
                                      da.zeros((256, 256, 4), np.float32, chunks=(64, 256, 4)))})

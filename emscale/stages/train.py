@@ -70,6 +70,10 @@ class TrainConfig(Section):
         'train/validation split by spatial tiles of this many pixels a side')
     buffer_chunks: int = Field(2, ge=1, description=
         'navigation chunks shuffled together while streaming')
+    resident_mib: float = Field(1024, ge=0, description=
+        'hold the training pixels in memory (read and decoded once, not every epoch) when they '
+        'take at most this (features and clean targets); the epochs draw the same batches '
+        'either way')
     max_train_pixels: Optional[int] = Field(65536, ge=1, description=
         'at most this many training pixels (a regular grid); null: all')
     max_val_pixels: int = Field(16384, ge=1, description='at most this many validation pixels')
@@ -109,9 +113,10 @@ class TrainConfig(Section):
 
     def hash(self, data: str = "", seed: int = 0, region=None) -> str:
         """What a checkpoint must match to be resumed: the settings that change the result (not
-        threads, device or prefetch), the seed, the normal region and, given as ``data``, a
-        signature of the training data."""
-        fields = self.model_dump(mode="json", exclude={"threads", "device", "prefetch"})
+        threads, device, prefetch or resident_mib), the seed, the normal region and, given as
+        ``data``, a signature of the training data."""
+        fields = self.model_dump(mode="json",
+                                 exclude={"threads", "device", "prefetch", "resident_mib"})
         region = None if region is None else [int(v) for v in region]
         blob = json.dumps([fields, data, seed, region], sort_keys=True, default=list)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
