@@ -312,18 +312,16 @@ class ChunkStream:
                 whole = {"x": rows(sum(counts)), "c": None if self.clean is None
                          else rows(sum(counts)), "scratch": rows(cy * cx), "head": 0}
                 with _blosc_threads(not self.prefetch):
-                    self._read_group(self.chunks, part, whole, held=None)
+                    self._read_group(self.chunks, part, whole)
                 starts = np.concatenate([[0], np.cumsum(counts)])
                 self._kept[part] = {
                     c: (whole["x"][a:b], None if whole["c"] is None else whole["c"][a:b])
                     for c, a, b in zip(self.chunks, starts[:-1], starts[1:])}
         return self._kept[part]
 
-    def _read_group(self, chunks, part, buffers, held: dict | None | bool = True):
-        """The group's selected pixels, read into ``buffers`` behind its head room: (x, clean, n).
-        From the pixels kept in memory where ``_held`` keeps them (the same rows, copied)."""
-        if held is True:
-            held = self._held(part)
+    def _read_group(self, chunks, part, buffers, held: dict | None = None):
+        """The group's selected pixels, read into ``buffers`` behind its head room: (x, clean, n);
+        copied from ``held`` (``_held``'s kept rows) when given."""
         off = buffers["head"]
         for chunk in chunks:
             if held is not None:
@@ -360,25 +358,28 @@ class ChunkStream:
         groups = [[self.chunks[i] for i in order[g:g + size]] for g in range(0, len(order), size)]
         if len(groups) == 1:  # the whole part fits in the buffer: read it once, in chunk order
             if part not in self._resident:
-                buffers, end = self._read_group(sorted(groups[0]), part, self._group_buffers(0),
-                                                held=None)
+                buffers, end = self._read_group(sorted(groups[0]), part, self._group_buffers(0))
                 self._resident[part] = (buffers["x"][:end], None if self.clean is None
                                         else buffers["c"][:end])
             yield from self._yield_group(*self._resident[part], rng, batch_size, last=True)
             return
-        pair = [self._group_buffers(batch_size), self._group_buffers(batch_size)]
+        held = self._held(part)
+        # kept rows are only copied in: no read to overlap, so one buffer and no reader thread
+        prefetch = self.prefetch and held is None
+        pair = [self._group_buffers(batch_size) for _ in range(1 if held is not None else 2)]
         carry_x = carry_c = None
-        with _blosc_threads(not self.prefetch), ThreadPoolExecutor(1) as pool:
-            read = (lambda gi: pool.submit(self._read_group, groups[gi], part, pair[gi % 2])) \
-                if self.prefetch else None
-            pending = read(0) if self.prefetch else None
+        with _blosc_threads(not prefetch), ThreadPoolExecutor(1) as pool:
+            read = (lambda gi: pool.submit(self._read_group, groups[gi], part, pair[gi % 2],
+                                           held)) if prefetch else None
+            pending = read(0) if prefetch else None
             for gi in range(len(groups)):
-                if self.prefetch:
+                if prefetch:
                     buffers, end = pending.result()
                     if gi + 1 < len(groups):
                         pending = read(gi + 1)
                 else:
-                    buffers, end = self._read_group(groups[gi], part, pair[gi % 2])
+                    buffers, end = self._read_group(groups[gi], part, pair[gi % len(pair)],
+                                                    held)
                 start = buffers["head"]
                 if carry_x is not None:  # the carried rows go just in front of the group
                     start -= len(carry_x)
