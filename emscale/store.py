@@ -371,6 +371,41 @@ def _flatten_block(block: np.ndarray, n_features: int) -> np.ndarray:
     return np.asarray(block, dtype=COMPUTE_DTYPE).reshape(-1, n_features)
 
 
+def map_on_blocks(values, like, dtype=np.int32) -> da.Array:
+    """A per-pixel map ``values`` (y, x) as a flat ``(pixels,)`` array in ``feature_matrix``'s
+    order on ``like``'s navigation blocks (those of a signal), one task per block: each slices
+    the map's block that holds it. Maps are read in merged blocks (``results.READ_BLOCK_MIB``),
+    each a union of whole signal blocks; a rechunk (a split, a merge, a copy per block and map)
+    took a third of the cluster stage's features pass at 16 GB, in scheduler time. A map whose
+    blocks do not hold the signal's whole is rechunked. ``values`` and ``like``: xarray, dask
+    or numpy arrays (numpy: one block)."""
+    values = getattr(values, "data", values)
+    values = values if isinstance(values, da.Array) else da.from_array(np.asarray(values))
+    like = getattr(like, "data", like)
+    nav = like.chunks[:2] if isinstance(like, da.Array) else tuple((n,) for n in like.shape[:2])
+    edges = [np.cumsum((0, *c)) for c in values.chunks]
+    targets = [np.cumsum((0, *c)) for c in nav]
+    name = f"map-on-blocks-{tokenize(values, nav, np.dtype(dtype).str)}"
+    dsk, sizes = {}, []
+    for k, (i, j) in enumerate(np.ndindex(len(nav[0]), len(nav[1]))):
+        (y0, y1), (x0, x1) = targets[0][i:i + 2], targets[1][j:j + 2]
+        bi = int(np.searchsorted(edges[0], y0, side="right")) - 1
+        bj = int(np.searchsorted(edges[1], x0, side="right")) - 1
+        if y1 > edges[0][bi + 1] or x1 > edges[1][bj + 1]:  # across blocks of the map
+            return feature_matrix(xr.DataArray(values, dims=NAV_DIMS).chunk(
+                dict(zip(NAV_DIMS, nav))))[:, 0].astype(dtype)
+        dsk[(name, k)] = (_flat_slice, (values.name, bi, bj),
+                          slice(y0 - edges[0][bi], y1 - edges[0][bi]),
+                          slice(x0 - edges[1][bj], x1 - edges[1][bj]), dtype)
+        sizes.append((y1 - y0) * (x1 - x0))
+    graph = HighLevelGraph.from_collections(name, dsk, dependencies=[values])
+    return da.Array(graph, name, chunks=(tuple(sizes),), dtype=dtype)
+
+
+def _flat_slice(block: np.ndarray, rows: slice, cols: slice, dtype) -> np.ndarray:
+    return np.asarray(block)[rows, cols].astype(dtype).ravel()
+
+
 def content_stamp(path: str | os.PathLike) -> str:
     """A cheap fingerprint of a file or directory tree's content: its files' relative paths,
     sizes and modification times (ns). A chunk rewritten in place, added or deleted changes it;

@@ -119,6 +119,31 @@ def test_feature_matrix_rows_and_tiles(sync_scheduler):
     np.testing.assert_array_equal(flat, np.concatenate(blocks))
 
 
+def test_a_map_on_the_signal_s_blocks_is_sliced_from_the_blocks_that_hold_them(sync_scheduler):
+    """``map_on_blocks``: a map read in merged blocks (unions of the signal's tiles) lines up
+    with ``feature_matrix``'s rows by slicing, one task per signal block; a map whose blocks
+    cut through the signal's is rechunked, with the same values."""
+    import dask.array as da
+
+    from emscale.store import map_on_blocks
+
+    ds = spectrum_ds(ny=13, nx=7, ne=3).chunk({"y": 4, "x": 3})  # partial tiles at both edges
+    labels = np.arange(13 * 7).reshape(13, 7) % 5
+    order = feature_matrix(ds.assign(signal=(("y", "x", "channel"),
+                                             np.repeat(labels[..., None], 3, axis=2)))
+                           .chunk({"y": 4, "x": 3}))
+    expected = order[:, 0].compute().astype(np.int32)
+    merged = da.from_array(labels, chunks=(8, 6))  # two signal tiles a side
+    flat = map_on_blocks(merged, ds["signal"])
+    assert flat.dtype == np.int32 and flat.chunks[0] == order.chunks[0]
+    assert len(flat.dask.layers[flat.name]) == flat.numblocks[0]  # a task per block
+    np.testing.assert_array_equal(flat.compute(), expected)
+    across = map_on_blocks(da.from_array(labels, chunks=(5, 5)), ds["signal"])
+    assert not across.name.startswith("map-on-blocks")
+    np.testing.assert_array_equal(across.compute(), expected)
+    np.testing.assert_array_equal(map_on_blocks(labels, ds["signal"]).compute(), expected)
+
+
 def test_feature_matrix_on_local_cluster(local_client):
     ds = spectrum_ds(ny=20, nx=9, ne=16).chunk({"y": 6, "x": -1})
     flat = feature_matrix(ds)

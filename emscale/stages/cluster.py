@@ -44,7 +44,7 @@ from emscale.errors import ConfigError
 from emscale.reduction import WINDOW_BLOCKS, reduce_blocks, sum_parts, tree_reduce
 from emscale.stages.base import SIGNAL, Context, Output, Stage
 from emscale.stages.pca import kneedle
-from emscale.store import NAV_DIMS, feature_matrix
+from emscale.store import NAV_DIMS, feature_matrix, map_on_blocks
 
 log = logging.getLogger(__name__)
 
@@ -115,11 +115,15 @@ def _valid_rows(x, valid):
     return x, keep
 
 
-def _sample_block(x, valid, *, fraction, seed, block_seed):
+def _sample_block(x, valid, *others, fraction, seed, block_seed):
+    """The sampled rows of ``x`` (and, with ``others``, the same rows of each of them)."""
     x, keep = _valid_rows(x, valid)
+    others = [np.asarray(o, np.float64) for o in others]
+    for o in others:
+        keep &= np.isfinite(o).all(axis=1)
     rng = np.random.default_rng([seed, block_seed])
     pick = keep & (rng.random(len(x)) < fraction)
-    return x[pick]
+    return (x[pick], *(o[pick] for o in others)) if others else x[pick]
 
 
 def _lloyd_block(x, valid=None, *, centres):
@@ -183,24 +187,34 @@ def _count_block(labels, *, k):
 
 
 def _class_sums_blocks(x, *labels, ks):
-    return [_class_sums_block(x, lab, k=k) for lab, k in zip(labels, ks)]
+    """Per-class sums (float64) and counts of the rows of ``x`` for each labelling of
+    ``labels`` (class ids in [0, k), -1: none), rows with a non-finite value left out. Each row
+    is gathered and summed once whatever the number of labellings: by its joint class (the
+    tuple of its classes), whose sums then add up to each labelling's (the cluster stage's three
+    labellings took 3x one labelling's time)."""
+    x = np.asarray(x)
+    labs = [np.asarray(lab).ravel() for lab in labels]
+    joint = np.zeros(len(x), np.int64)
+    for lab, k in zip(labs, ks):  # mixed radix: digit lab + 1 in [0, k]
+        joint = joint * (k + 1) + (lab + 1)
+    joint[~np.isfinite(x).all(axis=1)] = 0  # 0: no class in any labelling
+    out = [{"sums": np.zeros((k, x.shape[1])), "counts": np.zeros(k)} for k in ks]
+    counts = np.bincount(joint)
+    # one gather and one float64-accumulated sum per joint class: no float64 copy of the block
+    # and no np.add.at (unbuffered, ~4x the block's read+chain time on 280 channels)
+    for code in np.flatnonzero(counts[1:]) + 1:
+        total = x[joint == code].sum(axis=0, dtype=np.float64)
+        rest = int(code)
+        for part, k in zip(reversed(out), reversed(ks)):
+            rest, digit = divmod(rest, k + 1)
+            if digit:
+                part["sums"][digit - 1] += total
+                part["counts"][digit - 1] += counts[code]
+    return out
 
 
 def _sum_each(parts):
     return [sum_parts([p[i] for p in parts]) for i in range(len(parts[0]))]
-
-
-def _class_sums_block(x, labels, *, k):
-    x = np.asarray(x)
-    lab = np.asarray(labels).ravel()
-    keep = (lab >= 0) & np.isfinite(x).all(axis=1)
-    counts = np.bincount(lab[keep], minlength=k)
-    sums = np.zeros((k, x.shape[1]))
-    # one gather and one float64-accumulated sum per phase: no float64 copy of the block and
-    # no np.add.at (unbuffered, ~4x the block's read+chain time on 280 channels)
-    for j in np.flatnonzero(counts):
-        sums[j] = x[keep & (lab == j)].sum(axis=0, dtype=np.float64)
-    return {"sums": sums, "counts": counts.astype(np.float64)}
 
 
 def _kmeans_silhouette(sample, k, sil_idx, *, n_init, seed):
@@ -275,27 +289,35 @@ class PhaseClustering(BaseEstimator):
 
     # -- sample and sweep ----------------------------------------------------------------------
 
-    def _sample(self, x: da.Array, valid: da.Array | None) -> np.ndarray:
-        """A seeded uniform sample of about ``sample_size`` valid pixels (collected: it is small)."""
+    def _sample(self, x: da.Array, valid: da.Array | None, *others: da.Array):
+        """A seeded uniform sample of about ``sample_size`` valid pixels (collected: it is small).
+        With ``others`` (arrays on ``x``'s blocks: the PCA scores), the same pixels of each of
+        them too, in the same pass: a list of samples."""
         n = x.shape[0]
         fraction = min(1.0, self.sample_size / max(n, 1))
         # unfused, as reduction._block_lists says why
         blocks = x.to_delayed(optimize_graph=False).ravel()
         vblocks = (valid.to_delayed(optimize_graph=False).ravel() if valid is not None
                    else [None] * len(blocks))
+        oblocks = [o.to_delayed(optimize_graph=False).ravel() for o in others]
         parts = [dask.delayed(partial(_sample_block, fraction=fraction, seed=self.seed,
-                                      block_seed=i), pure=True)(b, v)
+                                      block_seed=i), pure=True)(b, v, *(o[i] for o in oblocks))
                  for i, (b, v) in enumerate(zip(blocks, vblocks))]
-        sample = np.concatenate([s for start in range(0, len(parts), WINDOW_BLOCKS)
-                                 for s in dask.compute(*parts[start:start + WINDOW_BLOCKS])])
-        if len(sample) > self.sample_size:
-            sample = np.random.default_rng(self.seed).permutation(sample)[:self.sample_size]
-        return sample
+        parts = [p if others else (p,) for start in range(0, len(parts), WINDOW_BLOCKS)
+                 for p in dask.compute(*parts[start:start + WINDOW_BLOCKS])]
+        samples = [np.concatenate(arrays) for arrays in zip(*parts)]
+        if len(samples[0]) > self.sample_size:
+            keep = np.random.default_rng(self.seed).permutation(len(samples[0]))[:self.sample_size]
+            samples = [s[keep] for s in samples]
+        return samples if others else samples[0]
 
-    def _sweep(self, sample: np.ndarray) -> tuple[dict, dict]:
+    def _sweep(self, sample: np.ndarray, light: np.ndarray | None = None
+               ) -> tuple[dict, dict, dict | None]:
         """Inertia, silhouette and BIC per K of ``k_range`` on the sample, and the sample fits
         per K (k-means, GMM): one task per K on the cluster (the client only sends the sample
-        once and collects the table)."""
+        once and collects the table). With ``light`` (the PCA scores' sample), its
+        ``_light_sweep`` table too, from the same compute: its tasks run where the longer K's
+        leave workers idle."""
         lo, hi = self.k_range
         ks = list(range(lo, min(hi, len(sample) - 1) + 1))
         if not ks:
@@ -303,13 +325,15 @@ class PhaseClustering(BaseEstimator):
         rng = np.random.default_rng(self.seed)
         sil_idx = rng.permutation(len(sample))[:self.silhouette_size]
         shared = dask.delayed(sample, pure=True)
-        rows = dask.compute(*[dask.delayed(_sweep_one, pure=True)(
-            shared, k, sil_idx, n_init=self.n_init, seed=self.seed) for k in ks])
+        rows, light_table = dask.compute(
+            [dask.delayed(_sweep_one, pure=True)(shared, k, sil_idx, n_init=self.n_init,
+                                                 seed=self.seed) for k in ks],
+            None if light is None else self._light_sweep(light))
         table = {"k": ks, "inertia": [], "silhouette": [], "bic": []}
         for row in rows:
             for name in ("inertia", "silhouette", "bic"):
                 table[name].append(row[name])
-        return table, {k: row["models"] for k, row in zip(ks, rows)}
+        return table, {k: row["models"] for k, row in zip(ks, rows)}, light_table
 
     @staticmethod
     def _criteria(table: dict) -> dict[str, int]:
@@ -352,8 +376,9 @@ class PhaseClustering(BaseEstimator):
 
     def _light_sweep(self, sample: np.ndarray) -> dict:
         """The structure test's part of a sweep, on the PCA scores: the k-means silhouette and
-        the Gaussian mixture's BIC over ``k_range`` (one task per K, as ``_sweep``). Every K's
-        BIC, as the codes' sweep has, so that "one Gaussian is lower than every K" means it."""
+        the Gaussian mixture's BIC over ``k_range`` (one task per K, as ``_sweep``; the table's
+        entries delayed: ``_sweep`` computes them). Every K's BIC, as the codes' sweep has, so
+        that "one Gaussian is lower than every K" means it."""
         lo, hi = self.k_range
         ks = list(range(lo, min(hi, len(sample) - 1) + 1))
         sil_idx = np.random.default_rng(self.seed).permutation(len(sample))[:self.silhouette_size]
@@ -362,8 +387,7 @@ class PhaseClustering(BaseEstimator):
         sil = [dask.delayed(_silhouette_one, pure=True)(shared, k, sil_idx, n_init=n_init,
                                                         seed=self.seed) for k in ks]
         bic = [dask.delayed(_bic_one, pure=True)(shared, k, seed=self.seed) for k in ks]
-        sil, bic = dask.compute(sil, bic)
-        return {"k": ks, "silhouette": list(sil), "bic": list(bic)}
+        return {"k": ks, "silhouette": sil, "bic": bic}
 
     def _warn(self, message: str) -> None:
         log.warning("cluster: %s", message)
@@ -389,12 +413,16 @@ class PhaseClustering(BaseEstimator):
     # -- fit -----------------------------------------------------------------------------------
 
     def fit(self, x: da.Array, valid: da.Array | None = None, *,
-            pca_scores: da.Array | None = None) -> "PhaseClustering":
+            pca_scores: da.Array | None = None, sample: np.ndarray | None = None
+            ) -> "PhaseClustering":
         """Choose K (unless fixed) and fit on the codes ``x`` (pixels, d), skipping invalid
         pixels. ``pca_scores``: the PCA scores of the same pixels (on ``x``'s blocks), whose
         lack of phase structure also means K = 1: a linear projection of noise is
         Gaussian, an autoencoder's codes of it need not be (a briefly trained one's codes of a
-        uniform specimen had a silhouette of 0.37 here, its PCA scores 0.17)."""
+        uniform specimen had a silhouette of 0.37 here, its PCA scores 0.17); their sample is
+        then kept as ``pca_scores_sample_``. ``sample``: this clustering's sample of ``x``
+        already drawn (the same seed, sample size and valid pixels: a PCA-scores clustering
+        given the codes' ``pca_scores_sample_``), instead of a pass over ``x``."""
         from sklearn.cluster import KMeans
         from sklearn.mixture import GaussianMixture
 
@@ -403,7 +431,14 @@ class PhaseClustering(BaseEstimator):
         if valid is not None:
             valid = valid if isinstance(valid, da.Array) else da.from_array(np.asarray(valid))
             valid = valid.reshape(-1).rechunk((x.chunks[0],))
-        sample = self._sample(x, valid)
+        other = None
+        if sample is None and pca_scores is not None and self.n_clusters == "auto":
+            # the same pixels of both, in one pass (their light sweep runs even where the
+            # codes show no structure and it is not looked at: a few seconds on noise)
+            sample, other = self._sample(x, valid, pca_scores)
+            self.pca_scores_sample_ = other
+        elif sample is None:
+            sample = self._sample(x, valid)
         if len(sample) < 3:
             raise ConfigError(f"cluster: only {len(sample)} valid pixel(s) sampled; nothing to cluster")
         self.sample_size_ = len(sample)
@@ -413,16 +448,16 @@ class PhaseClustering(BaseEstimator):
         chosen, sample_fits, chosen_fits = sample, {}, {}
         if self.n_clusters == "auto":
             # (the final fit starts from the chosen K's sample fit: no refit)
-            self.k_table_, sample_fits = self._sweep(sample)
-            self.structure_ = self._structure(self.k_table_, sample)
-            if pca_scores is not None and self.structure_["phase_structure"]:
-                other = self._sample(pca_scores, valid)  # the same pixels
+            if other is not None:
                 # in units of their spread: the mixtures' reg_covar (1e-6) is absolute, and
                 # the scores of unit-sum spectra vary by 1e-7..1e-5, so every mixture looked
                 # like one Gaussian (a BIC lower by 5000 at K = 4 became higher by 196); a
                 # scaling per axis shifts every K's BIC alike
                 other = other / np.where(other.std(axis=0) > 0, other.std(axis=0), 1.0)
-                other_structure = self._structure(self._light_sweep(other), other)
+            self.k_table_, sample_fits, other_table = self._sweep(sample, light=other)
+            self.structure_ = self._structure(self.k_table_, sample)
+            if other is not None and self.structure_["phase_structure"]:
+                other_structure = self._structure(other_table, other)
                 self.structure_["pca_scores"] = other_structure
                 if not other_structure["phase_structure"]:
                     self.structure_["phase_structure"] = False
@@ -433,7 +468,7 @@ class PhaseClustering(BaseEstimator):
                 minor = self._minor_modes(sample, sample_fits)
             if minor:  # K for the big phases is chosen without the small populations
                 chosen = sample[~np.isin(self._mode_of_sample, minor)]
-                self.k_table_, chosen_fits = self._sweep(chosen)
+                self.k_table_, chosen_fits, _ = self._sweep(chosen)
                 self.structure_["without_minor"] = self._structure(self.k_table_, chosen)
             k, self.k_chosen_by_ = self._choose(self.k_table_)
             if not self.structure_["phase_structure"]:
@@ -703,7 +738,7 @@ def phase_stage(codes: xr.DataArray, features: xr.Dataset, clustering: PhaseClus
 
 def _phase_parts(codes: xr.DataArray, features: xr.Dataset, clustering: PhaseClustering, *,
                  spec=None, prefix: str = "", exclude: xr.DataArray | None = None,
-                 pca_scores: xr.DataArray | None = None):
+                 pca_scores: xr.DataArray | None = None, sample: np.ndarray | None = None):
     """Fit ``clustering`` (unless fitted) on ``codes`` (y, x, d) and return the phase variables
     (names prefixed with ``prefix``, e.g. ``pca_`` for the PCA comparison): ``phase`` (y, x; -1
     invalid), ``phase_probability`` (GMM), ``phase_fraction``, ``phase_mean_signal`` (cluster,
@@ -712,6 +747,8 @@ def _phase_parts(codes: xr.DataArray, features: xr.Dataset, clustering: PhaseClu
     ``exclude`` (e.g. the ``anomaly`` map) are left out of the fit, so that anomalies neither
     pull the centres nor count as a phase in the choice of K; every pixel with finite codes is
     labelled (invalid pixels have NaN codes: -1).
+
+    ``sample``: ``PhaseClustering.fit``'s.
 
     Returns ``finish(stats)`` and the lazy labels (flat, on the features' blocks) with K, from
     which ``phase_means`` makes its ``stats`` (several clusterings share one pass)."""
@@ -729,15 +766,12 @@ def _phase_parts(codes: xr.DataArray, features: xr.Dataset, clustering: PhaseClu
         other = None
         if pca_scores is not None:
             other = feature_matrix(pca_scores.chunk(on_codes) if on_codes else pca_scores)
-        clustering.fit(flat, fit_mask, pca_scores=other)
+        clustering.fit(flat, fit_mask, pca_scores=other, sample=sample)
     k = clustering.n_clusters_
     labels_flat = clustering.predict(flat, valid)
     labels = _unflatten(labels_flat, codes.data)
-    feats = features["features"]
     # the phase means: one pass over the features, the labels split to their blocks
-    labels_on_features = xr.DataArray(labels, dims=NAV_DIMS).chunk(
-        dict(zip(NAV_DIMS, feats.chunks[:2])) if feats.chunks else {})
-    labels_flat_on_features = feature_matrix(labels_on_features)[:, 0].astype(np.int32)
+    labels_flat_on_features = map_on_blocks(labels, features["features"])
     return partial(_phase_variables, codes=codes, features=features, clustering=clustering,
                    labels=labels, flat=flat, valid=valid, spec=spec, prefix=prefix), \
         (labels_flat_on_features, k)
@@ -826,13 +860,13 @@ def phase_dataset(encoded: xr.Dataset, features: xr.Dataset, clustering: PhaseCl
     if pca is not None:
         pc = pca_clustering or clustering.__class__(**{**clustering.get_params(), "n_clusters":
                                                        clustering.n_clusters_})
-        parts.append(_phase_parts(scores, features, pc, prefix="pca_", exclude=exclude))
+        # on the pixels the codes' clustering sampled (the same seed and mask): no second pass
+        parts.append(_phase_parts(scores, features, pc, prefix="pca_", exclude=exclude,
+                                  sample=getattr(clustering, "pca_scores_sample_", None)))
     labellings = [p[1] for p in parts]
     if exclude is not None:  # the flagged pixels' mean signal, in the same pass
-        feats = features["features"]
-        flags = exclude.astype(np.int32).chunk(dict(zip(NAV_DIMS, feats.chunks[:2]))
-                                               if feats.chunks else {})
-        labellings.append((feature_matrix(flags)[:, 0].astype(np.int32) - 1, 1))  # 0 flagged
+        flags = map_on_blocks(exclude.astype(np.int32) - 1, features["features"])
+        labellings.append((flags, 1))  # 0: flagged
     # both clusterings' phase means (and the anomalies') in one pass over the features
     stats = phase_means(features, labellings)
     ds, *rest = [finish(st) for (finish, _), st in zip(parts, stats)]
