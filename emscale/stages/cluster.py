@@ -855,14 +855,18 @@ def phase_dataset(encoded: xr.Dataset, features: xr.Dataset, clustering: PhaseCl
         if latent.chunks:
             scores = scores.chunk(dict(zip(NAV_DIMS, latent.chunks[:2])))
     # the PCA scores also say whether there is phase structure at all
+    fitted_here = not hasattr(clustering, "n_clusters_")  # (not fitted on another scan)
     parts = [_phase_parts(latent, features, clustering, spec=spec, exclude=exclude,
                           pca_scores=scores)]
     if pca is not None:
         pc = pca_clustering or clustering.__class__(**{**clustering.get_params(), "n_clusters":
                                                        clustering.n_clusters_})
-        # on the pixels the codes' clustering sampled (the same seed and mask): no second pass
+        # on the pixels the codes' clustering sampled here (its seed, sample size and mask):
+        # no second pass
+        same = fitted_here and pca_clustering is None
         parts.append(_phase_parts(scores, features, pc, prefix="pca_", exclude=exclude,
-                                  sample=getattr(clustering, "pca_scores_sample_", None)))
+                                  sample=getattr(clustering, "pca_scores_sample_", None)
+                                  if same else None))
     labellings = [p[1] for p in parts]
     if exclude is not None:  # the flagged pixels' mean signal, in the same pass
         flags = map_on_blocks(exclude.astype(np.int32) - 1, features["features"])
