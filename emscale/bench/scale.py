@@ -16,7 +16,8 @@ LocalCluster that ``emscale run`` starts, and records per stage, measured in the
 - ``limit_seconds``: what the stage would take at this machine's limits: its passes times the
   store's read+decode **floor** (the codec decoding every chunk on all cores, no Dask), plus its
   arithmetic at the rates measured on the workers (PCA: the scatter matrix ``X^T X`` per block;
-  encode: the trained model's forward pass; cluster: reading the features for the phase means).
+  encode: the trained model's forward pass; anomaly: the codes' distance to the normal density,
+  once a pixel; cluster: reading the features for the phase means).
   ``chain_seconds``: what rerunning the preprocessing chain costs on those passes (the
   features are recomputed, not stored), at its rate measured on the workers: not part of the
   limit (the issue's yardstick), shown beside it: ``ratio_to_limit_with_chain`` is (limit +
@@ -134,6 +135,27 @@ def _encode_rate(results: str, rows: int = 8192, repeats: int = 3) -> float:
     t0 = time.perf_counter()
     for _ in range(repeats):
         encode_block(x, valid, intensity, spec, proj)
+    return rows * repeats / (time.perf_counter() - t0)
+
+
+def _distance_rate(results: str, rows: int = 65536, repeats: int = 3) -> float:
+    """Pixels per second of the anomaly stage's arithmetic in this worker: the codes' distance
+    to the normal density (``_mahalanobis_block``, with as many components as the stage kept)."""
+    from emscale.results import ResultsStore
+    from emscale.stages.anomaly import _mahalanobis_block
+
+    store = ResultsStore(results)
+    d = int(store.open_stage("encode")["latent"].shape[-1])
+    about = store.open_stage("anomaly").attrs.get("anomaly", {})
+    k = max(1, sum(about.get("mixture_major") or [True]))
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((rows, d)).astype(np.float32)
+    precisions = np.broadcast_to(np.eye(d), (k, d, d))
+    args = (rng.standard_normal((k, d)), precisions, np.zeros(k))
+    _mahalanobis_block(z, *args)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        _mahalanobis_block(z, *args)
     return rows * repeats / (time.perf_counter() - t0)
 
 
@@ -379,6 +401,8 @@ def run_one(kind: str, size_gb: float, workdir: Path, *, cluster_cfg=None, overr
         rates = {"syrk_rows_per_s": _on_all_workers(client, _syrk_rate, n_features),
                  "encode_pixels_per_s": _on_all_workers(client, _encode_rate,
                                                          str(result.results)),
+                 "distance_pixels_per_s": _on_all_workers(client, _distance_rate,
+                                                          str(result.results)),
                  "chain_pixels_per_s": _on_all_workers(client, _chain_rate, str(result.results))}
     stages: dict[str, StageFigures] = {}
     for (name, t_start, d0, r0), (_n, t_end, d1, r1) in zip(marks, marks[1:]):
@@ -390,8 +414,9 @@ def run_one(kind: str, size_gb: float, workdir: Path, *, cluster_cfg=None, overr
         passes = (r1 - r0) / (_du(features_dir) if reads_features else store_bytes)
         floor = features_floor_s if reads_features else floor_s
         compute = {"pca": n_pixels / rates["syrk_rows_per_s"],
-                   "encode": n_pixels / rates["encode_pixels_per_s"]}.get(name, 0.0)
-        limit = None if name == "train" else round(passes, 2) * floor + compute
+                   "encode": n_pixels / rates["encode_pixels_per_s"],
+                   "anomaly": n_pixels / rates["distance_pixels_per_s"]}.get(name, 0.0)
+        limit = None if name == "train" else passes * floor + compute
         disk = _du(result.results / name) + (sum(_du(p) for p in (out / "checkpoints").glob(
             "*/train_set.zarr")) if name == "train" else 0)
         peak = sampler.peaks.get(name, {"worker": float("nan"), "client": float("nan")})
