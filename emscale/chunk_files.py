@@ -37,11 +37,14 @@ from emscale.errors import StoreError
 
 
 def direct_array(store: str | os.PathLike, name: str, like: da.Array, *,
-                 missing_is_fill: bool = False) -> da.Array | None:
-    """The dask array of ``store/name`` read by ``read_chunk``, with ``like``'s chunks (the
-    stored ones), or None when the array's layout needs Zarr's own reads. ``missing_is_fill``:
-    a missing chunk reads as the fill value (a store that may leave such chunks out), else it
-    is an error."""
+                 missing_is_fill: bool = False,
+                 remedy: str = "ingest the scan again") -> da.Array | None:
+    """The dask array of ``store/name`` read by ``read_chunk``, with ``like``'s chunks: the
+    stored ones, or blocks of several whole stored chunks (a stage group's maps, read in
+    bigger blocks: one task reads each of its chunk files into its block), or None when the
+    array's layout needs Zarr's own reads. ``missing_is_fill``: a missing chunk reads as the
+    fill value (a store that may leave such chunks out), else it is an error; ``remedy``: what
+    the errors of a missing or damaged chunk tell the user to do."""
     path = Path(store) / name
     z = zarr.open_array(str(path), mode="r", zarr_format=3)
     meta, dtype = z.metadata, np.dtype(z.dtype)
@@ -50,16 +53,43 @@ def direct_array(store: str | os.PathLike, name: str, like: da.Array, *,
         return None
     chunk_shape = tuple(int(c) for c in meta.chunk_grid.chunk_shape)
     shape = tuple(int(n) for n in z.shape)
-    if tuple(like.chunks) != normalize_chunks(chunk_shape, shape):
-        return None
+    chunks = tuple(like.chunks)
+    if len(chunks) != len(shape) or not all(
+            all(b % c == 0 for b in dim[:-1]) for dim, c in zip(chunks, chunk_shape)):
+        return None  # a block that would cut a stored chunk
     encoding = meta.chunk_key_encoding
     fill = meta.fill_value if missing_is_fill else None
     checked = isinstance(codecs[-1], Crc32cCodec)
-    return da.map_blocks(read_chunk, array=str(path), encoding=encoding, chunk_shape=chunk_shape,
-                         shape=shape, stored=dtype.str, fill=fill, checked=checked,
-                         compressed=any(isinstance(c, BloscCodec) for c in codecs),
-                         chunks=like.chunks, dtype=dtype, meta=np.empty((0,) * like.ndim, dtype),
-                         name=f"read-{name}-{tokenize(like.name, str(path), encoding)}")
+    options = dict(array=str(path), encoding=encoding, chunk_shape=chunk_shape, shape=shape,
+                   stored=dtype.str, fill=fill, checked=checked, remedy=remedy,
+                   compressed=any(isinstance(c, BloscCodec) for c in codecs))
+    token = tokenize(like.name, str(path), encoding, chunks)
+    if chunks == normalize_chunks(chunk_shape, shape):
+        return da.map_blocks(read_chunk, **options, chunks=chunks, dtype=dtype,
+                             meta=np.empty((0,) * like.ndim, dtype), name=f"read-{name}-{token}")
+    starts = [np.cumsum((0, *dim[:-1])) // c for dim, c in zip(chunks, chunk_shape)]
+    return da.map_blocks(read_chunks, **options, first=starts, chunks=chunks, dtype=dtype,
+                         meta=np.empty((0,) * like.ndim, dtype), name=f"read-{name}-{token}")
+
+
+def read_chunks(*, first, block_info=None, **options) -> np.ndarray:
+    """A block of several whole stored chunks (``first``: the index of each block's first chunk
+    along each dimension): each chunk's file read by ``read_chunk`` into its place."""
+    info = block_info[None]
+    block_id, block = info["chunk-location"], info["chunk-shape"]
+    chunk_shape = options["chunk_shape"]
+    out = np.empty(block, np.dtype(options["stored"]))
+    counts = [math.ceil(n / c) for n, c in zip(block, chunk_shape)]
+    shape = options["shape"]
+    for offset in np.ndindex(*counts):
+        index = tuple(int(f[b]) + o for f, b, o in zip(first, block_id, offset))
+        edge = _edge(chunk_shape, shape, index)
+        place = out[tuple(slice(o * c, o * c + n) for o, c, n in zip(offset, chunk_shape, edge))]
+        if edge == tuple(chunk_shape) and place.flags.c_contiguous:
+            read_chunk(**options, block_id=index, into=place)  # decoded in place: no copy
+        else:
+            place[...] = read_chunk(**options, block_id=index)
+    return out
 
 
 def _plain(codecs: tuple, dtype: np.dtype) -> bool:
@@ -104,9 +134,11 @@ def damaged_chunk(group: Path) -> Path | None:
 
 def read_chunk(*, array: str, encoding, chunk_shape: tuple[int, ...], shape: tuple[int, ...],
                stored: str, compressed: bool, fill, block_id: tuple[int, ...],
-               checked: bool = False) -> np.ndarray:
+               checked: bool = False, remedy: str = "ingest the scan again",
+               into: np.ndarray | None = None) -> np.ndarray:
     """One chunk of the Zarr array at ``array``: its file read whole and decoded into the
-    block returned (cut to the block's shape at the array's far edges)."""
+    block returned (cut to the block's shape at the array's far edges), or into ``into`` (a
+    C-contiguous array of the whole chunk's shape: a block's part)."""
     file = os.path.join(array, encoding.encode_chunk_key(block_id))
     dtype = np.dtype(stored)
     try:
@@ -117,14 +149,14 @@ def read_chunk(*, array: str, encoding, chunk_shape: tuple[int, ...], shape: tup
             return np.full(_edge(chunk_shape, shape, block_id), fill, dtype)
         raise StoreError(f"{file}: chunk {block_id} ({_pixels(chunk_shape, shape, block_id)}) is "
                          "missing (emscale's stores hold every chunk: this one was lost); "
-                         "ingest the scan again") from None
-    out = np.empty(chunk_shape, dtype)
+                         f"{remedy}") from None
+    out = np.empty(chunk_shape, dtype) if into is None else into
     if checked:
         try:
             raw = verified(raw, file)
         except ValueError as exc:
             raise StoreError(f"{file}: chunk {block_id} ({_pixels(chunk_shape, shape, block_id)})"
-                             f": {exc}; the store is damaged: ingest the scan again") from None
+                             f": {exc}; the store is damaged: {remedy}") from None
     if compressed:
         try:
             # Blosc's header: the sizes decoded (bytes 4-8) and stored (12-16), little-endian
@@ -136,14 +168,17 @@ def read_chunk(*, array: str, encoding, chunk_shape: tuple[int, ...], shape: tup
             numcodecs.blosc.decompress(raw, out)
         except (ValueError, RuntimeError, TypeError) as exc:
             raise StoreError(f"{file}: chunk {block_id} ({_pixels(chunk_shape, shape, block_id)})"
-                             f" cannot be decoded ({exc}); the store is damaged: ingest the "
-                             "scan again") from None
+                             f" cannot be decoded ({exc}); the store is damaged: {remedy}") \
+                from None
     else:
         if len(raw) != out.nbytes:
             raise StoreError(f"{file}: chunk {block_id} ({_pixels(chunk_shape, shape, block_id)})"
                              f" holds {len(raw)} bytes, expected {out.nbytes}; the store is "
-                             "damaged: ingest the scan again")
+                             f"damaged: {remedy}")
         out = np.frombuffer(raw, dtype).reshape(chunk_shape)
+        if into is not None:
+            into[...] = out
+            out = into
     edge = _edge(chunk_shape, shape, block_id)
     return out if edge == chunk_shape else out[tuple(slice(0, e) for e in edge)]
 

@@ -549,7 +549,8 @@ def bench_scale_cmd(
     Figures to read, not assertions."""
     import yaml
 
-    from emscale.bench.scale import KINDS, plot, run_scale_bench, table, write_json
+    from emscale.bench.scale import (KINDS, plot, run_scale_bench, scaling_table, table,
+                                     write_json)
     from emscale.dask_cluster import load_cluster_file
     from emscale.errors import ConfigError
 
@@ -573,6 +574,8 @@ def bench_scale_cmd(
     runs = run_scale_bench(size_list, kinds, workdir, cluster_cfg=cluster, overrides=overrides,
                            chunk_mib=chunk_mib, echo=typer.echo)
     typer.echo(table(runs))
+    if scaling_table(runs):
+        typer.echo(scaling_table(runs))
     if json_path:
         write_json(runs, json_path)
     if plot_path:

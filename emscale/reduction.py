@@ -9,6 +9,8 @@ result travels to the client; the loop below only builds the graph.
 
 from __future__ import annotations
 
+import time
+
 from functools import partial
 from typing import Any, Callable
 
@@ -48,6 +50,12 @@ def tree_reduce(
     return _tree(block_fn, merge_fn, blocks, name, token, split_every, group, group_fn)
 
 
+RUNNING_PASS: dict = {}
+"""The pass ``reduce_blocks`` is computing now (its name, blocks in all and before the running
+window, the window's leaf tasks' key and blocks per leaf, bytes of its first array, start time):
+what the runner's progress lines report (``pass_progress``); empty between passes."""
+
+
 def reduce_blocks(block_fn: Callable[..., Any], merge_fn: Callable[[list], Any],
                   *arrays: da.Array, window: int | None = None, **options):
     """``tree_reduce(block_fn, merge_fn, *arrays, **options)`` computed: one compute per window
@@ -61,13 +69,40 @@ def reduce_blocks(block_fn: Callable[..., Any], merge_fn: Callable[[list], Any],
     window = max(group, (window or WINDOW_BLOCKS) // group * group)
     n = len(blocks[0])
     total = None
-    for w, start in enumerate(range(0, n, window)):
-        sub = [b[start:start + window] for b in blocks]
-        tree = _tree(block_fn, merge_fn, sub, f"{name}-w{w}", token, split_every, group, group_fn,
-                     first=start)
-        part = dask.compute(tree)[0]
-        total = part if total is None else merge_fn([total, part])
+    RUNNING_PASS.update(name=name, blocks=n, nbytes=arrays[0].nbytes, t0=time.perf_counter(),
+                        shown=0)
+    try:
+        for w, start in enumerate(range(0, n, window)):
+            sub = [b[start:start + window] for b in blocks]
+            RUNNING_PASS.update(before=start, window=len(sub[0]), per_leaf=group,
+                                leaf=f"{name}-w{w}-block-{token}")
+            tree = _tree(block_fn, merge_fn, sub, f"{name}-w{w}", token, split_every, group,
+                         group_fn, first=start)
+            part = dask.compute(tree)[0]
+            total = part if total is None else merge_fn([total, part])
+    finally:
+        RUNNING_PASS.clear()
     return total
+
+
+def pass_progress(remaining_leaves: Callable[[str], int]) -> str | None:
+    """``RUNNING_PASS`` as a line: blocks done of all, GB/s of its input, time left;
+    ``remaining_leaves(key)``: how many of the running window's leaf tasks are still to run
+    (the scheduler forgets finished tasks). None between passes."""
+    p = dict(RUNNING_PASS)
+    if "leaf" not in p:
+        return None
+    left_in_window = min(p["window"], remaining_leaves(p["leaf"]) * p["per_leaf"])
+    # none left: the window not yet submitted, or all of it done (its leaves forgotten): count
+    # it from the next window on. Never backwards
+    done = max(p.get("shown", 0), p["before"] + (p["window"] - left_in_window if left_in_window
+                                                  else 0))
+    RUNNING_PASS["shown"] = done
+    seconds = time.perf_counter() - p["t0"]
+    rate = done / seconds if seconds > 0 else 0.0
+    left = f"about {(p['blocks'] - done) / rate:.0f} s left" if rate > 0 else "time left unknown"
+    return (f"{p['name']}: {done} of {p['blocks']} blocks, "
+            f"{p['nbytes'] * rate / p['blocks'] / 1e9:.2f} GB/s of its input, {left}")
 
 
 def _tree_options(name: str = "reduce", split_every: int = 8, group: int = 1,

@@ -233,22 +233,36 @@ def _heartbeat(note, last: list, t0: float, every: float | None):
         yield
 
 
+_PENDING = ("waiting", "processing", "queued", "no-worker")
+
+
 def _tasks_line() -> str:
+    """The pass running (blocks done of all, GB/s, time left) and the cluster's tasks to do."""
+    from emscale.reduction import pass_progress
+
     try:
         from distributed import get_client
 
-        states = get_client().run_on_scheduler(_task_states)
+        client = get_client()
+        states = client.run_on_scheduler(_task_states)
+        running = pass_progress(lambda key: client.run_on_scheduler(_pending_named, key))
     except (ImportError, ValueError, OSError):
         return ""
     # (finished tasks are forgotten by the scheduler: only what is left can be counted)
-    todo = sum(states.get(s, 0) for s in ("waiting", "processing", "queued", "no-worker"))
-    return f": {todo} tasks to do on the cluster"
+    todo = sum(states.get(s, 0) for s in _PENDING)
+    return f": {running + '; ' if running else ''}{todo} tasks to do on the cluster"
 
 
 def _task_states(dask_scheduler=None) -> dict:
     from collections import Counter
 
     return dict(Counter(ts.state for ts in dask_scheduler.tasks.values()))
+
+
+def _pending_named(name, dask_scheduler=None) -> int:
+    """Tasks still to run whose key is ``(name, i)``."""
+    return sum(1 for ts in dask_scheduler.tasks.values()
+               if ts.state in _PENDING and isinstance(ts.key, tuple) and ts.key[0] == name)
 
 
 def stage_names(registry: Registry = REGISTRY) -> tuple[str, ...]:

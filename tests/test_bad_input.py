@@ -313,7 +313,8 @@ def test_a_stage_group_with_a_damaged_or_lost_chunk_names_it(tmp_path):
     chunk.write_bytes(bytes(raw))
     from emscale.runner import _checksums_named
 
-    with pytest.raises(StoreError, match=r"latent/c/1/0/0: its checksum does not match.*"
+    with pytest.raises(StoreError, match=r"latent/c/1/0/0: chunk \(1, 0, 0\) "
+                                         r"\(pixels y 4:8, x 0:10\): its checksum does not match.*"
                                          r"--force encode"), _checksums_named(store, ("encode",)):
         store.open_stage("encode", registry={})["latent"].values
     chunk.unlink()

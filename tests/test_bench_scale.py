@@ -6,7 +6,7 @@ with the scan (an 8x larger scan, the same chunks)."""
 
 import json
 
-from emscale.bench.scale import plot, run_scale_bench, write_json
+from emscale.bench.scale import ScaleRun, plot, run_scale_bench, scaling, write_json
 from emscale.stages import REGISTRY
 
 # the K sweep's sample and silhouette subset are capped (50 000 and 5 000 pixels by default): caps
@@ -45,5 +45,26 @@ def test_scale_bench_measures_every_stage_and_memory_stays_bounded(tmp_path):
         for s in run["stages"].values():
             assert {"seconds", "gb_per_s", "limit_seconds", "peak_worker_mem_gb",
                     "peak_client_mem_gb", "tasks"} <= set(s)
+    assert data["scaling"] == {}  # (both scans under 4 GB)
+    assert scaling(runs, from_gb=0)["eels"]["sizes_gb"] == [0.004, 0.032]
     plot(runs, tmp_path / "scale.png")
     assert (tmp_path / "scale.png").stat().st_size > 10_000
+
+
+def _run(size_gb, seconds):
+    return ScaleRun(kind="eels", size_gb=size_gb, shape=[], store_gb=0, synth_seconds=None,
+                    floor_seconds=1, floor_gb_per_s=1, end_to_end_seconds=sum(seconds.values()),
+                    end_to_end_ratio_to_floor=1, end_to_end_ratio_to_limit=1,
+                    end_to_end_ratio_to_limit_with_chain=1, disk_gb=0, rates={},
+                    stages={name: {"seconds": s} for name, s in seconds.items()})
+
+
+def test_scaling_takes_the_slope_between_sizes_without_training():
+    # 20 s fixed (a K sweep), 7 s a GB, training 50 s whatever the size: linear, slopes equal
+    runs = [_run(g, {"pca": 20 + 7 * g, "train": 50}) for g in (100, 1, 4, 16)]
+    sc = scaling(runs)["eels"]  # from 4 GB up, sorted by size
+    assert sc["sizes_gb"] == [4, 16, 100] and sc["seconds_without_training"] == [48, 132, 720]
+    assert sc["marginal_seconds_per_gb"] == [7, 7] and sc["marginal_spread"] == 0
+    assert sc["seconds_per_gb"][0] == 12  # the fixed cost weighs at 4 GB: not a slope
+    runs.append(_run(200, {"pca": 20 + 7 * 100 + 9 * 100, "train": 50}))  # 9 s a GB above 100
+    assert abs(scaling(runs)["eels"]["marginal_spread"] - (9 / 7 - 1)) < 1e-12

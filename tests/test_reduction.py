@@ -79,3 +79,45 @@ def test_a_pass_and_a_write_submit_a_window_of_tasks_at_a_time(local_client, tmp
     np.testing.assert_array_equal(stage["a"].values, 2 * x.compute())
     np.testing.assert_allclose(stage["t"].values, x.sum(axis=2).compute(), rtol=1e-6)
 
+
+
+def _slow_sum_block(x):
+    import time
+
+    time.sleep(0.05)
+    return _sum_block(x)
+
+
+def test_a_pass_says_blocks_done_rate_and_time_left_while_it_runs(local_client):
+    """What a batch job's log shows between a stage's start and its write: the pass running,
+    its blocks done of all (counted on the scheduler), GB/s and time left."""
+    import re
+    import threading
+    import time
+
+    from emscale.reduction import RUNNING_PASS, pass_progress
+    from emscale.runner import _tasks_line
+
+    x = da.ones((80, 1000), chunks=(2, 1000), dtype=np.float32)  # 40 blocks
+    lines, stop = [], threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            lines.append(_tasks_line())
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        total = reduce_blocks(_slow_sum_block, sum_parts, x, window=10, name="slow-pass")
+    finally:
+        stop.set()
+        watcher.join()
+    np.testing.assert_allclose(total, np.full(1000, 80.0))
+    said = [re.search(r"slow-pass: (\d+) of 40 blocks, [\d.]+ GB/s of its input, "
+                      r"(about \d+ s left|time left unknown); \d+ tasks to do", line)
+            for line in lines]
+    done = [int(m.group(1)) for m in said if m]
+    assert any(0 < d < 40 for d in done), lines
+    assert done == sorted(done)  # counted, not guessed: never backwards
+    assert not RUNNING_PASS and pass_progress(lambda key: 0) is None

@@ -51,7 +51,8 @@ def test_a_run_without_a_terminal_shows_epochs_and_a_line_while_a_stage_is_silen
                      r"[\d.]+ s", said), said
     assert "[train] epoch 2/2" in said
     assert re.search(r"\[train\] training set gathered in [\d.]+ s: 1024 pixels", said), said
-    assert re.search(r"\] running for \d+ s: \d+ tasks to do on the cluster", said), said
+    assert re.search(r"\] running for \d+ s: (.+ blocks, .+ GB/s of its input, .+; )?\d+ tasks "
+                     r"to do on the cluster", said), said
 
 
 def test_the_features_are_recomputed_not_stored(first_run):

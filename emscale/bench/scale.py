@@ -547,6 +547,43 @@ def table(runs: list[ScaleRun]) -> str:
     return "\n".join(lines)
 
 
+def scaling(runs: list[ScaleRun], from_gb: float = 4.0) -> dict:
+    """Per kind, whether time is linear in size: the stages' seconds without training (whose
+    cost is set by epochs and ``max_train_pixels``, not by the scan) at each size from
+    ``from_gb`` up, their seconds per GB, and the marginal seconds per GB between consecutive
+    sizes (the slope: fixed costs, the K sweep or a cluster's start, cancel in it), with the
+    spread of those slopes (largest over smallest, minus one)."""
+    out = {}
+    for kind in sorted({r.kind for r in runs}):
+        rs = sorted((r for r in runs if r.kind == kind and r.size_gb >= from_gb),
+                    key=lambda r: r.size_gb)
+        if len(rs) < 2:
+            continue
+        sizes = [r.size_gb for r in rs]
+        secs = [sum(st["seconds"] for name, st in r.stages.items() if name != "train")
+                for r in rs]
+        slopes = [(b - a) / (y - x) for x, y, a, b in zip(sizes, sizes[1:], secs, secs[1:])]
+        out[kind] = {"sizes_gb": sizes, "seconds_without_training": secs,
+                     "seconds_per_gb": [t / g for t, g in zip(secs, sizes)],
+                     "marginal_seconds_per_gb": slopes,
+                     "marginal_spread": max(slopes) / min(slopes) - 1
+                     if len(slopes) > 1 and min(slopes) > 0 else None}
+    return out
+
+
+def scaling_table(runs: list[ScaleRun]) -> str:
+    lines = []
+    for kind, sc in scaling(runs).items():
+        per = ", ".join(f"{g:g} GB {t:.0f} s ({t / g:.2f} s/GB)"
+                        for g, t in zip(sc["sizes_gb"], sc["seconds_without_training"]))
+        slopes = ", ".join(f"{a:g}-{b:g} GB {m:.2f}" for a, b, m in zip(
+            sc["sizes_gb"], sc["sizes_gb"][1:], sc["marginal_seconds_per_gb"]))
+        spread = "" if sc["marginal_spread"] is None else \
+            f"; slopes within {100 * sc['marginal_spread']:.0f} %"
+        lines.append(f"{kind} scaling, training out: {per}; marginal s/GB {slopes}{spread}")
+    return "\n".join(lines)
+
+
 def _percent(ratio) -> str:
     return "" if ratio is None else f"{100 * ratio:.0f}"
 
@@ -566,7 +603,8 @@ def environment() -> dict:
 
 def write_json(runs: list[ScaleRun], path: Path) -> None:
     path.write_text(json.dumps({"environment": environment(),
-                                "runs": [asdict(r) for r in runs]}, indent=2))
+                                "runs": [asdict(r) for r in runs],
+                                "scaling": scaling(runs)}, indent=2))
 
 
 def plot(runs: list[ScaleRun], path: Path) -> None:
