@@ -107,9 +107,16 @@ _DEFAULTS = defaults_of(ClusterConfig)
 # block functions (module level: they travel to the workers)
 
 
+def _finite_rows(x: np.ndarray) -> np.ndarray:
+    """Rows of ``x`` (float64 from float32 values: no sum overflows) without NaN or inf: their
+    sums are finite (a product with ones, 1 ms a million 4-d codes, against 14 for
+    ``isfinite(x).all(axis=1)``'s reduction along short rows)."""
+    return np.isfinite(x @ np.ones(x.shape[1]))
+
+
 def _valid_rows(x, valid):
     x = np.asarray(x, np.float64)
-    keep = np.isfinite(x).all(axis=1)
+    keep = _finite_rows(x)
     if valid is not None:
         keep &= np.asarray(valid, bool).ravel()
     return x, keep
@@ -120,7 +127,7 @@ def _sample_block(x, valid, *others, fraction, seed, block_seed):
     x, keep = _valid_rows(x, valid)
     others = [np.asarray(o, np.float64) for o in others]
     for o in others:
-        keep &= np.isfinite(o).all(axis=1)
+        keep &= _finite_rows(o)
     rng = np.random.default_rng([seed, block_seed])
     pick = keep & (rng.random(len(x)) < fraction)
     return (x[pick], *(o[pick] for o in others)) if others else x[pick]
@@ -164,7 +171,7 @@ def _em_block(x, valid=None, *, gmm):
 
 def _predict_block(x, valid, *, model, proba):
     x = np.asarray(x, np.float64)
-    keep = np.isfinite(x).all(axis=1)
+    keep = _finite_rows(x)
     if valid is not None:
         keep &= np.asarray(valid, bool).ravel()
     k = model.n_clusters_
