@@ -620,9 +620,11 @@ def plot(runs: list[ScaleRun], path: Path) -> None:
         rs = sorted((r for r in runs if r.kind == kind), key=lambda r: r.size_gb)
         sizes = [r.size_gb for r in rs]
         ax = axes[0, col]
-        for name in rs[0].stages:
-            ax.plot(sizes, [r.stages.get(name, {}).get("seconds", np.nan) for r in rs], "o-",
-                    label=name)
+        # a marker and dash per stage: stages of equal seconds (PCA and encode) stay visible
+        styles = ["o-", "s--", "^-.", "v:", "D-", "P--", "X-."]
+        for i, name in enumerate(rs[0].stages):
+            ax.plot(sizes, [r.stages.get(name, {}).get("seconds", np.nan) for r in rs],
+                    styles[i % len(styles)], label=name, markerfacecolor="none")
         ax.plot(sizes, [r.end_to_end_seconds for r in rs], "k--", label="end to end")
         ax.set(xscale="log", yscale="log", xlabel="scan size (GB as float32)", ylabel="seconds",
                title=f"{kind}: time per stage")
