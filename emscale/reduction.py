@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import time
 
-from functools import partial
 from typing import Any, Callable
 
 import dask
 import dask.array as da
-import numpy as np
 from dask.base import tokenize
 
 
@@ -151,74 +149,8 @@ def _tree(block_fn, merge_fn, blocks, name, token, split_every, group, group_fn,
     return parts[0]
 
 
-def _finite_values(blocks, n_values):
-    """The finite values of each of the first ``n_values`` blocks, where the mask block (if any)."""
-    mask = np.asarray(blocks[n_values], bool).ravel() if len(blocks) > n_values else None
-    out = []
-    for b in blocks[:n_values]:
-        v = np.asarray(b, np.float64).ravel()
-        v = v[mask] if mask is not None else v
-        out.append(v[np.isfinite(v)])
-    return out
-
-
-def _range_block(*blocks, n_values):
-    return np.array([(len(v), v.min() if len(v) else np.inf, v.max() if len(v) else -np.inf)
-                     for v in _finite_values(blocks, n_values)])
-
-
-def _merge_ranges(parts):
-    p = np.stack(parts)
-    return np.column_stack([p[..., 0].sum(0), p[..., 1].min(0), p[..., 2].max(0)])
-
-
-def _histogram_block(*blocks, n_values, edges):
-    return np.stack([[np.histogram(v, bins=e)[0] for e in value_edges]
-                     for v, value_edges in zip(_finite_values(blocks, n_values), edges)])
-
-
 def sum_parts(parts):
     """The sum of partial results: arrays, numbers, or dicts of them (summed key by key)."""
     if isinstance(parts[0], dict):
         return {key: sum_parts([p[key] for p in parts]) for key in parts[0]}
     return sum(parts[1:], parts[0])
-
-
-def quantiles(values, qs, mask: da.Array | None = None, *, bins: int = 4096,
-              name: str = "quantile") -> np.ndarray:
-    """Quantiles ``qs`` (in [0, 1]) of the finite values of ``values`` (a dask array, or a list of
-    them with the same chunks: then one row per array) where ``mask``, by histogram tree
-    reductions, without collecting the values: the range, then a histogram of ``bins`` bins, then
-    a histogram of ``bins`` bins inside each quantile's bin; three passes whatever the number of
-    arrays and quantiles. Within (range / bins**2) of the exact (inverted-CDF) quantile."""
-    single = isinstance(values, da.Array)
-    values = [values] if single else list(values)
-    qs = np.atleast_1d(np.asarray(qs, np.float64))
-    arrays = (*values, *(() if mask is None else (mask,)))
-    nv = len(values)
-    ranges = reduce_blocks(partial(_range_block, n_values=nv), _merge_ranges, *arrays,
-                           name=f"{name}-range")
-    if (ranges[:, 0] == 0).any():
-        raise ValueError(f"{name}: no finite value to take quantiles of")
-    ranks = [np.clip(np.ceil(qs * n).astype(np.int64), 1, int(n)) for n in ranges[:, 0]]
-    coarse = [[np.linspace(lo, hi if hi > lo else lo + 1, bins + 1)] for _, lo, hi in ranges]
-    counts = reduce_blocks(partial(_histogram_block, n_values=nv, edges=coarse), sum_parts,
-                           *arrays, name=f"{name}-histogram")
-    fine, below = [], []
-    for v in range(nv):  # which coarse bin holds each rank; then bins inside it
-        cum = np.cumsum(counts[v, 0])
-        idx = np.searchsorted(cum, ranks[v])
-        below.append(np.where(idx > 0, cum[np.maximum(idx - 1, 0)], 0))
-        e = coarse[v][0]
-        fine.append([np.linspace(e[i], e[i + 1], bins + 1) for i in idx])
-    counts = reduce_blocks(partial(_histogram_block, n_values=nv, edges=fine), sum_parts,
-                           *arrays, name=f"{name}-histogram")
-    out = np.empty((nv, len(qs)))
-    for v in range(nv):
-        for q in range(len(qs)):
-            cum = below[v][q] + np.cumsum(counts[v, q])
-            i = min(int(np.searchsorted(cum, ranks[v][q])), bins - 1)
-            out[v, q] = 0.5 * (fine[v][q][i] + fine[v][q][i + 1])
-        if ranges[v, 2] <= ranges[v, 1]:  # a constant
-            out[v] = ranges[v, 1]
-    return out[0] if single else out

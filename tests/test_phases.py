@@ -19,7 +19,6 @@ from sklearn.metrics import adjusted_rand_score
 
 from emscale.errors import ConfigError
 from emscale.model_spec import ModelSpec
-from emscale.reduction import quantiles
 from emscale.results import ResultsStore
 from emscale.stages.anomaly import AnomalyScorer, write_anomaly_stage
 from emscale.stages.cluster import PhaseClustering, phase_stage, write_phase_stage
@@ -164,25 +163,7 @@ def test_encode_rejects_bad_settings(pipeline):
 
 
 # --------------------------------------------------------------------------------------------
-# quantiles and anomalies
-
-
-def test_histogram_quantiles_match_numpy(sync_scheduler):
-    rng = np.random.default_rng(0)
-    x = rng.lognormal(size=(200, 150)).astype(np.float32)
-    x[3, 4] = np.nan
-    mask = rng.random((200, 150)) < 0.7
-    d, dm = da.from_array(x, chunks=(37, 150)), da.from_array(mask, chunks=(37, 150))
-    qs = [0.01, 0.5, 0.99]
-    got = quantiles(d, qs, dm)
-    ref = np.quantile(x[mask & np.isfinite(x)], qs, method="inverted_cdf")
-    width = (np.nanmax(x) - np.nanmin(x)) / 4096**2
-    np.testing.assert_allclose(got, ref, atol=2 * width)
-    # several arrays in the same three passes, one row each
-    both = quantiles([d, -d], qs, dm)
-    np.testing.assert_allclose(both[0], ref, atol=2 * width)
-    ref_neg = np.quantile(-x[mask & np.isfinite(x)], qs, method="inverted_cdf")
-    np.testing.assert_allclose(both[1], ref_neg, atol=2 * width)
+# anomalies
 
 
 def test_anomalies_found_with_robust_calibration(pipeline):
