@@ -36,7 +36,7 @@ from emscale.atomic import PARTIAL_MARK, atomic_directory
 from emscale.config import utc_now
 from emscale.errors import StoreError
 from emscale.progress import compute, repeating
-from emscale.reduction import WINDOW_BLOCKS
+from emscale.reduction import WINDOW_BLOCKS, fused_into_leaves
 from emscale.store import (EVERY_CHUNK, SIGNAL_DIMS, WRITE_EMPTY_CHUNKS, consolidate,
                            coordinate_encoding, default_compressors, open_target)
 
@@ -363,7 +363,9 @@ def _write_chunks(name: str, ds: xr.Dataset, tmp: Path, *, progress: bool,
             graph = HighLevelGraph({**graph.layers, final: {final: (len, keys)}},
                                    {**graph.dependencies, final: set(graph.layers)})
             part = f" ({w + 1} of {len(windows)})" if len(windows) > 1 else ""
-            compute(Delayed(final, graph), description=name + part, enabled=progress)
+            leaves = set(keys)  # each chunk's write with what only it needs, as one task
+            compute(fused_into_leaves(Delayed(final, graph), leaves.__contains__),
+                    description=name + part, enabled=progress)
     return found
 
 

@@ -50,7 +50,9 @@ def _graph_sizes():
 
 
 def _install(dask_scheduler=None):
-    dask_scheduler.add_plugin(_graph_sizes(), name="graph-sizes", idempotent=False)
+    if "graph-sizes" not in dask_scheduler.plugins:
+        dask_scheduler.add_plugin(_graph_sizes(), name="graph-sizes")
+    dask_scheduler.plugins["graph-sizes"].sizes = []
 
 
 def _sizes(dask_scheduler=None):
@@ -79,6 +81,35 @@ def test_a_pass_and_a_write_submit_a_window_of_tasks_at_a_time(local_client, tmp
     np.testing.assert_array_equal(stage["a"].values, 2 * x.compute())
     np.testing.assert_allclose(stage["t"].values, x.sum(axis=2).compute(), rtol=1e-6)
 
+
+def _class_sum_block(x, labels):
+    return np.stack([np.asarray(x, np.float64)[np.asarray(labels) == c].sum(axis=0)
+                     for c in range(3)])
+
+
+def test_each_block_is_one_task_with_what_only_it_needs(local_client):
+    """A pass's block task runs the reads and maps that only it needs (one task a block, not one
+    per layer); a task several blocks share (a block of labels) stays one task."""
+    import dask
+
+    from emscale.reduction import fused_into_leaves
+
+    local_client.run_on_scheduler(_install)
+    x = da.random.default_rng(2).random((64, 6), chunks=(8, 6)).astype(np.float32)  # 8 blocks
+    chain = (x * 2 + 1).map_blocks(np.sqrt)  # four tasks a block
+    labels = (da.arange(64, chunks=32) % 3).rechunk(8)  # each of 2 blocks serves 4
+    total = reduce_blocks(_class_sum_block, sum_parts, chain, labels)
+    (size,) = local_client.run_on_scheduler(_sizes)
+    # 8 block tasks + the 2 shared label blocks' arange and % (4 tasks) + 1 merge; unfused:
+    # 8 x 6 (random, *, +, sqrt, the labels' slice, the sum) + 4 + 1
+    assert size == 13, size
+    lab, values = np.arange(64) % 3, np.sqrt(x.compute().astype(np.float64) * 2 + 1)
+    np.testing.assert_allclose(total, [values[lab == c].sum(axis=0) for c in range(3)],
+                               rtol=1e-6)
+    # annotations (the GPU workers' resources) live on the layers: such a graph is left whole
+    with dask.annotate(retries=1):
+        annotated = tree_reduce(_sum_block, sum_parts, x * 2)
+    assert fused_into_leaves(annotated, lambda key: True) is annotated
 
 
 def _slow_sum_block(x):
