@@ -100,7 +100,11 @@ def fused_into_leaves(tree, is_leaf: Callable[[Any], bool]):
     graph = tree.__dask_graph__()
     if any(getattr(layer, "annotations", None) for layer in getattr(graph, "layers", {}).values()):
         return tree
-    # culled: a multi-output task's unused outputs would keep it out of its leaf
+    # culled before it is materialized (a window's blocks' arrays span the whole scan: 13 000
+    # tasks at 100 GB), and again after: a multi-output task's unused outputs would keep it
+    # out of its leaf
+    if hasattr(graph, "cull"):
+        graph = graph.cull({tree.key})
     dsk = cull(convert_legacy_graph(dict(graph)), [tree.key])
     dependents: dict = {k: set() for k in dsk}
     for key, node in dsk.items():

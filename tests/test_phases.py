@@ -446,6 +446,12 @@ def test_phase_stage_on_the_synthetic_scan(pipeline):
         np.testing.assert_allclose(ds["phase_mean_signal"].values[c], x[phase == c].mean(0),
                                    rtol=1e-4, atol=1e-9)
     np.testing.assert_allclose(ds["phase_fraction"].values.sum(), 1)
+    # numbered by decreasing size, counted in the phase means' pass: the labelled pixels
+    for p in ("", "pca_"):
+        labels = ds[f"{p}phase"].values.ravel()
+        counts = np.bincount(labels[labels >= 0], minlength=4)
+        assert ds.attrs[f"{p}phase"]["counts"] == list(counts) == sorted(counts, reverse=True)
+        np.testing.assert_allclose(ds[f"{p}phase_fraction"].values, counts / counts.sum())
     # the flagged pixels' mean signal, from the same pass (issue 16: the report shows it)
     flagged = anomaly.values.ravel()
     assert ds["anomaly_mean_signal"].attrs["pixels"] == flagged.sum() > 0
