@@ -373,7 +373,8 @@ def finite_rows(x: np.ndarray) -> np.ndarray:
     short rows make the reduction slow; 1.6 against 3.4 ms a 65 MB block of 1024 features). The
     rows whose sum is not finite (such values, or an overflow of huge finite ones) are checked
     value by value."""
-    finite = np.isfinite(x @ np.ones(x.shape[1], x.dtype))
+    with np.errstate(over="ignore", invalid="ignore"):  # (what it looks for)
+        finite = np.isfinite(x @ np.ones(x.shape[1], x.dtype))
     odd = np.flatnonzero(~finite)
     if len(odd):
         finite[odd] = np.isfinite(x[odd]).all(axis=1)

@@ -228,3 +228,16 @@ def test_a_lost_or_damaged_chunk_is_an_error_naming_it(tmp_path):
     back = open_scan(tmp_path / "other.zarr").signal.values
     np.testing.assert_array_equal(back[5:10, 4:], 0)
     np.testing.assert_array_equal(back[:5], ds.signal.values[:5])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_finite_rows_is_isfinite_all_along_each_row(dtype):
+    """The product with ones finds NaN and infinities; a row of huge finite values whose sum
+    overflows is still finite."""
+    from emscale.store import finite_rows
+
+    x = np.random.default_rng(0).normal(size=(50, 7)).astype(dtype)
+    x[3, 2], x[10, 0], x[11, 6], x[12, :2] = np.nan, np.inf, -np.inf, (np.inf, -np.inf)
+    x[20] = np.finfo(dtype).max / 2  # its sum overflows
+    np.testing.assert_array_equal(finite_rows(x), np.isfinite(x).all(axis=1))
+    assert finite_rows(x)[20] and finite_rows(x).sum() == 46
