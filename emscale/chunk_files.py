@@ -21,6 +21,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
+from collections import Counter
 from pathlib import Path
 
 import dask.array as da
@@ -34,6 +36,12 @@ from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec
 from zarr.core.chunk_grids import RegularChunkGrid
 
 from emscale.errors import StoreError
+
+# stored bytes read from each array's chunk files by this process (a worker): what a benchmark
+# prices at the read+decode floor of that array (``emscale bench scale``: the scan's passes
+# apart from the stored results a stage reads back)
+BYTES_READ: Counter[str] = Counter()
+_COUNTING = threading.Lock()
 
 
 def direct_array(store: str | os.PathLike, name: str, like: da.Array, *,
@@ -144,6 +152,8 @@ def read_chunk(*, array: str, encoding, chunk_shape: tuple[int, ...], shape: tup
     try:
         with open(file, "rb") as f:
             raw = f.read()
+        with _COUNTING:
+            BYTES_READ[array] += len(raw)
     except FileNotFoundError:
         if fill is not None:
             return np.full(_edge(chunk_shape, shape, block_id), fill, dtype)

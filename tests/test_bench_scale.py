@@ -30,6 +30,13 @@ def test_scale_bench_measures_every_stage_and_memory_stays_bounded(tmp_path):
         assert run.stages["preprocess"]["disk_gb"] < 0.1 * run.store_gb + 0.002
     # the stages that read the scan read all of it
     assert large.stages["pca"]["passes"] >= 1.5 and large.stages["encode"]["passes"] >= 0.9
+    print({n: (s["passes"], s["results_gb_read"]) for n, s in large.stages.items()})
+    # the scan's passes are counted apart from the results a stage reads back: anomaly scoring
+    # reads codes and errors only, the cluster stage codes and the scan once (the phase means)
+    anomaly, cluster = large.stages["anomaly"], large.stages["cluster"]
+    assert anomaly["passes"] == 0 and anomaly["results_gb_read"] > 0
+    assert cluster["passes"] >= 0.9 and cluster["results_gb_read"] > 0
+    assert large.results_gb_per_s > 0
     peak = {r.size_gb: max(s["peak_worker_mem_gb"] for s in r.stages.values()) for r in runs}
     assert peak[0.032] <= 1.2 * peak[0.004] + 0.05, peak
     # each run in its own process: the client's memory (the scheduler lives there) is its own

@@ -5,19 +5,23 @@ For each kind (``eels``, ``4dstem``) and size (GB of the signal as float32) it g
 LocalCluster that ``emscale run`` starts, and records per stage, measured in the same run:
 
 - ``seconds`` (the stage's build and write), ``gb_per_s`` (its input: the scan as float32),
-- ``passes``: how many times the stage read the scan store (the bytes the workers and this
-  process read through system calls during the stage, page-cache hits included, over the
-  store's size), ``tasks`` (tasks that finished during the stage),
+- ``passes``: how many times the stage read its input: the scan store's signal (or the stored
+  features, where the workflow stores them): the stored bytes its workers read from that
+  array's chunk files (``chunk_files.BYTES_READ``) over the array's size; ``results_gb_read``:
+  the other bytes the workers and this process read through system calls during the stage
+  (results groups read back: codes, scores, maps), ``tasks`` (tasks that finished during the
+  stage),
 - ``peak_worker_mem_gb`` / ``peak_client_mem_gb``: the largest RSS of any worker (from the
   scheduler's heartbeats) and of this process (scheduler and client), sampled every 0.5 s while
   the stage runs,
 - ``disk_gb``: what the stage left on disk (its results group; for ``train`` also the gathered
   training set),
-- ``limit_seconds``: what the stage would take at this machine's limits: its passes times the
-  store's read+decode **floor** (the codec decoding every chunk on all cores, no Dask), plus its
-  arithmetic at the rates measured on the workers (PCA: the scatter matrix ``X^T X`` per block;
-  encode: the trained model's forward pass; anomaly: the codes' distance to the normal density,
-  once a pixel; cluster: reading the features for the phase means).
+- ``limit_seconds``: what the stage would take at this machine's limits: its passes times its
+  input's read+decode **floor** (the codec decoding every chunk on all cores, no Dask), plus the
+  results bytes it read at the results groups' own read+decode rate (measured the same way over
+  the run's results arrays, ``results_gb_per_s``), plus its arithmetic at the rates measured on
+  the workers (PCA: the scatter matrix ``X^T X`` per block; encode: the trained model's forward
+  pass; anomaly: the codes' distance to the normal density, once a pixel).
   ``chain_seconds``: what rerunning the preprocessing chain costs on those passes (the
   features are recomputed, not stored), at its rate measured on the workers: not part of the
   limit (the issue's yardstick), shown beside it: ``ratio_to_limit_with_chain`` is (limit +
@@ -203,6 +207,36 @@ def _read_chars() -> int:
     return psutil.Process().io_counters().read_chars
 
 
+def _chunk_bytes_read(arrays: list[str]) -> list[int]:
+    """Stored bytes this process has read from each of ``arrays``' chunk files."""
+    from emscale.chunk_files import BYTES_READ
+
+    wanted = [os.path.realpath(a) for a in arrays]
+    got = [0] * len(arrays)
+    for array, n in list(BYTES_READ.items()):
+        real = os.path.realpath(array)
+        for i, w in enumerate(wanted):
+            got[i] += n if real == w else 0
+    return got
+
+
+def results_floor(results: Path, skip: tuple[str, ...] = ("preprocess/features",),
+                  min_bytes: int = 2**20) -> float:
+    """Stored bytes per second of reading and decoding the run's results arrays (each one's
+    chunks by ``codec_floor``; arrays under ``min_bytes`` and ``skip`` left out): the limit of
+    a stage's reading back codes, scores and maps."""
+    stored = seconds = 0.0
+    for meta in sorted(results.glob("*/*/zarr.json")):
+        array = meta.parent
+        name = f"{array.parent.name}/{array.name}"
+        size = _du(array / "c")
+        if name in skip or size < min_bytes or '"node_type": "array"' not in meta.read_text():
+            continue
+        seconds += codec_floor(array.parent, array=array.name)[0]
+        stored += size
+    return stored / seconds if seconds else float("inf")
+
+
 def _on_all_workers(client, fn, *args) -> float:
     """The summed rate of ``fn`` run on every worker at once (as a stage runs)."""
     return float(sum(client.run(fn, *args).values()))
@@ -285,6 +319,7 @@ class StageFigures:
     chain_seconds: float
     ratio_to_limit_with_chain: float | None  # (limit + chain_seconds) / seconds
     passes: float
+    results_gb_read: float
     tasks: int
     peak_worker_mem_gb: float
     peak_client_mem_gb: float
@@ -307,6 +342,7 @@ class ScaleRun:
     disk_gb: float
     rates: dict
     stages: dict = field(default_factory=dict)
+    results_gb_per_s: float | None = None  # the results arrays' read+decode rate (stored bytes)
     features_stored: bool = False  # the stages after preprocess read stored features
     features_floor_seconds: float | None = None  # their read+decode floor
     # where the model ran: the training's device, its epochs and samples/s, GPU workers (encode)
@@ -376,11 +412,15 @@ def run_one(kind: str, size_gb: float, workdir: Path, *, cluster_cfg=None, overr
         echo(f"[bench scale] {kind} {size_gb:g} GB ({input_gb:.2f} GB float32, {n_chunks} "
              f"chunks): read+decode floor {floor_s:.1f} s = {input_gb / floor_s:.2f} GB/s")
         client.run_on_scheduler(_install_counter)
-        marks: list[tuple[str, float, int, int]] = []
+        marks: list[tuple[str, float, int, int, np.ndarray]] = []
+        inputs = [str(scan / "signal"), str(out / "results.zarr" / "preprocess" / "features")]
 
         def snapshot():
             read = sum(client.run(_read_chars).values()) + _read_chars()
-            return client.run_on_scheduler(_read_counter), read
+            # stored bytes read from the scan's and the stored features' chunk files
+            chunks = np.sum([*client.run(_chunk_bytes_read, inputs).values(),
+                             _chunk_bytes_read(inputs)], axis=0)
+            return client.run_on_scheduler(_read_counter), read, chunks
 
         sampler = _Sampler(client)
 
@@ -390,8 +430,7 @@ def run_one(kind: str, size_gb: float, workdir: Path, *, cluster_cfg=None, overr
             if message.startswith("[") and message.endswith(("] running", "] writing")):
                 stage = message[1:message.index("]")]
                 sampler.sample()  # the stage ending gets a sample however short it was
-                done, reads = snapshot()
-                marks.append((stage, time.perf_counter(), done, reads))
+                marks.append((stage, time.perf_counter(), *snapshot()))
                 sampler.stage = stage
                 sampler.sample()
 
@@ -400,14 +439,14 @@ def run_one(kind: str, size_gb: float, workdir: Path, *, cluster_cfg=None, overr
             # the stages (the report is not measured: 10-15 s a run at these sizes)
             result = Runner(wf, echo=hook, progress=False, report=False).run()
         total = time.perf_counter() - t0
-        done, reads = snapshot()
-        marks.append(("end", time.perf_counter(), done, reads))
+        marks.append(("end", time.perf_counter(), *snapshot()))
         n_features = int(np.prod(_features_shape(result.results)))
         # stored features (store_features): the stages after preprocess read those, not the scan
         stored = ResultsStore(result.results).open_stage("preprocess").attrs.get("features_stored")
         features_dir = result.results / "preprocess" / "features"
         features_floor_s = codec_floor(result.results / "preprocess", array="features")[0] \
             if stored else None
+        results_rate = results_floor(result.results)
         gpus = gpu_workers()
         rates = {"syrk_rows_per_s": _on_all_workers(client, _syrk_rate, n_features),
                  "encode_pixels_per_s": _on_all_workers(client, _encode_rate,
@@ -416,18 +455,22 @@ def run_one(kind: str, size_gb: float, workdir: Path, *, cluster_cfg=None, overr
                                                           str(result.results)),
                  "chain_pixels_per_s": _on_all_workers(client, _chain_rate, str(result.results))}
     stages: dict[str, StageFigures] = {}
-    for (name, t_start, d0, r0), (_n, t_end, d1, r1) in zip(marks, marks[1:]):
+    for (name, t_start, d0, r0, c0), (_n, t_end, d1, r1, c1) in zip(marks, marks[1:]):
         if name in ("scan", "report"):
             continue
         seconds = float(result.seconds.get(name, t_end - t_start))
         reads_features = stored and name not in ("preprocess", "train")
-        # passes over what the stage reads: the stored features, or the scan
-        passes = (r1 - r0) / (_du(features_dir) if reads_features else store_bytes)
+        # passes over what the stage reads: the stored features, or the scan; the rest of what
+        # it read (results groups, and small files) at the results arrays' own rate
+        scan_read, features_read = (c1 - c0).tolist()
+        passes = features_read / _du(features_dir) if reads_features else scan_read / store_bytes
         floor = features_floor_s if reads_features else floor_s
+        results_read = max(0, (r1 - r0) - scan_read - features_read)
         compute = {"pca": n_pixels / rates["syrk_rows_per_s"],
                    "encode": n_pixels / rates["encode_pixels_per_s"],
                    "anomaly": n_pixels / rates["distance_pixels_per_s"]}.get(name, 0.0)
-        limit = None if name == "train" else passes * floor + compute
+        limit = None if name == "train" else \
+            passes * floor + results_read / results_rate + compute
         disk = _du(result.results / name) + (sum(_du(p) for p in (out / "checkpoints").glob(
             "*/train_set.zarr")) if name == "train" else 0)
         peak = sampler.peaks.get(name, {"worker": float("nan"), "client": float("nan")})
@@ -436,6 +479,7 @@ def run_one(kind: str, size_gb: float, workdir: Path, *, cluster_cfg=None, overr
         stages[name] = StageFigures(
             seconds=seconds, gb_per_s=input_gb / seconds, limit_seconds=limit,
             ratio_to_limit=None if limit is None else limit / seconds, passes=round(passes, 2),
+            results_gb_read=results_read / GB,
             chain_seconds=chain,
             ratio_to_limit_with_chain=None if limit is None else (limit + chain) / seconds,
             tasks=d1 - d0, peak_worker_mem_gb=peak["worker"], peak_client_mem_gb=peak["client"],
@@ -459,7 +503,8 @@ def run_one(kind: str, size_gb: float, workdir: Path, *, cluster_cfg=None, overr
         end_to_end_ratio_to_limit_with_chain=(limits + chains) / run_seconds if run_seconds
         else float("nan"),
         disk_gb=(_du(out) + _du(scan)) / GB, rates=rates,
-        stages={n: asdict(s) for n, s in stages.items()}, features_stored=bool(stored),
+        stages={n: asdict(s) for n, s in stages.items()}, results_gb_per_s=results_rate / GB,
+        features_stored=bool(stored),
         features_floor_seconds=features_floor_s, training=training, gpu_workers=gpus)
     if not keep:
         shutil.rmtree(out, ignore_errors=True)
@@ -535,6 +580,9 @@ def table(runs: list[ScaleRun]) -> str:
                      f"{100 * r.end_to_end_ratio_to_limit:.0f} % of the summed limits "
                      f"({100 * r.end_to_end_ratio_to_limit_with_chain:.0f} % with the chain; "
                      f"training out), disk {r.disk_gb:.2f} GB")
+        if r.results_gb_per_s:
+            lines.append(f"  results read back at {r.results_gb_per_s:.2f} GB/s (stored bytes, "
+                         "read+decode floor of the run's results arrays)")
         if r.training:
             t = r.training
             rate = f", {t['samples_per_s']:,.0f} samples/s" if t.get("samples_per_s") else ""
@@ -545,15 +593,16 @@ def table(runs: list[ScaleRun]) -> str:
             lines.append(f"  features stored: the stages after preprocess read them (floor "
                          f"{r.features_floor_seconds:.1f} s a pass), not the scan")
         lines.append(f"  {'stage':<11}{'s':>8}{'GB/s':>7}{'limit s':>9}{'% lim':>7}{'chain s':>9}"
-                     f"{'% +chain':>9}"
-                     f"{'passes':>7}{'tasks':>8}{'worker GB':>10}{'client GB':>10}{'disk GB':>9}")
+                     f"{'% +chain':>9}{'passes':>7}{'res GB':>7}{'tasks':>8}{'worker GB':>10}"
+                     f"{'client GB':>10}{'disk GB':>9}")
         for name, s in r.stages.items():
             lim = "" if s["limit_seconds"] is None else f"{s['limit_seconds']:.1f}"
             pct = "" if s["ratio_to_limit"] is None else f"{100 * s['ratio_to_limit']:.0f}"
             lines.append(f"  {name:<11}{s['seconds']:>8.1f}{s['gb_per_s']:>7.2f}{lim:>9}{pct:>7}"
                          f"{s.get('chain_seconds', 0.0):>9.1f}"
                          f"{_percent(s.get('ratio_to_limit_with_chain')):>9}"
-                         f"{s['passes']:>7.2f}{s['tasks']:>8}{s['peak_worker_mem_gb']:>10.2f}"
+                         f"{s['passes']:>7.2f}{s.get('results_gb_read', 0.0):>7.2f}"
+                         f"{s['tasks']:>8}{s['peak_worker_mem_gb']:>10.2f}"
                          f"{s['peak_client_mem_gb']:>10.2f}{s['disk_gb']:>9.3f}")
     return "\n".join(lines)
 
