@@ -401,6 +401,9 @@ def train_on_cluster(client, stage_path, config: TrainConfig, **kwargs) -> Train
         return future.result()
     finally:
         future.release()
+        from emscale.dask_cluster import give_back_freed_memory
+
+        client.run(give_back_freed_memory)
 
 
 def train_where_the_data_are(stage_path, config: TrainConfig, **kwargs) -> TrainResult:

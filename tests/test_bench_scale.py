@@ -63,7 +63,8 @@ def _run(size_gb, seconds):
                     floor_seconds=1, floor_gb_per_s=1, end_to_end_seconds=sum(seconds.values()),
                     end_to_end_ratio_to_floor=1, end_to_end_ratio_to_limit=1,
                     end_to_end_ratio_to_limit_with_chain=1, disk_gb=0, rates={},
-                    stages={name: {"seconds": s} for name, s in seconds.items()})
+                    stages={name: {"seconds": s, "limit_seconds": None if name == "train"
+                                   else 3.5 * size_gb} for name, s in seconds.items()})
 
 
 def test_scaling_takes_the_slope_between_sizes_without_training():
@@ -73,5 +74,6 @@ def test_scaling_takes_the_slope_between_sizes_without_training():
     assert sc["sizes_gb"] == [4, 16, 100] and sc["seconds_without_training"] == [48, 132, 720]
     assert sc["marginal_seconds_per_gb"] == [7, 7] and sc["marginal_spread"] == 0
     assert sc["seconds_per_gb"][0] == 12  # the fixed cost weighs at 4 GB: not a slope
+    assert sc["marginal_ratio_to_limit"] == [0.5, 0.5]  # limits 3.5 s a GB: fixed cost out
     runs.append(_run(200, {"pca": 20 + 7 * 100 + 9 * 100, "train": 50}))  # 9 s a GB above 100
     assert abs(scaling(runs)["eels"]["marginal_spread"] - (9 / 7 - 1)) < 1e-12

@@ -31,6 +31,7 @@ from emscale.stages.encode import (
 from emscale.stages.pca import PCA, write_pca_stage
 from emscale.stages.preprocess import Preprocessor, write_preprocess_stage
 from emscale.stages.train import TrainConfig, write_train_stage
+from emscale.store import feature_matrix
 from emscale.synth.eels import synth_eels
 from emscale.trainer import train_autoencoder
 
@@ -145,6 +146,21 @@ def test_encode_on_a_cluster_builds_the_model_once_per_worker(pipeline, local_cl
     assert all(n <= 1 for n in builds.values()) and sum(builds.values()) >= 1
     np.testing.assert_allclose(latent, pipeline["encoded"]["latent"].values, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(err, pipeline["encoded"]["recon_error"].values, rtol=1e-4)
+
+
+def test_encode_reconstructs_pca_from_the_pca_stage_scores(pipeline):
+    # the run's encode stage reads the PCA stage's scores (stored, merged map blocks) instead of
+    # projecting every pixel again: the same comparison error as projecting
+    f, pca = pipeline["features"], pipeline["pca"]
+    scored = encode_stage(f, pipeline["spec"], pca=pipeline["proj"], pca_scores=pca["pca_scores"])
+    assert any(name.startswith("read-pca_scores") or "pca_scores" in name
+               for name in scored["pca_recon_error"].data.dask.layers)
+    with dask.config.set(scheduler="threads"):
+        got = scored["pca_recon_error"].values
+    want = pipeline["encoded"]["pca_recon_error"].values
+    assert np.isfinite(want).sum() > 0.9 * want.size
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-6)
+    assert np.array_equal(np.isnan(got), np.isnan(want))
 
 
 def test_encode_rejects_bad_settings(pipeline):
@@ -459,6 +475,31 @@ def test_phase_stage_on_the_synthetic_scan(pipeline):
                                rtol=1e-4, atol=1e-9)
     assert ds["phase_centroid_signal"].shape == (4, CHANNELS)
     assert set(ds.data_vars) >= {"phase", "phase_fraction", "phase_mean_signal", "phase_centroid"}
+
+
+@pytest.mark.parametrize("method", ["kmeans", "gmm"])
+def test_the_labels_are_predicted_once_and_kept_for_the_write(pipeline, tmp_path, method):
+    """The phase-means pass keeps the labels it predicts (GMM: the probabilities); the written
+    labels read them back, renumbered by size: the same maps as predicting them again."""
+    from emscale.stages.cluster import phase_dataset
+
+    f, e = pipeline["features"], pipeline["encoded"]
+    with dask.config.set(scheduler="threads"):
+        again = phase_dataset(e, f, PhaseClustering(method, n_clusters=3, seed=0),
+                              pca=pipeline["pca"])
+        kept = phase_dataset(e, f, PhaseClustering(method, n_clusters=3, seed=0),
+                             pca=pipeline["pca"], keep=tmp_path / "labels")
+        names = [v for v in kept.data_vars if kept[v].dims[:2] == ("y", "x")]
+        for name in names:
+            layers = list(kept[name].data.dask.layers)
+            assert not any("phase-predict" in n or "phase-proba" in n for n in layers), name
+        assert len(list((tmp_path / "labels" / "latent").glob("*.npy"))) == \
+            feature_matrix(e["latent"]).numblocks[0]
+        for name in names:
+            np.testing.assert_array_equal(kept[name].values, again[name].values, err_msg=name)
+    labels = kept["phase"].values.ravel()
+    counts = np.bincount(labels[labels >= 0])
+    assert list(counts) == sorted(counts, reverse=True) == kept.attrs["phase"]["counts"]
 
 
 def test_phase_stage_auto_k_reports_the_three_curves(pipeline):

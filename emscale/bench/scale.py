@@ -133,8 +133,8 @@ def _syrk_rate(n_features: int, rows: int = 8192, repeats: int = 3) -> float:
 
 def _encode_rate(results: str, rows: int = 8192, repeats: int = 3) -> float:
     """Pixels per second of the encode stage's arithmetic in this worker: ``encode_block`` (the
-    model's encoder and decoder, the errors, PCA's reconstruction at the same k) on a block in
-    memory."""
+    model's encoder and decoder, the errors, PCA's reconstruction at the same k from the PCA
+    stage's scores, as the stage does) on a block in memory."""
     from emscale.model_spec import ModelSpec
     from emscale.results import ResultsStore
     from emscale.stages.encode import PCAProjection, encode_block
@@ -146,10 +146,11 @@ def _encode_rate(results: str, rows: int = 8192, repeats: int = 3) -> float:
     proj = PCAProjection.from_pca_stage(store.open_stage("pca"), spec.latent_dim)
     x = np.random.default_rng(0).random((1, rows, *shape), dtype=np.float32) / np.prod(shape)
     valid, intensity = np.ones((1, rows), bool), np.ones((1, rows), np.float32)
-    encode_block(x, valid, intensity, spec, proj)
+    scores = np.random.default_rng(1).random((1, rows, proj.k), dtype=np.float32)
+    encode_block(x, valid, intensity, spec, proj, scores)
     t0 = time.perf_counter()
     for _ in range(repeats):
-        encode_block(x, valid, intensity, spec, proj)
+        encode_block(x, valid, intensity, spec, proj, scores)
     return rows * repeats / (time.perf_counter() - t0)
 
 
@@ -622,12 +623,19 @@ def scaling(runs: list[ScaleRun], from_gb: float = 4.0) -> dict:
         sizes = [r.size_gb for r in rs]
         secs = [sum(st["seconds"] for name, st in r.stages.items() if name != "train")
                 for r in rs]
+        limits = [sum(st.get("limit_seconds") or 0.0 for name, st in r.stages.items()
+                      if name != "train") for r in rs]
         slopes = [(b - a) / (y - x) for x, y, a, b in zip(sizes, sizes[1:], secs, secs[1:])]
         out[kind] = {"sizes_gb": sizes, "seconds_without_training": secs,
                      "seconds_per_gb": [t / g for t, g in zip(secs, sizes)],
                      "marginal_seconds_per_gb": slopes,
                      "marginal_spread": max(slopes) / min(slopes) - 1
-                     if len(slopes) > 1 and min(slopes) > 0 else None}
+                     if len(slopes) > 1 and min(slopes) > 0 else None,
+                     # the limits' growth over the seconds' between sizes: the work that grows
+                     # with the scan against its limit, fixed costs (a K sweep) cancelled
+                     "marginal_ratio_to_limit": [(lb - la) / (b - a) if b > a else None
+                                                 for la, lb, a, b in zip(limits, limits[1:],
+                                                                         secs, secs[1:])]}
     return out
 
 
@@ -640,7 +648,10 @@ def scaling_table(runs: list[ScaleRun]) -> str:
             sc["sizes_gb"], sc["sizes_gb"][1:], sc["marginal_seconds_per_gb"]))
         spread = "" if sc["marginal_spread"] is None else \
             f"; slopes within {100 * sc['marginal_spread']:.0f} %"
-        lines.append(f"{kind} scaling, training out: {per}; marginal s/GB {slopes}{spread}")
+        ratios = ", ".join(f"{a:g}-{b:g} GB {_percent(m)} %" for a, b, m in zip(
+            sc["sizes_gb"], sc["sizes_gb"][1:], sc["marginal_ratio_to_limit"]))
+        lines.append(f"{kind} scaling, training out: {per}; marginal s/GB {slopes}{spread}; "
+                     f"marginal limits over marginal seconds {ratios}")
     return "\n".join(lines)
 
 

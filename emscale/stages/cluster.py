@@ -29,7 +29,11 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import shutil
+import threading
 from functools import partial
+from pathlib import Path
 from typing import ClassVar, Literal, Optional
 
 import dask
@@ -777,9 +781,44 @@ def phase_stage(codes: xr.DataArray, features: xr.Dataset, clustering: PhaseClus
     return finish(phase_means(features, [labelled])[0])
 
 
+def _keep_block(block, directory: str, stored: str, block_info=None):
+    """``block`` (a block of flat labels, or of GMM probabilities), also saved as ``stored``
+    (int8 labels: K < 128) in ``directory/I.npy`` (I: its place along the pixels), atomically
+    (a block recomputed on another worker writes the same bytes)."""
+    i = block_info[0]["chunk-location"][0]
+    tmp = os.path.join(directory, f"{i}.npy.{os.getpid()}-{threading.get_ident()}")
+    with open(tmp, "wb") as f:
+        np.save(f, block.astype(stored, copy=False))
+    os.replace(tmp, os.path.join(directory, f"{i}.npy"))
+    return block
+
+
+def _kept_labels(directory: str, order: np.ndarray, proba: bool, block_info=None):
+    """A kept block as the written labels: renumbered (new cluster j is old ``order[j]``), or
+    from kept GMM probabilities, their most likely cluster (-1 where NaN: an invalid pixel)."""
+    kept = np.load(os.path.join(directory, f"{block_info[None]['chunk-location'][0]}.npy"))
+    if proba:
+        kept = np.where(np.isnan(kept[:, 0]), -1, np.nan_to_num(kept).argmax(axis=1))
+    lookup = np.empty(len(order) + 1, np.int32)
+    lookup[np.asarray(order)] = np.arange(len(order))
+    lookup[-1] = -1
+    return lookup[kept].astype(np.int32)  # (-1 indexes the last entry: stays -1)
+
+
+def _kept_proba(directory: str, order: np.ndarray, block_info=None):
+    kept = np.load(os.path.join(directory, f"{block_info[None]['chunk-location'][0]}.npy"))
+    return np.ascontiguousarray(kept[:, np.asarray(order)])
+
+
+def _labels_of_proba(proba):
+    return np.where(np.isnan(proba[:, 0]), -1, np.nan_to_num(proba).argmax(axis=1)) \
+        .astype(np.int32)
+
+
 def _phase_parts(codes: xr.DataArray, features: xr.Dataset, clustering: PhaseClustering, *,
                  spec=None, prefix: str = "", exclude: xr.DataArray | None = None,
-                 pca_scores: xr.DataArray | None = None, sample: np.ndarray | None = None):
+                 pca_scores: xr.DataArray | None = None, sample: np.ndarray | None = None,
+                 keep: Path | None = None):
     """Fit ``clustering`` (unless fitted) on ``codes`` (y, x, d) and return the phase variables
     (names prefixed with ``prefix``, e.g. ``pca_`` for the PCA comparison): ``phase`` (y, x; -1
     invalid), ``phase_probability`` (GMM), ``phase_fraction``, ``phase_mean_signal`` (cluster,
@@ -789,7 +828,10 @@ def _phase_parts(codes: xr.DataArray, features: xr.Dataset, clustering: PhaseClu
     pull the centres nor count as a phase in the choice of K; every pixel with finite codes is
     labelled (invalid pixels have NaN codes: -1).
 
-    ``sample``: ``PhaseClustering.fit``'s.
+    ``sample``: ``PhaseClustering.fit``'s. ``keep``: a directory (on storage every worker
+    sees) where the phase-means pass keeps the labels it predicts (a byte or two a pixel; GMM:
+    its probabilities), which the write then reads back: every pixel's labels are computed
+    once. Without it, the write predicts them again.
 
     Returns ``finish(stats)`` and the lazy labels (flat, on the features' blocks) with K, from
     which ``phase_means`` makes its ``stats`` (several clusterings share one pass)."""
@@ -803,21 +845,32 @@ def _phase_parts(codes: xr.DataArray, features: xr.Dataset, clustering: PhaseClu
     if fitted_here:
         fit_mask = valid
         if exclude is not None:
-            keep = ~feature_matrix(exclude.astype(bool).chunk(on_codes))[:, 0].astype(bool)
-            fit_mask = keep if valid is None else (valid & keep)
+            kept_in = ~feature_matrix(exclude.astype(bool).chunk(on_codes))[:, 0].astype(bool)
+            fit_mask = kept_in if valid is None else (valid & kept_in)
         other = None
         if pca_scores is not None:
             other = feature_matrix(pca_scores.chunk(on_codes) if on_codes else pca_scores)
         # numbered by size from the phase means' counts (no pass of its own to count)
         clustering.fit(flat, fit_mask, pca_scores=other, sample=sample, order=False)
     k = clustering.n_clusters_
-    labels_flat = clustering.predict(flat, valid)
+    gmm = clustering.method == "gmm"
+    if keep is not None:
+        shutil.rmtree(keep, ignore_errors=True)  # (another run's)
+        keep.mkdir(parents=True)
+        # GMM: the probabilities (the labels are their most likely cluster), kept for the write
+        kept = clustering.predict_proba(flat, valid) if gmm else clustering.predict(flat, valid)
+        stored = "float32" if gmm else ("int8" if k < 128 else "int32")
+        kept = kept.map_blocks(_keep_block, str(keep), stored, dtype=kept.dtype)
+        labels_flat = kept.map_blocks(_labels_of_proba, dtype=np.int32, drop_axis=1) \
+            if gmm else kept
+    else:
+        labels_flat = clustering.predict(flat, valid)
     labels = _unflatten(labels_flat, codes.data)
     # the phase means: one pass over the features, the labels split to their blocks
     labels_flat_on_features = map_on_blocks(labels, features["features"])
     return partial(_phase_variables, codes=codes, features=features, clustering=clustering,
                    labels=labels, flat=flat, valid=valid, spec=spec, prefix=prefix,
-                   renumber=fitted_here), \
+                   renumber=fitted_here, keep=keep), \
         (labels_flat_on_features, k)
 
 
@@ -841,12 +894,22 @@ def _phase_means(features, labelled, reduce):
 
 
 def _phase_variables(stats, *, codes, features, clustering, labels, flat, valid, spec, prefix,
-                     renumber):
+                     renumber, keep=None):
     k = clustering.n_clusters_
+    gmm = clustering.method == "gmm"
+    order, proba = np.arange(k), None
     if renumber:  # by decreasing size: the sums, the model, and so the labels written
         order = clustering._number_by_size(stats["counts"])
         stats = {"sums": stats["sums"][order], "counts": stats["counts"][order]}
-        labels = _unflatten(clustering.predict(flat, valid), codes.data)
+        if keep is None:
+            labels = _unflatten(clustering.predict(flat, valid), codes.data)
+    if keep is not None:  # the labels the phase-means pass kept, renumbered
+        labels = _unflatten(da.map_blocks(_kept_labels, str(keep), order, gmm,
+                                          chunks=(flat.chunks[0],), dtype=np.int32,
+                                          meta=np.empty(0, np.int32)), codes.data)
+        if gmm:
+            proba = da.map_blocks(_kept_proba, str(keep), order, dtype=np.float32,
+                                  chunks=(flat.chunks[0], (k,)), meta=np.empty((0, 0), np.float32))
     feats = features["features"]
     sig_dims = feats.dims[2:]
     counts = stats["counts"]
@@ -860,8 +923,8 @@ def _phase_variables(stats, *, codes, features, clustering, labels, flat, valid,
         f"{p}phase_mean_signal": (("cluster", *sig_dims), mean_signal.reshape(k, *sig_shape)),
         f"{p}phase_centroid": (("cluster", codes.dims[-1]), clustering.cluster_centers_.astype(np.float32)),
     }
-    if clustering.method == "gmm":
-        proba = clustering.predict_proba(flat, valid)
+    if gmm:
+        proba = clustering.predict_proba(flat, valid) if proba is None else proba
         variables[f"{p}phase_probability"] = ((*NAV_DIMS, "cluster"), _unflatten(proba, codes.data))
     if spec is not None:
         variables[f"{p}phase_centroid_signal"] = (("cluster", *sig_dims),
@@ -890,10 +953,11 @@ def _unflatten(flat: da.Array, like: da.Array) -> da.Array:
 def phase_dataset(encoded: xr.Dataset, features: xr.Dataset, clustering: PhaseClustering, *,
                   spec=None, pca: xr.Dataset | None = None,
                   pca_clustering: PhaseClustering | None = None,
-                  exclude: xr.DataArray | None = None) -> xr.Dataset:
+                  exclude: xr.DataArray | None = None, keep: Path | None = None) -> xr.Dataset:
     """The ``cluster`` stage: phases of the latent codes and, with the ``pca`` stage, of the PCA
     scores at the same k (``pca_phase`` ...) for comparison; pixels where ``exclude`` (the
-    anomaly map) are left out of both fits."""
+    anomaly map) are left out of both fits. ``keep``: a directory for the labels between the
+    phase-means pass and the write (``_phase_parts``)."""
     latent, scores = encoded["latent"], None
     if pca is not None:
         from emscale.stages.encode import latent_dim
@@ -906,7 +970,7 @@ def phase_dataset(encoded: xr.Dataset, features: xr.Dataset, clustering: PhaseCl
     # the PCA scores also say whether there is phase structure at all
     fitted_here = not hasattr(clustering, "n_clusters_")  # (not fitted on another scan)
     parts = [_phase_parts(latent, features, clustering, spec=spec, exclude=exclude,
-                          pca_scores=scores)]
+                          pca_scores=scores, keep=None if keep is None else keep / "latent")]
     if pca is not None:
         pc = pca_clustering or clustering.__class__(**{**clustering.get_params(), "n_clusters":
                                                        clustering.n_clusters_})
@@ -915,7 +979,8 @@ def phase_dataset(encoded: xr.Dataset, features: xr.Dataset, clustering: PhaseCl
         same = fitted_here and pca_clustering is None
         parts.append(_phase_parts(scores, features, pc, prefix="pca_", exclude=exclude,
                                   sample=getattr(clustering, "pca_scores_sample_", None)
-                                  if same else None))
+                                  if same else None,
+                                  keep=None if keep is None else keep / "pca"))
     labellings = [p[1] for p in parts]
     if exclude is not None:  # the flagged pixels' mean signal, in the same pass
         flags = map_on_blocks(exclude.astype(np.int32) - 1, features["features"])
@@ -941,9 +1006,16 @@ def phase_dataset(encoded: xr.Dataset, features: xr.Dataset, clustering: PhaseCl
 def write_phase_stage(results, encoded: xr.Dataset, features: xr.Dataset,
                       clustering: PhaseClustering, *, overwrite: bool = False,
                       progress: bool = False, **kwargs) -> xr.Dataset:
-    """``phase_dataset`` written as the ``cluster`` group of ``results``."""
-    return results.write_stage("cluster", phase_dataset(encoded, features, clustering, **kwargs),
-                               overwrite=overwrite, progress=progress)
+    """``phase_dataset`` written as the ``cluster`` group of ``results`` (the labels kept
+    between its two passes in a temporary directory beside the store)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix=".cluster-labels-",
+                                     dir=Path(results.path).parent) as keep:
+        kwargs.setdefault("keep", Path(keep))
+        return results.write_stage("cluster", phase_dataset(encoded, features, clustering,
+                                                            **kwargs),
+                                   overwrite=overwrite, progress=progress)
 
 
 def _build(ctx: Context) -> xr.Dataset:
@@ -952,8 +1024,10 @@ def _build(ctx: Context) -> xr.Dataset:
     features, encoded = ctx.input("preprocess"), ctx.input("encode")
     spec = ModelSpec.from_train_stage(ctx.input("train"), tuple(features["features"].shape[2:]))
     clustering = PhaseClustering(**ctx.config.model_dump(), seed=ctx.seed)
+    # the labels between the phase means and the write: next to the run's checkpoints
+    keep = None if ctx.workdir is None else ctx.workdir / "checkpoints" / ctx.key / "labels"
     return phase_dataset(encoded, features, clustering, spec=spec, pca=ctx.input("pca"),
-                         exclude=ctx.input("anomaly")["anomaly"])
+                         exclude=ctx.input("anomaly")["anomaly"], keep=keep)
 
 
 def _phase_outputs(p: str, about: str, sweep: str = "n_clusters: auto") -> dict:
