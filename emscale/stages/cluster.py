@@ -798,7 +798,7 @@ def _kept_labels(directory: str, order: np.ndarray, proba: bool, block_info=None
     from kept GMM probabilities, their most likely cluster (-1 where NaN: an invalid pixel)."""
     kept = np.load(os.path.join(directory, f"{block_info[None]['chunk-location'][0]}.npy"))
     if proba:
-        kept = np.where(np.isnan(kept[:, 0]), -1, np.nan_to_num(kept).argmax(axis=1))
+        kept = _labels_of_proba(kept)
     lookup = np.empty(len(order) + 1, np.int32)
     lookup[np.asarray(order)] = np.arange(len(order))
     lookup[-1] = -1
